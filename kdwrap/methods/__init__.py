@@ -1,0 +1,1 @@
+"""The distillation methods, one module each."""

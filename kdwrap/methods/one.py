@@ -1,0 +1,334 @@
+"""ONE: On-the-fly Native Ensemble (Lan, Zhu, Gong, NeurIPS 2018), for any fx-traceable classifier.
+
+The model is cut by :mod:`kdwrap.surgery` into a shared trunk and a tail; the tail is replicated into ``m``
+branches (branch 0 *is* the original tail) and a gate weights the branch logits into the ensemble teacher.
+The maths follows ``METHODS.md``; each default is a keyword argument.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import KDLoss, KDModel
+from ..deploy import rebuild_original
+from ..surgery import count_parameters, example_input, forward_flops, split_model
+
+__all__ = ["ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one", "ramp_weight"]
+
+_EVAL = "eval"  # capture left by an eval-mode forward: the loss then falls back to plain cross-entropy
+
+
+def global_pool(f: torch.Tensor, channels_dim: int) -> torch.Tensor:
+    """Average over every axis but batch and channels: NCHW (``channels_dim=1``), NHWC or B x N x D (``-1``)."""
+    if f.ndim <= 2:
+        return f
+    if channels_dim == 1:
+        return f.flatten(2).mean(-1)
+    return f.flatten(1, -2).mean(1)
+
+
+class ONEGate(nn.Module):
+    """``g = softmax(ReLU(BN1d(Linear(GAP(f)))))``: one weight per branch and sample."""
+
+    def __init__(self, channels: int, branches: int, channels_dim: int = 1) -> None:
+        super().__init__()
+        self.channels, self.channels_dim = channels, channels_dim
+        self.fc = nn.Linear(channels, branches)
+        self.bn = nn.BatchNorm1d(branches)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        pooled = global_pool(f, self.channels_dim)
+        if pooled.shape[-1] != self.channels:
+            raise RuntimeError(
+                f"ONE gate: the trunk output has shape {tuple(f.shape)}, expected {self.channels} channels on axis "
+                f"{self.channels_dim}; pass gate_channels=... and gate_channels_dim=1 (channels first) or -1 "
+                "(channels last / tokens) to kdwrap.one"
+            )
+        if self.training and pooled.shape[0] == 1:
+            raise ValueError(
+                "ONE's gate normalises over the batch (BatchNorm1d) and needs at least 2 samples per batch in "
+                "training; use drop_last=True in your DataLoader or a batch size > 1"
+            )
+        return F.softmax(F.relu(self.bn(self.fc(pooled))), dim=1)
+
+
+class _KeepReachable(torch.autograd.Function):
+    """Returns ``out`` unchanged, but with every other tensor as an autograd input (zero gradient).
+
+    DDP with ``find_unused_parameters=True`` marks parameters unreachable from the forward's output as unused;
+    the other branches and the gate only reach the loss through the capture, so they must hang off the output.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [(o.shape, o.dtype, o.device) for o in others]
+        return out.clone()  # a fresh tensor: in-place edits by the caller must not reach the capture
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (grad, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes))
+
+
+class ONEModel(KDModel):
+    """Trunk, ``m`` branches and the gate. ``forward`` returns the logits of branch ``self.branch``.
+
+    In training mode every branch runs and the branch logits and gate weights are captured for :class:`ONELoss`;
+    in eval mode only the kept branch runs, so eval accuracy is the deployed model's accuracy.
+    """
+
+    method = "one"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        branches: int = 3,
+        split: str | None = None,
+        reinit_branches: bool = False,
+        branch: int = 0,
+        input_size: Sequence[int] | None = None,
+        gate_channels: int | None = None,
+        gate_channels_dim: int | None = None,
+        leaf_modules: Sequence[type] = (),
+        autowrap_functions: Sequence[Callable] = (),
+    ) -> None:
+        super().__init__()
+        if isinstance(branches, bool) or not isinstance(branches, int) or branches < 2:
+            raise ValueError(f"ONE needs branches >= 2 (an ensemble of one is no teacher), got {branches!r}")
+        if not 0 <= branch < branches:
+            raise ValueError(f"branch must be in [0, {branches}), got {branch}")
+        cut = split_model(
+            net, split, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, input_size=input_size,
+            gate_channels=gate_channels, gate_channels_dim=gate_channels_dim,
+        )
+        self.split, self.branch, self.input_size = cut.split, branch, input_size
+        self._input_names, self._tail_inputs = cut.input_names, cut.tail_inputs
+        self.trunk = cut.trunk
+        copies = [copy.deepcopy(cut.tail) for _ in range(branches - 1)]
+        if reinit_branches:
+            for c in copies:
+                _reset_parameters(c)
+        self.branches = nn.ModuleList([cut.tail, *copies])
+        self.gate = ONEGate(cut.channels, branches, cut.channels_dim)
+        # The original model, outside the module tree (its tensors are the trunk's and branch 0's): export()
+        # deep-copies it to return an instance of the user's own class.
+        self.__dict__["_original"] = net
+        self.train(net.training)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    def _tail_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        if not self._tail_inputs or not (args or kwargs):
+            return {}
+        given = dict(zip(self._input_names[1:], args), **kwargs)
+        return {k: given[k] for k in self._tail_inputs if k in given}
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        f = self.trunk(x, *args, **kwargs)
+        extra = self._tail_kwargs(args, kwargs)
+        if not self.training:
+            self._put_capture(_EVAL)
+            return self.branches[self.branch](f, **extra)
+        logits = [b(f, **extra) for b in self.branches]
+        gate = self.gate(f)
+        self._put_capture((logits, gate))
+        others = [z for i, z in enumerate(logits) if i != self.branch]
+        return _KeepReachable.apply(logits[self.branch], gate, *others)
+
+    def forward_all(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every branch's logits and the gate weights, captured for no loss (evaluation, analysis)."""
+        f = self.trunk(x, *args, **kwargs)
+        extra = self._tail_kwargs(args, kwargs)
+        return [b(f, **extra) for b in self.branches], self.gate(f)
+
+    def forward_ensemble(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """ONE-E: the gated ensemble's logits ``sum_i g_i z_i``."""
+        logits, gate = self.forward_all(x, *args, **kwargs)
+        return ensemble_logits(logits, gate)
+
+    def export(self, branch: int | None = None, ensemble: bool = False) -> nn.Module:
+        """The deployable model: the original class holding the trunk and one branch, or ONE-E (``ensemble``)."""
+        if ensemble:
+            return ONEEnsemble(self).train(self.training)
+        branch = self.branch if branch is None else branch
+        if not 0 <= branch < self.num_branches:
+            raise ValueError(f"branch must be in [0, {self.num_branches}), got {branch}")
+        net = rebuild_original(self._original, [self.trunk, self.branches[branch]])
+        return net.train(self.training)
+
+    def summary(self, input_size: Sequence[int] | None = None) -> str:
+        """Split, parameter counts of trunk / one branch / gate, and forward-FLOP shares (batch of 1)."""
+        trunk_p = count_parameters([self.trunk])
+        branch_p = count_parameters([self.branches[0]])
+        gate_p = count_parameters([self.gate])
+        lines = [
+            f"kdwrap ONE: {type(self._original).__name__} split at '{self.split}', {self.num_branches} branches "
+            f"(forward returns branch {self.branch})",
+            f"  parameters: trunk {trunk_p:,} | one branch {branch_p:,} | gate {gate_p:,} | "
+            f"wrapper {count_parameters([self]):,} | deployed {trunk_p + branch_p:,}",
+        ]
+        try:
+            flops = self._flops(input_size)
+        except Exception as err:  # FLOPs are informative only; say why they are missing
+            lines.append(f"  FLOPs: not measured ({type(err).__name__}: {err}); pass input_size=(C, H, W)")
+        else:
+            trunk_f, branch_f, gate_f, shape = flops
+            plain = trunk_f + branch_f
+            lines.append(
+                f"  forward FLOPs at input {shape}: trunk {trunk_f / 1e6:,.1f}M | one branch {branch_f / 1e6:,.1f}M "
+                f"| tail share {branch_f / max(plain, 1):.1%} | ONE / plain "
+                f"{(trunk_f + self.num_branches * branch_f + gate_f) / max(plain, 1):.2f}x"
+            )
+        return "\n".join(lines)
+
+    def _flops(self, input_size: Sequence[int] | None) -> tuple[int, int, int, tuple[int, ...]]:
+        x = example_input(self._original, input_size or self.input_size)
+        modes = [m.training for m in (self.trunk, self.branches[0], self.gate)]
+        for m in (self.trunk, self.branches[0], self.gate):
+            m.eval()
+        try:
+            trunk_f, f = forward_flops(self.trunk, x)
+            branch_f, _ = forward_flops(self.branches[0], f)
+            gate_f, _ = forward_flops(self.gate, f)
+        finally:
+            for m, mode in zip((self.trunk, self.branches[0], self.gate), modes):
+                m.train(mode)
+        return trunk_f, branch_f, gate_f, tuple(x.shape[1:])
+
+    def extra_repr(self) -> str:
+        return f"split={self.split!r}, branches={self.num_branches}, branch={self.branch}"
+
+
+def ensemble_logits(logits: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
+    """``z_e = sum_i g_i z_i`` for branch logits (each B x C) and gate weights (B x m)."""
+    stacked = torch.stack(list(logits), dim=1)  # B x m x C
+    return (gate.unsqueeze(-1).to(stacked.dtype) * stacked).sum(dim=1)
+
+
+class ONEEnsemble(nn.Module):
+    """ONE-E for deployment: trunk, every branch and the gate, returning the ensemble logits as a Tensor."""
+
+    def __init__(self, model: ONEModel) -> None:
+        super().__init__()
+        self.trunk = copy.deepcopy(model.trunk)
+        self.branches = copy.deepcopy(model.branches)
+        self.gate = copy.deepcopy(model.gate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.trunk(x)
+        return ensemble_logits([b(f) for b in self.branches], self.gate(f))
+
+
+def ramp_weight(step: int, rampup_steps: int) -> float:
+    """ONE's sigmoid ramp-up ``exp(-5 (1 - min(t, R) / R)^2)``; 1 when ``rampup_steps`` is 0."""
+    if rampup_steps <= 0:
+        return 1.0
+    t = min(step, rampup_steps) / rampup_steps
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+class ONELoss(KDLoss):
+    """``sum_i CE(z_i, y) + CE(z_e, y) + w(t) T^2 sum_i KL(softmax_T(sg(z_e)) || softmax_T(z_i))``.
+
+    Call it once per training forward with the forward's output and the labels. ``step`` counts training calls
+    (the ramp-up clock). After an eval-mode forward it returns plain cross-entropy of the given logits, so
+    validation loops that reuse the criterion keep working. ``parts`` holds the detached terms of the last call.
+    """
+
+    def __init__(self, model: ONEModel, temperature: float = 3.0, rampup_steps: int = 0) -> None:
+        super().__init__(model)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if rampup_steps < 0:
+            raise ValueError(f"rampup_steps must be >= 0 (0 disables the ramp-up), got {rampup_steps}")
+        self.temperature, self.rampup_steps = float(temperature), int(rampup_steps)
+        self.step = 0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        capture = self.model._take_capture()
+        if capture is _EVAL:
+            loss = F.cross_entropy(logits.float(), target)
+            self.parts = {"loss": loss.detach()}
+            return loss
+        branch_logits, gate = capture
+        b = self.model.branch
+        if logits.shape != branch_logits[b].shape:
+            raise ValueError(
+                f"loss_fn got logits of shape {tuple(logits.shape)}, but the preceding forward returned "
+                f"{tuple(branch_logits[b].shape)}; pass the wrapped model's output: loss_fn(model(x), y)"
+            )
+        # The given tensor stands for the kept branch so that gradients flow through whatever the caller (DDP,
+        # autocast) did to it; the ensemble uses the captured logits (same values).
+        zs = [z.float() for z in branch_logits]
+        zs[b] = logits.float()
+        ensemble = ensemble_logits([z.float() for z in branch_logits], gate.float())
+        T = self.temperature
+        ce = torch.stack([F.cross_entropy(z, target) for z in zs])
+        ce_ensemble = F.cross_entropy(ensemble, target)
+        teacher = F.softmax(ensemble.detach() / T, dim=1)
+        kl = torch.stack([F.kl_div(F.log_softmax(z / T, dim=1), teacher, reduction="batchmean") for z in zs])
+        weight = ramp_weight(self.step, self.rampup_steps)
+        loss = ce.sum() + ce_ensemble + (weight * T * T) * kl.sum()
+        self.step += 1
+        self.parts = {
+            "loss": loss.detach(), "ce": ce.detach(), "ce_ensemble": ce_ensemble.detach(), "kl": kl.detach(),
+            "ramp_weight": torch.tensor(weight),
+        }
+        return loss
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.step, "temperature": self.temperature, "rampup_steps": self.rampup_steps}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, rampup_steps={self.rampup_steps}, step={self.step}"
+
+
+def _reset_parameters(module: nn.Module) -> None:
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def build_one(
+    net: nn.Module,
+    branches: int = 3,
+    split: str | None = None,
+    temperature: float = 3.0,
+    rampup_steps: int = 0,
+    reinit_branches: bool = False,
+    branch: int = 0,
+    input_size: Sequence[int] | None = None,
+    gate_channels: int | None = None,
+    gate_channels_dim: int | None = None,
+    leaf_modules: Sequence[type] = (),
+    autowrap_functions: Sequence[Callable] = (),
+) -> tuple[ONEModel, ONELoss]:
+    """Wrap ``net`` for ONE. Returns ``(model, loss_fn)``.
+
+    Args:
+        branches: number of branches ``m`` (>= 2).
+        split: dotted name of the first module of the tail (``"layer4"``, ``"stages.3"``, ``"blocks.9"``);
+            default :func:`kdwrap.surgery.auto_split` (start of the last stage; last quarter of ViT blocks).
+        temperature: ``T`` of the KL term.
+        rampup_steps: training steps of the sigmoid ramp-up of the KL weight (0: full weight from the start).
+        reinit_branches: re-initialise branches 1..m-1 instead of copying the tail's weights.
+        branch: the branch ``forward`` returns and :func:`kdwrap.export` keeps.
+        input_size: (C, H, W) of an input, used when the gate's channel count or FLOPs need a trial forward.
+        gate_channels, gate_channels_dim: override the inferred channels (and their axis, 1 or -1) of the trunk
+            output that the gate pools.
+        leaf_modules, autowrap_functions: passed to the fx tracer for code fx cannot trace into.
+    """
+    model = ONEModel(
+        net, branches, split, reinit_branches, branch, input_size, gate_channels, gate_channels_dim,
+        leaf_modules, autowrap_functions,
+    )
+    return model, ONELoss(model, temperature, rampup_steps)

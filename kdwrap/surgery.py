@@ -1,0 +1,471 @@
+"""torch.fx surgery: cut a model at a named module into a shared trunk and a tail that can be replicated.
+
+The model is traced twice (train and eval mode, as torchvision's ``create_feature_extractor`` does) because tracing
+bakes Python-level ``if self.training`` branches (stochastic depth, dropout written as functions) into the graph.
+Every node is tagged with the module path it came from (torchvision's ``NodePathTracer``); the tail starts at the
+first node of the split module. Trunk and tail are torchvision ``DualGraphModule``\\ s whose parameters are the
+original model's own tensors and whose ``state_dict`` keys are the original model's keys.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+from torchvision.models.feature_extraction import DualGraphModule, NodePathTracer
+
+__all__ = ["SplitError", "TraceError", "SplitResult", "trace", "auto_split", "split_model", "example_input"]
+
+
+class SplitError(ValueError):
+    """The requested split point cannot cut the model into a trunk and a tail."""
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not trace the model."""
+
+
+# Ops through which a channel count read off a module upstream may no longer hold.
+_SHAPE_CHANGING = {
+    "cat", "concat", "stack", "reshape", "view", "flatten", "unflatten", "split", "chunk", "getitem",
+    "matmul", "bmm", "einsum", "pixel_shuffle", "pixel_unshuffle", "unfold", "fold", "transpose", "permute",
+    "mean", "sum", "amax", "max", "squeeze", "unsqueeze", "expand", "repeat", "tensor_split", "unbind",
+}
+
+
+def _timm_tracer_kwargs() -> dict[str, list]:
+    """timm registers modules and functions that fx must not trace into; honour them when timm is installed."""
+    try:
+        from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover - timm is a dependency, but keep surgery usable without it
+        return {"leaf_modules": [], "autowrap_functions": []}
+    return {"leaf_modules": list(get_notrace_modules()), "autowrap_functions": list(get_notrace_functions())}
+
+
+class _Tracer(NodePathTracer):
+    """torchvision's NodePathTracer that also remembers the innermost module a tracing error came from."""
+
+    failed_in: str | None = None
+
+    def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+@dataclass
+class _Traced:
+    graph: fx.Graph
+    qualnames: dict[fx.Node, str]
+
+
+def trace(
+    net: nn.Module,
+    training: bool,
+    leaf_modules: Sequence[type] = (),
+    autowrap_functions: Sequence[Callable] = (),
+) -> _Traced:
+    """Trace ``net`` in the given mode, tagging each node with the module path it belongs to."""
+    kwargs = _timm_tracer_kwargs()
+    tracer = _Tracer(
+        leaf_modules=kwargs["leaf_modules"] + list(leaf_modules),
+        autowrap_functions=kwargs["autowrap_functions"] + list(autowrap_functions),
+    )
+    was_training = net.training
+    net.train(training)
+    try:
+        graph = tracer.trace(net)
+    except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
+        where = tracer.failed_in or f"the forward of {type(net).__name__} itself"
+        raise TraceError(
+            f"torch.fx cannot trace {type(net).__name__}: the failure is in module '{where}' "
+            f"({type(err).__name__}: {err}). kdwrap's ONE needs an fx-traceable model. Fixes: pass "
+            "leaf_modules=[TheModuleClass] so fx runs that module as a black box (it must lie wholly in the "
+            "trunk or wholly in the tail), or autowrap_functions=[fn] for a free function with data-dependent "
+            "control flow, or rewrite the offending control flow (see torch.fx's 'Limitations of Symbolic "
+            "Tracing'). OSAKD (kdwrap.osakd) needs no tracing."
+        ) from err
+    finally:
+        net.train(was_training)
+    return _Traced(graph, dict(tracer.node_to_qualname))
+
+
+def _in_module(qualname: str | None, module: str) -> bool:
+    return qualname is not None and (qualname == module or qualname.startswith(module + "."))
+
+
+def _module_paths_with_nodes(traced: _Traced) -> dict[str, int]:
+    """Map every module path that owns at least one node to the index of its first node (execution order)."""
+    first: dict[str, int] = {}
+    for i, node in enumerate(traced.graph.nodes):
+        q = traced.qualnames.get(node)
+        if not q or node.op in ("placeholder", "output"):
+            continue
+        parts = q.split(".")
+        for j in range(1, len(parts) + 1):
+            first.setdefault(".".join(parts[:j]), i)
+    return first
+
+
+def _downsamples(module: nn.Module) -> bool:
+    for m in module.modules():
+        stride = getattr(m, "stride", None)
+        if stride is not None:
+            strides = stride if isinstance(stride, (tuple, list)) else (stride,)
+            if any(isinstance(s, int) and s > 1 for s in strides):
+                return True
+        if "Merging" in type(m).__name__:  # Swin's patch merging halves resolution without a stride
+            return True
+    return False
+
+
+def auto_split(net: nn.Module, traced: _Traced | None = None) -> str:
+    """The default split: the start of the last resolution stage, or the last quarter of a transformer's blocks.
+
+    Rule: walk down the containers (the model itself, ``nn.Sequential``/``nn.ModuleList``) following the last child
+    that downsamples (a stride > 1 or a patch merging) while a container holds several downsampling children; the
+    last such child starts the last stage (ResNet ``layer4``, CIFAR ResNet ``layer3``, ConvNeXt/Swin/EfficientNet
+    /RegNet last stage). Models that downsample only once (ViT, DeiT) are split at block ``n - n // 4`` of their
+    longest stack of identical blocks.
+    """
+    traced = traced or trace(net, training=False)
+    order = _module_paths_with_nodes(traced)
+
+    def children(path: str) -> list[str]:
+        mod = net.get_submodule(path) if path else net
+        names = [f"{path}.{n}" if path else n for n, _ in mod.named_children()]
+        return sorted((n for n in names if n in order), key=order.__getitem__)
+
+    def is_container(path: str) -> bool:
+        return path == "" or isinstance(net.get_submodule(path), (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+    def last_stage(path: str) -> str | None:
+        if not is_container(path):
+            return None
+        downs = [c for c in children(path) if _downsamples(net.get_submodule(c))]
+        if not downs:
+            return None
+        if len(downs) == 1:  # a single multi-stage child such as torchvision's `features`
+            return last_stage(downs[0])
+        return last_stage(downs[-1]) or downs[-1]
+
+    choice = last_stage("")
+    if choice is not None and choice != next(iter(order), None):
+        return choice
+    # Transformers: the longest run of same-class blocks.
+    best: tuple[int, str] | None = None
+    for path, mod in net.named_modules():
+        if path in order and isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) >= 4:
+            kinds = {type(c) for c in mod}
+            if len(kinds) == 1 and (best is None or len(mod) > best[0]):
+                best = (len(mod), path)
+    if best is not None:
+        n, path = best
+        name = list(net.get_submodule(path).named_children())[n - n // 4][0]
+        return f"{path}.{name}"
+    raise SplitError(
+        f"kdwrap could not choose a split for {type(net).__name__} automatically; pass split=<module name>, "
+        f"the first module of the part to replicate, e.g. one of: {', '.join(children('')[-6:])}"
+    )
+
+
+def _valid_splits(traced: _Traced, net: nn.Module) -> list[str]:
+    names = set(_module_paths_with_nodes(traced))
+    return [n for n, _ in net.named_modules() if n in names]
+
+
+def _check_split_name(net: nn.Module, split: str, traced: _Traced) -> None:
+    valid = _valid_splits(traced, net)
+    if split in valid:
+        return
+    known = dict(net.named_modules())
+    if split in known:
+        raise SplitError(
+            f"split={split!r} is a module of {type(net).__name__} but no operation of the traced graph belongs to "
+            "it (it is unused in forward, or lies inside a module fx treats as a leaf); pick an enclosing module"
+        )
+    close = difflib.get_close_matches(split, valid, n=5, cutoff=0.5)
+    top = [n for n in valid if n.count(".") <= 1]
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise SplitError(
+        f"split={split!r} is not a module of {type(net).__name__}.{hint} Valid split names are the dotted module "
+        f"names of the model (net.named_modules()), e.g.: {', '.join(top[:40])}{' ...' if len(top) > 40 else ''}"
+    )
+
+
+@dataclass
+class _Cut:
+    trunk: fx.Graph
+    tail: fx.Graph
+    cut: fx.Node  # the node of the original graph whose value flows from trunk to tail
+    tail_inputs: list[str]  # model inputs (placeholders) the tail reads besides the trunk output
+
+
+def _cut_graph(traced: _Traced, split: str) -> _Cut:
+    nodes = list(traced.graph.nodes)
+    first = next(i for i, n in enumerate(nodes) if n.op != "output" and _in_module(traced.qualnames.get(n), split))
+    head, rest = nodes[:first], set(nodes[first:])
+    in_head = set(head)
+    # Parameter reads (get_attr) belong wherever they are used. Model inputs the tail reads (e.g. timm ViT's
+    # `attn_mask`) become extra inputs of the tail; any other value must not cross the cut.
+    crossing = [n for n in head if n.op not in ("get_attr", "placeholder") and any(u in rest for u in n.users)]
+    tail_inputs = [n for n in head if n.op == "placeholder" and any(u in rest for u in n.users)]
+    if not crossing:
+        raise SplitError(
+            f"split={split!r} leaves no trunk: it is the first operation of the model. Split later, e.g. at the "
+            "start of the last stage (the default)"
+        )
+    if len(crossing) > 1:
+        names = ", ".join(f"{n.name} (from '{traced.qualnames.get(n, '?')}')" for n in crossing)
+        raise SplitError(
+            f"split={split!r} is crossed by {len(crossing)} values ({names}); ONE needs a cut that only one tensor "
+            "crosses (e.g. between two stages, not inside a residual block). Choose the start of a stage or block"
+        )
+    cut = crossing[0]
+
+    # Trunk: the input placeholders and every ancestor of the cut value.
+    needed: set[fx.Node] = set()
+    stack = [cut]
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    trunk = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in head:
+        if n.op == "placeholder" or n in needed:
+            env[n] = trunk.node_copy(n, env.__getitem__)
+    trunk.output(env[cut])
+
+    tail = fx.Graph()
+    tenv: dict[fx.Node, fx.Node] = {cut: tail.placeholder("trunk_out")}
+    for n in tail_inputs:
+        tenv[n] = tail.node_copy(n)
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in tenv:
+            if n.op != "get_attr" or n not in in_head:  # pragma: no cover - excluded by the crossing check
+                raise SplitError(f"internal: node {n.name} crosses the cut")
+            tenv[n] = tail.node_copy(n, lookup)
+        return tenv[n]
+
+    for n in nodes[first:]:
+        tenv[n] = tail.node_copy(n, lookup)
+    trunk.lint()
+    tail.lint()
+    return _Cut(trunk, tail, cut, [n.name for n in tail_inputs])
+
+
+@dataclass
+class SplitResult:
+    """The cut model: ``trunk(x) -> features``, ``tail(features) -> logits``."""
+
+    split: str
+    trunk: DualGraphModule
+    tail: DualGraphModule
+    channels: int
+    channels_dim: int  # 1 (NCHW-like) or -1 (NHWC or tokens): the axis of `channels` in the trunk output
+    input_names: list[str]  # the model's forward inputs, in order
+    tail_inputs: list[str]  # those of them the tail reads too (passed by name)
+
+
+def example_input(net: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1) -> torch.Tensor:
+    """A random input for ``net``: ``input_size`` (C, H, W), else a guess from the model (image-size attributes,
+    timm's ``pretrained_cfg``, the first convolution's input channels; 224 x 224 by default)."""
+    input_size = tuple(input_size) if input_size is not None else _guess_input_size(net)
+    param = next(iter(net.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.randn(batch, *input_size, device=device, dtype=dtype)
+
+
+_CHANNEL_ATTRS: tuple[tuple[type, Callable[[nn.Module], int], int], ...] = (
+    (nn.modules.conv._ConvNd, lambda m: m.out_channels, 1),
+    (nn.modules.batchnorm._NormBase, lambda m: m.num_features, 1),
+    (nn.GroupNorm, lambda m: m.num_channels, 1),
+    (nn.Linear, lambda m: m.out_features, -1),
+    (nn.LayerNorm, lambda m: m.normalized_shape[-1], -1),
+)
+
+
+def _module_channels(module: nn.Module) -> tuple[int, int] | None:
+    for cls, get, dim in _CHANNEL_ATTRS:
+        if isinstance(module, cls):
+            if isinstance(module, nn.LayerNorm) and type(module).__name__.endswith("2d"):
+                dim = 1  # timm/torchvision LayerNorm2d normalises the channel axis of NCHW maps
+            return get(module), dim
+    return None
+
+
+def _passes_channels(module: nn.Module) -> bool:
+    """Parameter-free modules that keep the shape of their input (activations, dropout, identity, drop-path)."""
+    if any(True for _ in module.parameters()):
+        return False
+    name = type(module).__name__
+    return module.__class__.__module__ == nn.modules.activation.__name__ or any(
+        k in name for k in ("Identity", "Dropout", "DropPath", "StochasticDepth", "Drop")
+    )
+
+
+def _producer_channels(net: nn.Module, cut: fx.Node) -> tuple[int, int, bool] | None:
+    """Search upstream from the cut for a module that states the channel count: (channels, dim, reliable).
+
+    Breadth-first over node inputs (so residual adds reach their branch's last conv/linear); a path through a
+    reshaping op or an unknown module is unreliable, since the count read beyond it may not hold at the cut.
+    """
+    frontier: list[tuple[fx.Node, bool]] = [(cut, True)]
+    seen: set[fx.Node] = set()
+    fallback = None
+    while frontier and len(seen) < 400:
+        node, reliable = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            module = net.get_submodule(node.target)
+            found = _module_channels(module)
+            if found:
+                if reliable:
+                    return found[0], found[1], True
+                fallback = fallback or (found[0], found[1], False)
+                continue
+            reliable = reliable and _passes_channels(module)
+        else:
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            reliable = reliable and target.strip("_") not in _SHAPE_CHANGING
+        frontier.extend((a, reliable) for a in node.args if isinstance(a, fx.Node))
+    return fallback
+
+
+def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) of a plausible input: the model's image-size attribute or timm cfg, channels of its first conv."""
+    size = None
+    for owner in (net, getattr(net, "patch_embed", None)):
+        for attr in ("img_size", "image_size"):
+            value = getattr(owner, attr, None) if owner is not None else None
+            if value is not None:
+                size = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+                break
+        if size:
+            break
+    cfg_size = None
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(net, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            cfg_size = tuple(cfg["input_size"])
+            break
+    first_conv = next((m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    chans = first_conv.in_channels if first_conv is not None else (cfg_size[0] if cfg_size else 3)
+    hw = size or (cfg_size[1:] if cfg_size else (224, 224))
+    return (chans, *hw)
+
+
+def _trunk_channels(
+    net: nn.Module, trunk: nn.Module, cut: fx.Node, input_size: Sequence[int] | None
+) -> tuple[int, int]:
+    found = _producer_channels(net, cut)
+    if found and found[2]:
+        return found[0], found[1]
+    x = example_input(net, input_size)
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            f = trunk(x)
+    except Exception as err:
+        raise SplitError(
+            f"kdwrap needs the channel count of the trunk output to build the gate and ran the trunk on a "
+            f"{tuple(x.shape)} input to find it, which failed ({type(err).__name__}: {err}); pass "
+            "input_size=(C, H, W) of your inputs, or gate_channels=<int>"
+        ) from err
+    finally:
+        trunk.train(was_training)
+    if not isinstance(f, torch.Tensor):
+        raise SplitError(f"the trunk output at the split is a {type(f).__name__}, not a Tensor; choose another split")
+    if f.ndim <= 2:
+        return f.shape[-1], -1
+    if f.ndim == 3:
+        return f.shape[-1], -1  # B x N x D tokens
+    if found and found[0] in (f.shape[1], f.shape[-1]):
+        return found[0], (1 if f.shape[1] == found[0] else -1)
+    return f.shape[1], 1
+
+
+def split_model(
+    net: nn.Module,
+    split: str | None = None,
+    *,
+    leaf_modules: Sequence[type] = (),
+    autowrap_functions: Sequence[Callable] = (),
+    input_size: Sequence[int] | None = None,
+    gate_channels: int | None = None,
+    gate_channels_dim: int | None = None,
+) -> SplitResult:
+    """Cut ``net`` at module ``split`` (default :func:`auto_split`) into trunk and tail sharing ``net``'s tensors."""
+    train_t = trace(net, True, leaf_modules, autowrap_functions)
+    eval_t = trace(net, False, leaf_modules, autowrap_functions)
+    if split is None:
+        split = auto_split(net, eval_t)
+    elif not isinstance(split, str):
+        raise TypeError(f"split must be a dotted module name (str), got {type(split).__name__}")
+    _check_split_name(net, split, eval_t)
+    cut_train, cut_eval = _cut_graph(train_t, split), _cut_graph(eval_t, split)
+    trunk = DualGraphModule(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
+    tail = DualGraphModule(net, cut_train.tail, cut_eval.tail, class_name="Tail")
+    for piece in (trunk, tail):
+        piece.train(net.training)
+    if not any(True for _ in tail.parameters()):
+        raise SplitError(
+            f"split={split!r} leaves a tail with no parameters (nothing to replicate); split earlier, e.g. at the "
+            "start of the last stage (the default)"
+        )
+    _check_no_shared_parameters(trunk, tail, split)
+    if gate_channels is None:
+        gate_channels, dim = _trunk_channels(net, trunk, cut_eval.cut, input_size)
+    else:
+        dim = 1
+    if gate_channels_dim is not None:
+        if gate_channels_dim not in (1, -1):
+            raise ValueError(f"gate_channels_dim must be 1 (channels first) or -1 (channels last), got {gate_channels_dim}")
+        dim = gate_channels_dim
+    input_names = [n.name for n in cut_eval.trunk.nodes if n.op == "placeholder"]
+    tail_inputs = sorted(set(cut_train.tail_inputs) | set(cut_eval.tail_inputs), key=input_names.index)
+    return SplitResult(split, trunk, tail, int(gate_channels), dim, input_names, tail_inputs)
+
+
+def _check_no_shared_parameters(trunk: nn.Module, tail: nn.Module, split: str) -> None:
+    trunk_ids = {id(p): n for n, p in trunk.named_parameters()}
+    shared = [f"{n} (trunk: {trunk_ids[id(p)]})" for n, p in tail.named_parameters() if id(p) in trunk_ids]
+    if shared:
+        raise SplitError(
+            f"split={split!r}: parameters are used both before and after the split ({', '.join(shared[:5])}); "
+            "replicating the tail would untie them. Choose a split after the last use of the shared weights"
+        )
+
+
+def count_parameters(modules: Iterable[nn.Module]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def forward_flops(module: nn.Module, *args: Any) -> tuple[int, Any]:
+    """Forward FLOPs of ``module(*args)`` (``torch.utils.flop_counter``: matmuls, convolutions) and its output."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        out = module(*args)
+    return counter.get_total_flops(), out
