@@ -204,6 +204,20 @@ class ONEModel(KDModel):
     def extra_repr(self) -> str:
         return f"split={self.split!r}, branches={self.num_branches}, branch={self.branch}"
 
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"split": self.split, "branches": self.num_branches}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # Runs before the children load: a checkpoint of another configuration fails here, by name, instead of
+        # as a list of mismatched keys (or, with strict=False, a silent partial load).
+        mine = self.get_extra_state()
+        if state != mine:
+            raise ValueError(
+                f"this checkpoint is of a ONE wrapper with {state}, but this wrapper has {mine}; build the wrapper "
+                f"with the checkpoint's settings: kdwrap.one(net, branches={state.get('branches')}, "
+                f"split={state.get('split')!r})"
+            )
+
 
 def ensemble_logits(logits: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
     """``z_e = sum_i g_i z_i`` for branch logits (each B x C) and gate weights (B x m)."""
@@ -241,14 +255,19 @@ class ONELoss(KDLoss):
     validation loops that reuse the criterion keep working. ``parts`` holds the detached terms of the last call.
     """
 
-    def __init__(self, model: ONEModel, temperature: float = 3.0, rampup_steps: int = 0) -> None:
+    def __init__(
+        self, model: ONEModel, temperature: float = 3.0, rampup_steps: int = 0, accumulation_steps: int = 1
+    ) -> None:
         super().__init__(model)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if rampup_steps < 0:
             raise ValueError(f"rampup_steps must be >= 0 (0 disables the ramp-up), got {rampup_steps}")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         self.temperature, self.rampup_steps = float(temperature), int(rampup_steps)
-        self.step = 0
+        self.accumulation_steps = int(accumulation_steps)
+        self.step = 0  # training-mode calls so far; the ramp clock is step // accumulation_steps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         capture = self.model._take_capture()
@@ -273,7 +292,7 @@ class ONELoss(KDLoss):
         ce_ensemble = F.cross_entropy(ensemble, target)
         teacher = F.softmax(ensemble.detach() / T, dim=1)
         kl = torch.stack([F.kl_div(F.log_softmax(z / T, dim=1), teacher, reduction="batchmean") for z in zs])
-        weight = ramp_weight(self.step, self.rampup_steps)
+        weight = ramp_weight(self.step // self.accumulation_steps, self.rampup_steps)
         loss = ce.sum() + ce_ensemble + (weight * T * T) * kl.sum()
         self.step += 1
         self.parts = {
@@ -283,7 +302,10 @@ class ONELoss(KDLoss):
         return loss
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step, "temperature": self.temperature, "rampup_steps": self.rampup_steps}
+        return {
+            "step": self.step, "temperature": self.temperature, "rampup_steps": self.rampup_steps,
+            "accumulation_steps": self.accumulation_steps,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -304,6 +326,7 @@ def build_one(
     split: str | None = None,
     temperature: float = 3.0,
     rampup_steps: int = 0,
+    accumulation_steps: int = 1,
     reinit_branches: bool = False,
     branch: int = 0,
     input_size: Sequence[int] | None = None,
@@ -319,7 +342,9 @@ def build_one(
         split: dotted name of the first module of the tail (``"layer4"``, ``"stages.3"``, ``"blocks.9"``);
             default :func:`kdwrap.surgery.auto_split` (start of the last stage; last quarter of ViT blocks).
         temperature: ``T`` of the KL term.
-        rampup_steps: training steps of the sigmoid ramp-up of the KL weight (0: full weight from the start).
+        rampup_steps: optimizer steps of the sigmoid ramp-up of the KL weight (0: full weight from the start).
+        accumulation_steps: loss calls per optimizer step under gradient accumulation (the ramp clock counts
+            optimizer steps).
         reinit_branches: re-initialise branches 1..m-1 instead of copying the tail's weights.
         branch: the branch ``forward`` returns and :func:`kdwrap.export` keeps.
         input_size: (C, H, W) of an input, used when the gate's channel count or FLOPs need a trial forward.
@@ -331,4 +356,4 @@ def build_one(
         net, branches, split, reinit_branches, branch, input_size, gate_channels, gate_channels_dim,
         leaf_modules, autowrap_functions,
     )
-    return model, ONELoss(model, temperature, rampup_steps)
+    return model, ONELoss(model, temperature, rampup_steps, accumulation_steps)

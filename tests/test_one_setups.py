@@ -1,0 +1,179 @@
+"""ONE inside real training setups: DDP, autocast, torch.compile, accumulation, checkpoint and resume."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kdwrap
+from conftest import TinyNet
+from dist_utils import run_two_ranks
+
+STEPS, BATCH = 3, 8
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+
+
+def _make(bn_mode):
+    torch.manual_seed(0)
+    model, loss_fn = kdwrap.one(TinyNet(), branches=3)
+    with torch.no_grad():
+        for b in model.branches[1:]:
+            for p in b.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    if bn_mode == "frozen":  # per-rank batch statistics would differ from the whole batch's: use running stats
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return model, loss_fn
+
+
+def _train(model, loss_fn, forward, rank=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(STEPS):
+        x, y = _batch(step)
+        if rank is not None:
+            x, y = x[rank * BATCH // 2 : (rank + 1) * BATCH // 2], y[rank * BATCH // 2 : (rank + 1) * BATCH // 2]
+        loss = loss_fn(forward(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _ddp_worker(rank, mode, out):
+    model, loss_fn = _make("frozen")
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=(mode == "find_unused"))
+    _train(model, loss_fn, ddp, rank)
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+
+
+@pytest.mark.parametrize("mode", ["static", "find_unused"])
+def test_ddp_two_ranks_match_one_process_with_whole_batch(tmp_path, mode):
+    out = tmp_path / "rank0.pt"
+    run_two_ranks(_ddp_worker, mode, str(out))
+    model, loss_fn = _make("frozen")
+    _train(model, loss_fn, model)
+    ddp_state = torch.load(out)
+    for key, value in model.state_dict().items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            torch.testing.assert_close(ddp_state[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_sync_batchnorm_conversion_reaches_every_piece(tiny_net):
+    """DDP accepts SyncBatchNorm only on GPU modules; here: conversion, a step, and export of the converted model."""
+    model, loss_fn = kdwrap.one(tiny_net)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert not any(type(m) is nn.BatchNorm2d or type(m) is nn.BatchNorm1d for m in model.modules())
+    assert isinstance(model.gate.bn, nn.SyncBatchNorm)
+    x, y = _batch(0)
+    loss_fn(model(x), y).backward()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(kdwrap.export(model).eval()(x), model(x), atol=1e-5)
+
+
+def test_autocast_bf16_keeps_the_loss_in_float32(tiny_net):
+    model, loss_fn = kdwrap.one(tiny_net)
+    x, y = _batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = loss_fn(out, y)
+    assert out.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad is not None for p in model.gate.parameters())
+
+
+def test_channels_last(tiny_net):
+    model, loss_fn = kdwrap.one(tiny_net.to(memory_format=torch.channels_last))
+    x, y = _batch(0)
+    loss_fn(model(x.to(memory_format=torch.channels_last)), y).backward()
+
+
+def test_gradient_accumulation_matches_whole_batch_and_counts_optimizer_steps():
+    whole, whole_loss = _make("frozen")
+    acc, acc_loss = _make("frozen")
+    acc_loss.accumulation_steps = 2
+    acc_loss.rampup_steps = whole_loss.rampup_steps = 10  # the ramp weight must match: both at optimizer step 0
+    x, y = _batch(0)
+    whole_loss(whole(x), y).backward()
+    for half in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
+        (acc_loss(acc(x[half]), y[half]) / 2).backward()
+    for (name, p), q in zip(whole.named_parameters(), acc.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert acc_loss.step == 2 and acc_loss.step // acc_loss.accumulation_steps == 1
+
+
+def test_torch_compile_forward_has_no_graph_break(tiny_net):
+    model, loss_fn = kdwrap.one(tiny_net)
+    x, y = _batch(0)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    model._take_capture()
+    compiled = torch.compile(model)
+    eager_loss = None
+    torch.manual_seed(3)
+    loss = loss_fn(compiled(x), y)
+    loss.backward()
+    torch.manual_seed(3)
+    eager_loss = loss_fn(model(x), y)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import kdwrap
+    from conftest import TinyNet
+    from test_one_setups import _batch
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    model, loss_fn = kdwrap.one(TinyNet(), branches=3, rampup_steps=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ckpt = torch.load({path!r})
+    model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["opt"]); loss_fn.load_state_dict(ckpt["loss"])
+    losses = []
+    for step in range(2, 4):
+        x, y = _batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    print(repr(losses))
+    """
+)
+
+
+def test_checkpoint_resume_in_a_fresh_process_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model, loss_fn = kdwrap.one(TinyNet(), branches=3, rampup_steps=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step in range(4):
+        if step == 2:
+            path = tmp_path / "ckpt.pt"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
+        x, y = _batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), path=str(path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert eval(out.stdout.strip().splitlines()[-1]) == losses[2:]
+
+
+def test_loading_a_checkpoint_of_other_settings_is_a_clear_error(tiny_net):
+    model, _ = kdwrap.one(tiny_net, branches=3)
+    other, _ = kdwrap.one(TinyNet(), branches=2)
+    with pytest.raises(ValueError, match="branches=3"):
+        other.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="split='stage1'"):
+        third, _ = kdwrap.one(TinyNet(), branches=3, split="stage1")
+        model.load_state_dict(third.state_dict())
