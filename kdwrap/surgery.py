@@ -345,7 +345,8 @@ def _producer_channels(net: nn.Module, cut: fx.Node) -> tuple[int, int, bool] | 
 
 
 def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
-    """(C, H, W) of a plausible input: the model's image-size attribute or timm cfg, channels of its first conv."""
+    """(C, H, W) of a plausible input: the model's image-size attribute or timm cfg, channels of its first conv;
+    (D,) for a model whose first layer is a Linear."""
     size = None
     for owner in (net, getattr(net, "patch_embed", None)):
         for attr in ("img_size", "image_size"):
@@ -361,8 +362,10 @@ def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
         if isinstance(cfg, dict) and cfg.get("input_size"):
             cfg_size = tuple(cfg["input_size"])
             break
-    first_conv = next((m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    chans = first_conv.in_channels if first_conv is not None else (cfg_size[0] if cfg_size else 3)
+    first = next((m for m in net.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
+    if isinstance(first, nn.Linear) and size is None and cfg_size is None:
+        return (first.in_features,)  # an MLP: its first layer states the (flattened) input size
+    chans = first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else (cfg_size[0] if cfg_size else 3)
     hw = size or (cfg_size[1:] if cfg_size else (224, 224))
     return (chans, *hw)
 

@@ -31,7 +31,7 @@ def nets(draw):
     return nn.Sequential(*layers), (12,)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_random_models_and_splits(data):
     net, shape = data.draw(nets())
