@@ -1,0 +1,328 @@
+"""OSAKD: Online Self-Acquired Knowledge Distillation (Tzelepi & Tefas, arXiv 2108.11798).
+
+No architecture change. Each training step, the soft label of a sample is the k-NN estimate of its class posterior
+in the network's output space (softmax probabilities ``p``), with neighbours taken from a memory bank of recent
+detached outputs plus the current batch (never the sample itself). See METHODS.md and docs/osakd.md.
+
+    L = alpha * CE(z, y) + (1 - alpha) * MSE(p, s)      # MSE summed over classes, averaged over the batch
+"""
+from __future__ import annotations
+
+import copy
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import KDLoss, KDModel
+from ..knn import BACKENDS, DISTANCES, knn_soft_labels, resolve_backend
+from ..memory_bank import MemoryBank
+
+__all__ = ["DISTILL", "OSAKDModel", "OSAKDLoss", "build_osakd", "select_logits"]
+
+DISTILL = ("mse", "kl")
+
+# Stored in the bank in place of a non-finite output (an fp16 overflow step GradScaler will skip): far from every
+# probability vector in L2, and at cosine distance > 1 from every non-negative vector, so never a neighbour while
+# k valid points exist.
+_FAR = -1e4
+
+
+def select_logits(out: Any, output: int | str | None) -> torch.Tensor:
+    """The logits tensor inside a net's output: the output itself if it is a tensor, else ``out[output]`` (index
+    or key; a string also names an attribute, e.g. of a namedtuple or a ``ModelOutput``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if output is None:
+        what = f"a dict with keys {list(out.keys())}" if isinstance(out, Mapping) else type(out).__name__
+        hint = "output='logits'" if isinstance(out, Mapping) else "output=0"
+        raise TypeError(
+            f"kdwrap osakd: the model returned {what}, not a logits tensor; name the logits with "
+            f"kdwrap.osakd(net, {hint}) (an index for tuples/lists, a key or attribute name otherwise)"
+        )
+    try:
+        if isinstance(out, Mapping) or isinstance(output, int):
+            logits = out[output]
+        else:
+            logits = getattr(out, output)
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+        raise TypeError(
+            f"kdwrap osakd: output={output!r} does not name an element of the model's {type(out).__name__} "
+            f"output ({e!r})"
+        ) from e
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"kdwrap osakd: output={output!r} names a {type(logits).__name__}, not a logits tensor")
+    return logits
+
+
+class OSAKDModel(KDModel):
+    """The user's net, unchanged (``self.model``). ``forward`` returns exactly what the net returns; in training
+    mode it also records a capture so the loss can check it is called once per forward."""
+
+    method = "osakd"
+
+    def __init__(self, net: nn.Module, output: int | str | None = None) -> None:
+        super().__init__()
+        self.model = net
+        self.output = output
+        self.config: dict[str, Any] = {}  # filled by build_osakd, for summary()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.model(*args, **kwargs)
+        if self.training:
+            self._put_capture(tuple(select_logits(out, self.output).shape))
+        return out
+
+    def export(self, copy_model: bool = True, **kwargs: Any) -> nn.Module:
+        """The original net, with no kdwrap hook or reference: a deep copy (``copy_model=False``: the net itself,
+        sharing its parameters with this wrapper). Keeps the wrapper's train/eval mode; gradients are dropped."""
+        if kwargs:
+            raise TypeError(
+                f"OSAKD export() got unexpected options {sorted(kwargs)}: OSAKD keeps one unchanged model, "
+                "so there is no branch or ensemble to choose; valid options: copy_model"
+            )
+        if not copy_model:
+            return self.model
+        net = copy.deepcopy(self.model)
+        for p in net.parameters():
+            p.grad = None
+        return net
+
+    def summary(self, **kwargs: Any) -> str:
+        """A description of the wrapper (options such as ``input_size`` are accepted and ignored: OSAKD adds no
+        layer, so the deployed model is the trained one)."""
+        n_params = sum(p.numel() for p in self.model.parameters())
+        cfg = self.config
+        lines = [
+            "kdwrap OSAKD (Online Self-Acquired Knowledge Distillation)",
+            f"  model: {type(self.model).__name__}, {n_params:,} parameters, unchanged; export() returns it as is",
+        ]
+        if self.output is not None:
+            lines.append(f"  logits: element {self.output!r} of the model's output")
+        if cfg:
+            distill = "MSE(p, s)" if cfg["distill"] == "mse" else "KL(s || p)"
+            bank = (
+                f"{cfg['bank_size']:,} most recent (p, label) pairs, in loss_fn.state_dict(); "
+                f"batch alone until it holds {cfg['k']}"
+                if cfg["bank_size"]
+                else "none (in-batch mode: neighbours from the current batch only)"
+            )
+            lines += [
+                f"  loss: {cfg['alpha']:g} * CE(z, y) + {1 - cfg['alpha']:g} * {distill}, p = softmax(z)",
+                f"  soft labels s: {cfg['k']}-NN class posterior in output space ({cfg['distance']} distance), "
+                f"backend {cfg['backend']} -> {cfg['resolved_backend']}",
+                f"  bank: {bank}",
+            ]
+        lines.append("  cost: no extra forward/backward FLOPs; one k-NN search per training step")
+        return "\n".join(lines)
+
+
+class OSAKDLoss(KDLoss):
+    """``alpha * CE(z, y) + (1 - alpha) * D(p, s)`` with ``s`` the k-NN soft labels (a constant).
+
+    Training mode (follows the *wrapped model's* mode): consumes the capture of the preceding forward, computes
+    ``s`` from the bank (once it holds >= k entries) plus the batch, then adds the batch's detached ``p`` and
+    labels to the bank. Eval mode: plain cross-entropy of the given logits, bank untouched.
+
+    ``target``: int class indices ``(B,)`` in ``[0, C)``, or float soft targets ``(B, C)`` (mixup/cutmix): the CE
+    term uses them as probabilities and the k-NN labels of the batch (and the bank) are their argmax.
+    ``parts``: detached ``"ce"``, ``"distill"``, ``"total"``, ``"bank_fill"`` (eval: no ``"distill"``).
+    ``soft_labels``: the ``B x C`` soft labels ``s`` of the last training step (detached), for inspection.
+    """
+
+    def __init__(
+        self,
+        model: OSAKDModel,
+        k: int = 8,
+        alpha: float = 0.9,
+        bank_size: int = 16384,
+        backend: str = "auto",
+        distance: str = "l2",
+        distill: str = "mse",
+    ) -> None:
+        super().__init__(model)
+        self.k = k
+        self.alpha = float(alpha)
+        self.backend = backend
+        self.distance = distance
+        self.distill = distill
+        self.chunk_size: int | None = None  # forwarded to the torch k-NN backend (None: from its memory budget)
+        self.bank = MemoryBank(bank_size)
+        self.soft_labels: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, alpha={self.alpha}, backend={self.backend!r}, distance={self.distance!r}, "
+            f"distill={self.distill!r}"
+        )
+
+    def _check_target(self, target: Any, b: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(ce_target, hard_labels)``."""
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"kdwrap osakd: labels must be a torch.Tensor, got {type(target).__name__}")
+        if target.is_floating_point():
+            if target.shape == (b, c):
+                return target.float(), target.argmax(1)
+            raise TypeError(
+                f"kdwrap osakd: labels have float dtype {target.dtype} and shape {tuple(target.shape)}; pass int "
+                f"class indices of shape ({b},) (e.g. y.long()) or soft targets of shape ({b}, {c})"
+            )
+        if target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"kdwrap osakd: labels must be int class indices, got dtype {target.dtype}")
+        if target.shape != (b,):
+            hint = " (squeeze the extra dimension: y.view(-1))" if target.numel() == b else ""
+            raise ValueError(
+                f"kdwrap osakd: labels must have shape ({b},) for logits of shape ({b}, {c}), got "
+                f"{tuple(target.shape)}{hint}"
+            )
+        msg = f"kdwrap osakd: labels must lie in [0, {c}) for {c} classes"
+        if target.device.type == "cpu":
+            if b and (int(target.min()) < 0 or int(target.max()) >= c):
+                raise ValueError(f"{msg}; got values in [{int(target.min())}, {int(target.max())}]")
+        else:
+            # No host sync on accelerators: the check fails at the next synchronisation, with this message.
+            torch._assert_async(((target >= 0) & (target < c)).all(), msg)
+        target = target.long()  # cross_entropy takes int64 (or uint8) class indices only
+        return target, target
+
+    def forward(self, outputs: Any, target: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        logits = select_logits(outputs, model.output)
+        if logits.dim() != 2:
+            raise ValueError(
+                f"kdwrap osakd: expected logits of shape (B, C), got {tuple(logits.shape)}; OSAKD is for "
+                "classifiers (flatten dense predictions before the loss)"
+            )
+        b, c = logits.shape
+        ce_target, labels = self._check_target(target, b, c)
+        training = model.training
+        if training:
+            shape = model._take_capture()
+            if shape != (b, c):
+                raise RuntimeError(
+                    f"kdwrap osakd: loss_fn got logits of shape {(b, c)} but the last forward of the wrapped model "
+                    f"produced {shape}; call loss_fn(model(x), y) with the output of that forward"
+                )
+        # float32 softmax/CE and k-NN distances even under autocast (fp16/bf16 distances would reorder neighbours).
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            z = logits.float()
+            ce = F.cross_entropy(z, ce_target)
+            if not training:
+                self.parts = {"ce": ce.detach(), "total": ce.detach(), "bank_fill": torch.tensor(len(self.bank))}
+                return ce
+            p = z.softmax(1)
+            q = p.detach()
+            if self.bank.materialised and self.bank.vectors.device != q.device:
+                # e.g. a checkpoint loaded into a loss_fn that was never moved to the GPU: follow the outputs.
+                self.bank.to(q.device)
+            use_bank = len(self.bank) >= self.k
+            bank_v, bank_l = self.bank.get() if use_bank else (None, None)
+            s = knn_soft_labels(
+                q,
+                labels,
+                c,
+                self.k,
+                bank_v,
+                bank_l,
+                backend=self.backend,
+                distance=self.distance,
+                chunk_size=self.chunk_size,
+            )
+            self.soft_labels = s
+            if self.distill == "mse":
+                distill = (p - s).pow(2).sum(1).mean()
+            else:
+                # kl_div treats 0 * log 0 as 0, so classes no neighbour voted for cost nothing.
+                distill = F.kl_div(F.log_softmax(z, 1), s, reduction="batchmean")
+            if self.alpha == 1.0:
+                total = ce
+            elif self.alpha == 0.0:
+                total = distill
+            else:
+                total = self.alpha * ce + (1.0 - self.alpha) * distill
+        if self.bank.size:
+            finite = torch.isfinite(q).all(1, keepdim=True)
+            self.bank.add(torch.where(finite, q, q.new_full((), _FAR)), labels)
+        self.parts = {
+            "ce": ce.detach(),
+            "distill": distill.detach(),
+            "total": total.detach(),
+            "bank_fill": torch.tensor(len(self.bank)),
+        }
+        return total
+
+
+def _check_int(name: str, value: Any, low: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"kdwrap osakd: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"kdwrap osakd: {name}={value} is invalid: {fix}")
+    return int(value)
+
+
+def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"kdwrap osakd: unknown {name} {value!r}; valid {name}s: {', '.join(valid)}")
+
+
+def build_osakd(
+    net: nn.Module,
+    k: int = 8,
+    alpha: float = 0.9,
+    bank_size: int = 16384,
+    backend: str = "auto",
+    distance: str = "l2",
+    distill: str = "mse",
+    output: int | str | None = None,
+) -> tuple[OSAKDModel, OSAKDLoss]:
+    """Wrap ``net`` for OSAKD. Returns ``(model, loss_fn)``; use ``loss = loss_fn(model(x), y)``.
+
+    Args:
+        k: neighbours per soft label (paper: 8, or 16 for Tiny-ImageNet).
+        alpha: weight of CE; ``1 - alpha`` weighs the distillation term (paper: 0.9; 0.99 for 200 classes).
+            ``alpha=1`` is exactly cross-entropy.
+        bank_size: entries of the memory bank of recent outputs (0: the paper's in-batch mode; else >= k).
+        backend: k-NN backend, ``"auto"`` (= ``"torch"``), ``"torch"`` or ``"faiss"`` (see :mod:`kdwrap.knn`).
+        distance: ``"l2"`` (Euclidean, the paper's) or ``"cosine"`` between probability vectors.
+        distill: ``"mse"`` (summed over classes, batch mean) or ``"kl"`` (``KL(s || p)``, batchmean).
+        output: index or key of the logits when ``net`` returns a tuple/dict (e.g. Inception's aux outputs).
+    """
+    k = _check_int("k", k, 1, "use k >= 1 neighbours (the paper uses 8 or 16)")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"kdwrap osakd: alpha must be a float in [0, 1], got {type(alpha).__name__} {alpha!r}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(
+            f"kdwrap osakd: alpha={alpha} is outside [0, 1]; it weighs CE against the distillation term "
+            "(the paper uses 0.9)"
+        )
+    bank_size = _check_int(
+        "bank_size", bank_size, 0, "use 0 for in-batch mode (no bank) or a positive size such as 16384"
+    )
+    if 0 < bank_size < k:
+        raise ValueError(
+            f"kdwrap osakd: bank_size={bank_size} is smaller than k={k}, so the bank could never supply k "
+            f"neighbours; use bank_size=0 (in-batch mode) or bank_size >= {k}"
+        )
+    _check_choice("backend", backend, BACKENDS)
+    _check_choice("distance", distance, DISTANCES)
+    _check_choice("distill", distill, DISTILL)
+    if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
+        raise TypeError(f"kdwrap osakd: output must be an int index or a str key, got {type(output).__name__}")
+    resolved = resolve_backend(backend)  # raises the install hint now, not at the first step
+    model = OSAKDModel(net, output=output)
+    loss_fn = OSAKDLoss(
+        model, k=k, alpha=alpha, bank_size=bank_size, backend=backend, distance=distance, distill=distill
+    )
+    model.config = {
+        "k": k,
+        "alpha": float(alpha),
+        "bank_size": bank_size,
+        "backend": backend,
+        "resolved_backend": resolved,
+        "distance": distance,
+        "distill": distill,
+    }
+    return model, loss_fn
