@@ -1,0 +1,343 @@
+"""Training-step cost of ONE and OSAKD relative to the plain model, measured side by side in one process.
+
+    python benchmarks/speed.py --device cuda              # ResNet-32 b128 32 px, timm resnet50 b128 224 px
+    python benchmarks/speed.py --device cuda --compile    # adds torch.compile rows
+    python benchmarks/speed.py --device cpu               # ResNet-32 b32 32 px, resnet50 b8 64 px (a few minutes)
+    python benchmarks/speed.py --device cpu --models cifar_resnet32 resnet18:16:64   # NAME[:BATCH[:PX]]
+
+Variants per model: plain; ONE with 2, 3 and 4 branches (default split); OSAKD (k=8, alpha 0.9) with memory banks
+of 4,096 and 65,536 entries, pre-filled so that every timed step searches a full bank.
+
+A step is zero_grad, forward, loss, backward and an SGD (Nesterov, weight decay) update on a fixed random batch,
+under bf16 autocast with channels_last on GPU (fp32, contiguous on CPU). After --warmup steps each, the variants take
+turns one step at a time for --repeats rounds, so a change of load or clocks hits them alike; the median step is
+reported (CUDA events on GPU, perf_counter on CPU), with the fastest step: on a CPU shared with other jobs the
+median can be inflated by them, the minimum much less.
+
+Peak memory (GPU only; n/a on CPU): the variant's resident tensors (parameters, gradients, optimizer state, the
+OSAKD bank) plus the transient peak of one step above what was allocated before it, from
+torch.cuda.max_memory_allocated: what a process training that variant alone would peak at, excluding the allocator's
+cache. FLOPs: torch.utils.flop_counter of one training-mode forward (matmuls and convolutions), and of forward plus
+loss (which adds OSAKD's k-NN distance computation).
+
+Prints a table and writes benchmarks/results/speed_<device>_<date>.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kdwrap  # noqa: E402
+import kdwrap.models  # noqa: E402,F401  (registers cifar_resnet* with timm)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# name -> (batch, pixels, classes) per device kind.
+CONFIGS = {
+    "cuda": {"cifar_resnet32": (128, 32, 10), "resnet50": (128, 224, 1000)},
+    "cpu": {"cifar_resnet32": (32, 32, 10), "resnet50": (8, 64, 1000)},
+}
+VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("plain", "plain", {}),
+    ("ONE m=2", "one", {"branches": 2}),
+    ("ONE m=3", "one", {"branches": 3}),
+    ("ONE m=4", "one", {"branches": 4}),
+    ("OSAKD bank 4,096", "osakd", {"bank_size": 4096}),
+    ("OSAKD bank 65,536", "osakd", {"bank_size": 65536}),
+]
+GiB = 2**30
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    compiled: bool = False
+    times_ms: list[float] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_model(spec: str, device: str) -> tuple[str, int, int, int]:
+    """``NAME[:BATCH[:PX]]`` -> (name, batch, pixels, classes), defaults from :data:`CONFIGS`."""
+    name, *rest = spec.split(":")
+    batch, px, classes = CONFIGS[device].get(name, (8 if device == "cpu" else 128, 64 if device == "cpu" else 224,
+                                                    1000))
+    if rest:
+        batch = int(rest[0])
+    if len(rest) > 1:
+        px = int(rest[1])
+    return name, batch, px, classes
+
+
+def build_variant(name: str, method: str, kw: dict[str, Any], model_name: str, px: int, classes: int,
+                  device: torch.device, memory_format: torch.memory_format, compile_: bool) -> Variant:
+    import timm
+
+    torch.manual_seed(0)  # every variant starts from the same network
+    net = timm.create_model(model_name, pretrained=False, num_classes=classes, in_chans=3)
+    if method == "plain":
+        model, loss_fn = net, F.cross_entropy
+    elif method == "one":
+        model, loss_fn = kdwrap.one(net, input_size=(3, px, px), **kw)
+    else:
+        model, loss_fn = kdwrap.osakd(net, **kw)
+    model.to(device, memory_format=memory_format).train()
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.to(device)
+    if method == "osakd":
+        fill_bank(loss_fn, classes, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if compile_:
+        model = torch.compile(model, dynamic=False)
+    return Variant(name + (" +compile" if compile_ else ""), model, loss_fn, optimizer, compile_)
+
+
+@torch.no_grad()
+def fill_bank(loss_fn: Any, classes: int, device: torch.device) -> None:
+    """Fill OSAKD's bank with peaked random probability vectors: every timed step then searches a full bank."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    bank = loss_fn.bank
+    while not bank.is_full:
+        n = min(8192, bank.size - len(bank))
+        p = (torch.randn(n, classes, device=device, generator=gen) * 3).softmax(1)
+        bank.add(p, torch.randint(0, classes, (n,), device=device, generator=gen))
+
+
+def train_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], Any]) -> None:
+    v.optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        loss = v.loss_fn(v.model(x), y)
+    loss.backward()
+    v.optimizer.step()
+
+
+def timed_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], Any],
+               device: torch.device) -> float:
+    """Milliseconds of one training step."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        train_step(v, x, y, autocast)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    train_step(v, x, y, autocast)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def resident_bytes(v: Variant) -> int:
+    """Parameters, their gradients, optimizer state and the loss's buffers (OSAKD's bank) of one variant."""
+    params = list(v.model.parameters())
+    n = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params)
+    n += sum(t.numel() * t.element_size() for s in v.optimizer.state.values() for t in s.values()
+             if isinstance(t, torch.Tensor))
+    if isinstance(v.loss_fn, nn.Module):
+        n += sum(b.numel() * b.element_size() for b in v.loss_fn.buffers())
+    return n
+
+
+def peak_memory(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], Any],
+                device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    train_step(v, x, y, autocast)
+    torch.cuda.synchronize(device)
+    return (resident_bytes(v) + torch.cuda.max_memory_allocated(device) - before) / GiB
+
+
+def count_flops(v: Variant, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """GFLOPs of one training-mode forward, and of forward + loss."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = getattr(v.model, "_orig_mod", v.model)  # count the eager module: same maths as the compiled one
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fwd:
+            out = model(x)
+        with FlopCounterMode(display=False) as loss:
+            v.loss_fn(out, y)
+    f = fwd.get_total_flops() / 1e9
+    return f, f + loss.get_total_flops() / 1e9
+
+
+def device_tag(device: torch.device) -> tuple[str, str]:
+    """(file-name tag, description) of the device."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower(), name
+    gpu = "" if torch.cuda.is_available() else ", no GPU"
+    return "cpu", f"{os.cpu_count()}-core {platform.machine()} CPU{gpu}"
+
+
+def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    name, batch, px, classes = parse_model(spec, device.type)
+    on_gpu = device.type == "cuda"
+    memory_format = torch.channels_last if on_gpu else torch.contiguous_format
+    autocast: Callable[[], Any] = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else nullcontext
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, px, px, device=device, generator=gen).contiguous(memory_format=memory_format)
+    y = torch.randint(0, classes, (batch,), device=device, generator=gen)
+    print(f"\n{name}, batch {batch}, {px} px, {classes} classes, "
+          f"{'bf16 autocast, channels_last' if on_gpu else 'fp32'}; building variants...", flush=True)
+
+    variants: list[Variant] = []
+    for compile_ in ([False, True] if args.compile else [False]):
+        for vname, method, kw in VARIANTS:
+            v = build_variant(vname, method, kw, name, px, classes, device, memory_format, compile_)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):  # the first steps compile, autotune and allocate
+                train_step(v, x, y, autocast)
+            if on_gpu:
+                torch.cuda.synchronize(device)
+            v.result["warmup_s"] = round(time.perf_counter() - t0, 2)
+            v.result["gflops_forward"], v.result["gflops_forward_loss"] = count_flops(v, x, y)
+            v.result["peak_gib"] = peak_memory(v, x, y, autocast, device) if on_gpu else None
+            variants.append(v)
+    for _ in range(args.repeats):  # side by side: one step of each variant per round
+        for v in variants:
+            v.times_ms.append(timed_step(v, x, y, autocast, device))
+
+    base = {c: next(v for v in variants if v.name == "plain" + (" +compile" if c else "")) for c in
+            {v.compiled for v in variants}}
+    eager_plain = statistics.median(base[False].times_ms)
+    rows = []
+    for v in variants:
+        ref = base[v.compiled]
+        ms = statistics.median(v.times_ms)
+        rows.append({
+            "model": name, "batch": batch, "px": px, "classes": classes, "variant": v.name, "compiled": v.compiled,
+            "step_ms": round(ms, 3), "ratio": round(ms / statistics.median(ref.times_ms), 3),
+            # The fastest step too: on a shared CPU, other jobs only ever add time, so the minimum is the steadier.
+            "step_ms_min": round(min(v.times_ms), 3), "ratio_min": round(min(v.times_ms) / min(ref.times_ms), 3),
+            "ratio_to_eager_plain": round(ms / eager_plain, 3),
+            "step_ms_all": [round(t, 3) for t in v.times_ms],
+            "peak_gib": None if v.result["peak_gib"] is None else round(v.result["peak_gib"], 3),
+            "gflops_forward": round(v.result["gflops_forward"], 3),
+            "flop_ratio": round(v.result["gflops_forward"] / ref.result["gflops_forward"], 3),
+            "gflops_forward_loss": round(v.result["gflops_forward_loss"], 3),
+            "warmup_s": v.result["warmup_s"],
+        })
+    del variants
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ["model (batch, px)", "variant", "step ms (median)", "x plain", "step ms (min)", "x plain (min)",
+              "peak GiB", "fwd GFLOP", "fwd FLOP x plain", "fwd+loss GFLOP"]
+    body = [[f"{r['model']} ({r['batch']}, {r['px']})", r["variant"], f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
+             f"{r['step_ms_min']:.2f}", f"{r['ratio_min']:.2f}",
+             "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}", f"{r['gflops_forward']:.2f}",
+             f"{r['flop_ratio']:.2f}", f"{r['gflops_forward_loss']:.2f}"] for r in rows]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body])
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return False
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        sub = [r for r in rows if r["model"] == m]
+        colors = ["tab:gray" if "plain" in r["variant"] else "tab:blue" if "ONE" in r["variant"] else "tab:orange"
+                  for r in sub]
+        bars = ax.bar(range(len(sub)), [r["ratio_to_eager_plain"] for r in sub], color=colors,
+                      hatch=None, edgecolor="black", linewidth=0.5)
+        for b, r in zip(bars, sub):
+            if r["compiled"]:
+                b.set_hatch("//")
+            ax.annotate(f"{r['step_ms']:.1f} ms", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.6, linestyle="--")
+        ax.set_xticks(range(len(sub)))
+        ax.set_xticklabels([r["variant"].replace(" +compile", "\n+compile") for r in sub], rotation=45, ha="right",
+                           fontsize=7)
+        ax.set_ylabel("step time / eager plain step time")
+        ax.set_title(f"{m}, batch {sub[0]['batch']}, {sub[0]['px']} px", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--models", nargs="+", default=None, metavar="NAME[:BATCH[:PX]]",
+                    help="default: cifar_resnet32 resnet50 with the device's sizes")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default: 25 GPU, 9 CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: 5 GPU, 2 CPU)")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile(dynamic=False) rows")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/speed_<device>_<date>.json)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.repeats = args.repeats or (25 if device.type == "cuda" else 9)
+    args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
+    specs = args.models or list(CONFIGS[device.type])
+
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    rows = []
+    for spec in specs:
+        rows += bench_model(spec, args, device)
+    tag, desc = device_tag(device)
+    date = datetime.date.today().isoformat()
+    table = format_table(rows)
+    print(f"\nTraining step, median of {args.repeats} side-by-side steps after {args.warmup} warm-up steps; {desc}, "
+          f"torch {torch.__version__}\n")
+    print(table)
+
+    meta = {
+        "date": date, "device": desc, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "repeats": args.repeats, "warmup": args.warmup,
+        "precision": "bf16 autocast, channels_last" if device.type == "cuda" else "fp32",
+        # On a shared machine figures taken under load are slower: keep the 1-minute load average with them.
+        "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
+    }
+    out = args.out or RESULTS / f"speed_{tag}_{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    if plot(rows, out.with_suffix(".png"), f"kdwrap training-step time relative to the plain model; {desc}, {date}"):
+        print(f"wrote {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Generate docs/api.md, kdwrap's API reference, from the docstrings.
+
+    python docs/gen_api.py           # rewrite docs/api.md
+    python docs/gen_api.py --check   # exit 1 if docs/api.md is not what the docstrings give (for CI)
+
+The docstrings are the source of truth: edit them, then run this script. Sphinx-style roles (:func:`x`) and
+double backticks become Markdown code; Google-style ``Args:`` sections become lists.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUT = Path(__file__).resolve().parent / "api.md"
+
+# (section title, intro, [dotted names]); a module name stands for everything in its __all__.
+SECTIONS: list[tuple[str, str, list[str]]] = [
+    ("Entry points", "Wrap a model, export the deployable model, describe a wrapper. Usage is always "
+     "`model, loss_fn = kdwrap.one(net)` (or `osakd`, `wrap`), then `loss = loss_fn(model(x), y)`.",
+     ["kdwrap.wrap", "kdwrap.one", "kdwrap.osakd", "kdwrap.export", "kdwrap.summary", "kdwrap.METHODS"]),
+    ("Base classes", "What every method's model and loss share.", ["kdwrap.KDModel", "kdwrap.KDLoss"]),
+    ("ONE", "On-the-fly Native Ensemble; see [one.md](one.md).",
+     ["kdwrap.methods.one.build_one", "kdwrap.methods.one.ONEModel", "kdwrap.methods.one.ONELoss",
+      "kdwrap.methods.one.ONEEnsemble", "kdwrap.methods.one.ONEGate", "kdwrap.methods.one.ramp_weight"]),
+    ("OSAKD", "Online Self-Acquired Knowledge Distillation; see [osakd.md](osakd.md).",
+     ["kdwrap.methods.osakd.build_osakd", "kdwrap.methods.osakd.OSAKDModel", "kdwrap.methods.osakd.OSAKDLoss",
+      "kdwrap.memory_bank.MemoryBank", "kdwrap.knn.knn_soft_labels", "kdwrap.knn.knn_search"]),
+    ("Models (`kdwrap.models`)", "Reference classifiers; importing the module registers them with timm.",
+     ["kdwrap.models"]),
+    ("Data (`kdwrap.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",
+     ["kdwrap.data"]),
+]
+
+_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|obj|exc):`~?([^`]+)`")
+_SECTION = re.compile(r"^(Args|Arguments|Returns|Raises|Yields|Attributes|Example|Examples|Note|Notes):\s*$")
+
+
+def resolve(name: str) -> Any:
+    """Import ``a.b.c``: the longest importable module prefix, then attributes."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(name)
+
+
+def markdown(doc: str | None) -> str:
+    """A docstring as Markdown: roles and ``code`` to `code`; Args-style sections to bullet lists."""
+    if not doc:
+        return "*(no docstring)*"
+    doc = _ROLE.sub(r"`\1`", doc).replace("``", "`")
+    out: list[str] = []
+    in_section = False
+    for line in doc.splitlines():
+        m = _SECTION.match(line)
+        if m:
+            out += ["", f"**{m.group(1)}:**", ""]
+            in_section = True
+            continue
+        if in_section:
+            if not line.strip():
+                in_section = False
+                out.append("")
+                continue
+            item = re.match(r"^ {4}(\S[^:]*?):\s+(.*)$", line)
+            if item and not line.startswith(" " * 8):
+                out.append(f"- `{item.group(1)}`: {item.group(2)}")
+            else:
+                out[-1] += " " + line.strip()  # continuation of the item above
+            continue
+        out.append(line)
+    return "\n".join(out).strip()
+
+
+class _Raw:
+    """Renders as its text: annotations kept as strings (``from __future__ import annotations``) lose their quotes."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _annotation(a: Any) -> Any:
+    if isinstance(a, str):
+        return _Raw(a)
+    if hasattr(a, "__forward_arg__"):  # typing.ForwardRef
+        return _Raw(a.__forward_arg__)
+    return a
+
+
+def value_repr(value: Any) -> str:
+    """repr without memory addresses, so the generated file is the same on every run."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {value_repr(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def signature(name: str, obj: Any) -> str:
+    """``name(params) -> ret``, one parameter a line when it would not fit in 100 characters."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return name
+    if inspect.isclass(obj):  # __init__'s "-> None", kept as a string annotation, is no part of a class's signature
+        sig = sig.replace(return_annotation=inspect.Signature.empty)
+    params = [p.replace(annotation=_annotation(p.annotation)) for p in sig.parameters.values()]
+    sig = sig.replace(parameters=params, return_annotation=_annotation(sig.return_annotation))
+    text = f"{name}{sig}"
+    if len(text) <= 100:
+        return text
+    ret = "" if sig.return_annotation is inspect.Signature.empty else f" -> {sig.return_annotation!r}"
+    body = "".join(f"    {p},\n" for p in sig.replace(return_annotation=inspect.Signature.empty).parameters.values())
+    # str(Parameter) drops the '/' and '*' markers; re-insert a bare '*' before the first keyword-only parameter.
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.KEYWORD_ONLY in kinds and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        lines = body.splitlines(keepends=True)
+        lines.insert(kinds.index(inspect.Parameter.KEYWORD_ONLY), "    *,\n")
+        body = "".join(lines)
+    return f"{name}(\n{body}){ret}"
+
+
+def render_function(name: str, obj: Any, level: int = 3) -> list[str]:
+    return [f"{'#' * level} `{name}`", "", "```python", signature(name, obj), "```", "", markdown(inspect.getdoc(obj)),
+            ""]
+
+
+def own_methods(cls: type) -> list[tuple[str, Any]]:
+    """Public methods and properties defined by ``cls`` itself (not inherited from torch's nn.Module)."""
+    items = []
+    for attr, value in cls.__dict__.items():
+        if attr.startswith("_") or attr in ("extra_repr", "get_extra_state", "set_extra_state"):
+            continue
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if inspect.isfunction(value) or isinstance(value, property):
+            items.append((attr, value))
+    return items
+
+
+def render_class(name: str, cls: type) -> list[str]:
+    bases = ", ".join(b.__name__ if b.__module__ == "builtins" else
+                      re.sub(r"^torch\.nn\.modules\.\w+\.", "torch.nn.", f"{b.__module__}.{b.__qualname__}")
+                      for b in cls.__bases__)
+    lines = [f"### class `{name}`", "", "```python", f"class {signature(name.rsplit('.', 1)[-1], cls)}",
+             "```", "", f"Bases: `{bases}`", "", markdown(inspect.getdoc(cls)), ""]
+    for attr, value in own_methods(cls):
+        if isinstance(value, property):
+            lines += [f"#### property `{attr}`", "", markdown(inspect.getdoc(value)), ""]
+        else:
+            lines += [f"#### `{attr}`", "", "```python", signature(attr, value), "```", "",
+                      markdown(inspect.getdoc(value)), ""]
+    return lines
+
+
+def render(name: str) -> list[str]:
+    obj = resolve(name)
+    if inspect.ismodule(obj):
+        lines = []
+        for member in getattr(obj, "__all__", []):
+            value = getattr(obj, member)
+            if inspect.isclass(value) or inspect.isfunction(value):
+                lines += render(f"{name}.{member}")
+            else:  # a constant: show its value
+                lines += [f"### `{name}.{member}`", "", f"`{value_repr(value)}`", ""]
+        return lines
+    if inspect.isclass(obj):
+        return render_class(name, obj)
+    if callable(obj):
+        return render_function(name, obj)
+    return [f"### `{name}`", "", f"`{value_repr(obj)}`", ""]
+
+
+def generate() -> str:
+    import kdwrap
+
+    lines = [
+        "# API reference",
+        "",
+        f"kdwrap {kdwrap.__version__}. Generated by `python docs/gen_api.py` from the docstrings: edit those, not "
+        "this file.",
+        "",
+        "Contents: " + " | ".join(f"[{title}](#{re.sub(r'[^a-z0-9 -]', '', title.lower()).replace(' ', '-')})"
+                                  for title, _, _ in SECTIONS),
+        "",
+    ]
+    for title, intro, names in SECTIONS:
+        lines += [f"## {title}", "", intro, ""]
+        for name in names:
+            try:
+                lines += render(name)
+            except (ImportError, AttributeError) as err:  # a part another engineer has not finished yet
+                lines += [f"### `{name}`", "", f"*(not available: {type(err).__name__}: {err})*", ""]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/api.md is out of date; write nothing")
+    args = ap.parse_args()
+    text = generate()
+    if args.check:
+        current = OUT.read_text() if OUT.exists() else ""
+        if current != text:
+            print(f"{OUT} is out of date: run python docs/gen_api.py")
+            return 1
+        print(f"{OUT} is up to date")
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT} ({len(text.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

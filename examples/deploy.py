@@ -1,0 +1,186 @@
+"""Deploy a kdwrap model: export the plain architecture, then torch.export and ONNX, and check every output.
+
+kdwrap.export(model) returns a model of your own class with your own state_dict keys, holding no reference to
+kdwrap, so the usual deployment tools apply to it unchanged. This script shows that end to end and checks that each
+artefact computes what the wrapper computes in eval mode (max abs difference printed; must be < 1e-4).
+
+    python examples/deploy.py                                   # untrained kdwrap CIFAR ResNet-32, wrapped for ONE
+    python examples/deploy.py --model resnet18 --input-size 224 # any timm model (pretrained=False)
+    python examples/deploy.py --method osakd
+    python examples/deploy.py --checkpoint runs/one/last.pt     # a run of examples/train_cifar.py
+    python examples/deploy.py --checkpoint runs/one/deployed.pt --model cifar_resnet32   # its exported weights
+    python examples/deploy.py --ensemble                        # also export ONE-E (trunk + all branches + gate)
+
+Written to --out: deployed.pt (state_dict of the exported model), model.pt2 (torch.export) and model.onnx.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import kdwrap
+import kdwrap.models  # noqa: F401  (registers cifar_resnet20/32/44/56/110 and small_cnn with timm)
+
+TOLERANCE = 1e-4
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cifar_resnet32", help="timm model name or kdwrap's cifar_resnet*/small_cnn")
+    p.add_argument("--method", default="one", choices=["one", "osakd"])
+    p.add_argument("--branches", type=int, default=3, help="ONE branches")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=32, help="image height = width (default 32)")
+    p.add_argument("--checkpoint", default=None,
+                   help="last.pt of examples/train_cifar.py (its settings override the options above), or a "
+                   "state_dict of the plain model such as its deployed.pt")
+    p.add_argument("--ensemble", action="store_true", help="ONE: also export and check ONE-E")
+    p.add_argument("--batch", type=int, default=4, help="batch size of the check input")
+    p.add_argument("--out", default="exported", help="output folder (default ./exported)")
+    return p.parse_args()
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The wrapped model (in eval mode) and its method, with the checkpoint's weights if one is given."""
+    import timm
+
+    ckpt: dict[str, Any] | None = None
+    if args.checkpoint:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if ckpt is not None and "model_args" in ckpt:
+        # A full checkpoint of train_cifar.py: rebuild exactly the model it trained.
+        cfg, margs = ckpt["config"], ckpt["model_args"]
+        args.model, args.method, args.branches = margs["model"], cfg["method"], cfg["branches"]
+        args.in_chans, args.num_classes = margs["in_chans"], margs["num_classes"]
+        args.input_size = margs["input_size"][-1]
+        split = cfg["split"]
+    else:
+        split = None
+    net = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, in_chans=args.in_chans)
+    if ckpt is not None and "model_args" not in ckpt:
+        # The plain model's state_dict: load it before wrapping; ONE's branch copies then start from it too.
+        net.load_state_dict(ckpt)
+    input_size = (args.in_chans, args.input_size, args.input_size)
+    if args.method == "plain":
+        model = net
+    elif args.method == "one":
+        model, _ = kdwrap.one(net, branches=args.branches, split=split, input_size=input_size)
+    else:
+        model, _ = kdwrap.osakd(net)
+    if ckpt is not None and "model_args" in ckpt:
+        model.load_state_dict(ckpt["model"])
+    return model.eval(), args.method
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def onnx_run(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Run an ONNX file: onnxruntime when installed, else onnx's pure-Python reference evaluator (slow, exact)."""
+    try:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        runner = "onnxruntime"
+    except ImportError:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        proto = onnx.load(str(path))
+        out = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+        runner = "onnx.reference"
+    return torch.from_numpy(out), runner
+
+
+def check(name: str, fn: Callable[[], tuple[torch.Tensor, str]], ref: torch.Tensor, rows: list[list[str]]) -> None:
+    """Run one deployment path; record its max abs difference to the wrapper, or why it could not run."""
+    try:
+        out, how = fn()
+    except Exception as err:  # a tool missing or failing in this environment: say why and go on
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        rows.append([name, "failed", f"{type(err).__name__}: {msg[:150]}"])
+        return
+    diff = max_diff(out, ref)
+    rows.append([name, f"{diff:.2e}", how])
+    assert diff < TOLERANCE, f"{name}: max abs diff {diff:.3e} to the wrapper exceeds {TOLERANCE}"
+
+
+def main() -> None:
+    args = parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, method = build(args)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.in_chans, args.input_size, args.input_size)
+
+    with torch.no_grad():
+        ref = model(x)  # the wrapper in eval mode: what training's test accuracy measured
+    # Deployable: the original class and state_dict keys, the plain model's size.
+    deployed = (model if method == "plain" else kdwrap.export(model)).eval()
+    torch.save(deployed.state_dict(), out_dir / "deployed.pt")
+    if method != "plain":
+        print(kdwrap.summary(model))
+    print(f"exported: {type(deployed).__module__}.{type(deployed).__name__}, "
+          f"{sum(p.numel() for p in deployed.parameters()):,} parameters -> {out_dir / 'deployed.pt'}")
+
+    rows: list[list[str]] = []
+
+    def eager() -> tuple[torch.Tensor, str]:
+        with torch.no_grad():
+            return deployed(x), "kdwrap.export(model)"
+
+    def exported_program() -> tuple[torch.Tensor, str]:
+        ep = torch.export.export(deployed, (x,))
+        torch.export.save(ep, out_dir / "model.pt2")
+        loaded = torch.export.load(out_dir / "model.pt2")  # check the saved file, not the in-memory program
+        with torch.no_grad():
+            return loaded.module()(x), "torch.export.save/load -> model.pt2"
+
+    def onnx_file() -> tuple[torch.Tensor, str]:
+        path = out_dir / "model.onnx"
+        # A dynamic batch axis, so the file serves any batch size.
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(deployed, (x,), str(path), input_names=["image"], output_names=["logits"],
+                          dynamo=True, dynamic_shapes={"x": {0: batch}})
+        out, runner = onnx_run(path, x)
+        return out, f"torch.onnx.export -> model.onnx, run by {runner}"
+
+    check("exported model (eager)", eager, ref, rows)
+    check("torch.export", exported_program, ref, rows)
+    check("ONNX", onnx_file, ref, rows)
+
+    if args.ensemble and method == "one":
+        with torch.no_grad():
+            ref_e = model.forward_ensemble(x)
+        ensemble = kdwrap.export(model, ensemble=True).eval()
+
+        def ensemble_eager() -> tuple[torch.Tensor, str]:
+            with torch.no_grad():
+                return ensemble(x), "kdwrap.export(model, ensemble=True)"
+
+        def ensemble_program() -> tuple[torch.Tensor, str]:
+            ep = torch.export.export(ensemble, (x,))
+            torch.export.save(ep, out_dir / "ensemble.pt2")
+            with torch.no_grad():
+                return torch.export.load(out_dir / "ensemble.pt2").module()(x), "torch.export -> ensemble.pt2"
+
+        check("ONE-E (eager)", ensemble_eager, ref_e, rows)
+        check("ONE-E torch.export", ensemble_program, ref_e, rows)
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'artefact':<{width}}  max |diff| to the wrapper (eval)  how")
+    for name, diff, how in rows:
+        print(f"{name:<{width}}  {diff:<33}  {how}")
+    failed = [r[0] for r in rows if r[1] == "failed"]
+    print(f"\nall checked outputs agree to < {TOLERANCE:g}" + (f"; could not run: {', '.join(failed)}" if failed else ""))
+
+
+if __name__ == "__main__":
+    main()
