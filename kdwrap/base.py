@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["KDModel", "KDLoss", "unwrap"]
+__all__ = ["KDModel", "KDLoss", "check_target", "unwrap"]
 
 
 class KDModel(nn.Module):
@@ -44,17 +44,65 @@ class KDModel(nn.Module):
 
 
 class KDLoss(nn.Module):
-    """Base class of kdwrap's losses. ``parts`` holds the detached terms of the last loss, for logging."""
+    """Base class of kdwrap's losses. ``parts`` holds the detached terms of the last loss, for logging.
 
-    def __init__(self, model: KDModel) -> None:
+    ``check_finite=True`` makes every training call check the logits and stop with the step number at the first
+    NaN/Inf (one host sync per step; off by default).
+    """
+
+    def __init__(self, model: KDModel, check_finite: bool = False) -> None:
         super().__init__()
         # A plain attribute, not a submodule: the loss's state_dict must not repeat the model's weights.
         self.__dict__["_model"] = model
         self.parts: dict[str, torch.Tensor] = {}
+        self.check_finite = bool(check_finite)
+        self.step = 0  # training-mode calls so far
 
     @property
     def model(self) -> KDModel:
         return self.__dict__["_model"]
+
+    def _stop_if_not_finite(self, logits: torch.Tensor, what: str = "logits") -> None:
+        if self.check_finite and not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(
+                f"kdwrap {self.model.method}: the {what} hold NaN/Inf at training step {self.step} (loss call "
+                f"{self.step + 1}); the run diverged: lower the learning rate, add gradient clipping, use "
+                "torch.amp.GradScaler with fp16, or check that batch's inputs (check_finite=False skips this check)"
+            )
+
+
+def check_target(target: Any, b: int, c: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate labels for ``B x C`` logits. Returns ``(ce_target, hard_labels)``.
+
+    Int class indices ``(B,)`` in ``[0, C)``, or float soft targets ``(B, C)`` (mixup/cutmix probabilities),
+    which cross-entropy takes as they are and whose argmax is the hard label.
+    """
+    who = f"kdwrap {method}"
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{who}: labels must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        if target.shape == (b, c):
+            return target.float(), target.argmax(1)
+        raise TypeError(
+            f"{who}: labels have float dtype {target.dtype} and shape {tuple(target.shape)}; pass int class "
+            f"indices of shape ({b},) (e.g. y.long()) or soft targets of shape ({b}, {c})"
+        )
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"{who}: labels must be int class indices, got dtype {target.dtype}")
+    if target.shape != (b,):
+        hint = " (squeeze the extra dimension: y.view(-1))" if target.numel() == b else ""
+        raise ValueError(
+            f"{who}: labels must have shape ({b},) for logits of shape ({b}, {c}), got {tuple(target.shape)}{hint}"
+        )
+    msg = f"{who}: labels must lie in [0, {c}) for {c} classes"
+    if target.device.type == "cpu":
+        if b and (int(target.min()) < 0 or int(target.max()) >= c):
+            raise ValueError(f"{msg}; got values in [{int(target.min())}, {int(target.max())}]")
+    else:
+        # No host sync on accelerators: the check fails at the next synchronisation, with this message.
+        torch._assert_async(((target >= 0) & (target < c)).all(), msg)
+    target = target.long()  # cross_entropy takes int64 (or uint8) class indices only
+    return target, target
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule, NodePathTracer
 
-__all__ = ["SplitError", "TraceError", "SplitResult", "trace", "auto_split", "split_model", "example_input"]
+__all__ = ["SplitError", "TraceError", "SplitResult", "trace", "select_output", "auto_split", "split_model", "example_input"]
 
 
 class SplitError(ValueError):
@@ -93,6 +93,58 @@ def trace(
     finally:
         net.train(was_training)
     return _Traced(graph, dict(tracer.node_to_qualname))
+
+
+def _describe(value: Any) -> tuple[str, dict[Any, Any] | None]:
+    """What a traced forward returns: (kind, {index or key: value}) for a container, (kind, None) for one value."""
+    if isinstance(value, fx.Node) and value.op == "call_function" and hasattr(value.target, "_fields"):
+        fields = value.target._fields  # a namedtuple built in forward (torchvision GoogLeNet/Inception outputs)
+        items = dict(zip(fields, value.args))
+        items.update(value.kwargs)
+        return f"namedtuple {value.target.__name__}", {**dict(enumerate(items[f] for f in fields)), **items}
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__, dict(enumerate(value))
+    if isinstance(value, dict):
+        return "dict", dict(value)
+    return "tensor", None
+
+
+def select_output(traced: _Traced, net: nn.Module, output: int | str | None, training: bool) -> None:
+    """Make the traced graph return only the logits: ``output`` names them (index, key or field) when the model
+    returns a tuple, dict or namedtuple. Fails if that leaves a module with parameters unused (an auxiliary head
+    ONE would silently stop training)."""
+    out_node = next(n for n in traced.graph.nodes if n.op == "output")
+    kind, items = _describe(out_node.args[0])
+    if items is None:
+        return  # one value (in this mode, e.g. GoogLeNet in eval): it is the logits
+    mode = "training" if training else "eval"
+    if output is None:
+        raise SplitError(
+            f"{type(net).__name__} returns a {kind} in {mode} mode, not a logits tensor; name the logits with "
+            f"output=<index or key> (valid: {', '.join(map(repr, items))}), e.g. kdwrap.one(net, output="
+            f"{next(iter(items))!r})"
+        )
+    if output not in items or not isinstance(items[output], fx.Node):
+        raise SplitError(
+            f"output={output!r} does not name a tensor in the {kind} that {type(net).__name__} returns in {mode} "
+            f"mode; valid: {', '.join(repr(k) for k, v in items.items() if isinstance(v, fx.Node))}"
+        )
+    used = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    out_node.args = (items[output],)
+    for node in reversed(list(traced.graph.nodes)):  # fx's eliminate_dead_code needs an owning module
+        if node.op not in ("placeholder", "output") and not node.users:
+            traced.graph.erase_node(node)
+    dropped = sorted(
+        t for t in used - {n.target for n in traced.graph.nodes if n.op == "call_module"}
+        if any(True for _ in net.get_submodule(t).parameters(recurse=False))
+    )
+    if dropped:
+        raise SplitError(
+            f"output={output!r} drops the other outputs of {type(net).__name__} in {mode} mode, and with them the "
+            f"modules {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}, whose parameters would no "
+            "longer be trained. ONE does not replicate auxiliary heads: build the model without them (torchvision: "
+            "aux_logits=False), or use kdwrap.osakd(net, output=...), which keeps the model as it is"
+        )
 
 
 def _in_module(qualname: str | None, module: str) -> bool:
@@ -182,6 +234,19 @@ def _valid_splits(traced: _Traced, net: nn.Module) -> list[str]:
 def _check_split_name(net: nn.Module, split: str, traced: _Traced) -> None:
     valid = _valid_splits(traced, net)
     if split in valid:
+        # NodePathTracer names the n-th extra call of a module "<name>_<n>" (torchvision ResNet blocks reuse relu).
+        depth, name = split.count("."), split.rsplit(".", 1)[-1]
+        parent = split[: -len(name)]
+        repeats = sorted({
+            parent + part for q in traced.qualnames.values() if q and q.startswith(split)
+            for part in [q.split(".")[depth]] if part.startswith(name + "_") and part[len(name) + 1:].isdigit()
+        })
+        if repeats:
+            raise SplitError(
+                f"split={split!r} is ambiguous: forward calls that module {len(repeats) + 1} times (as "
+                f"{', '.join([split, *repeats])}), so it marks no single place in the model; split at a module "
+                "called once, such as the enclosing block or stage"
+            )
         return
     known = dict(net.named_modules())
     if split in known:
@@ -410,10 +475,16 @@ def split_model(
     input_size: Sequence[int] | None = None,
     gate_channels: int | None = None,
     gate_channels_dim: int | None = None,
+    output: int | str | None = None,
 ) -> SplitResult:
-    """Cut ``net`` at module ``split`` (default :func:`auto_split`) into trunk and tail sharing ``net``'s tensors."""
+    """Cut ``net`` at module ``split`` (default :func:`auto_split`) into trunk and tail sharing ``net``'s tensors.
+
+    ``output`` names the logits (index, key or field) when ``net`` returns a tuple, dict or namedtuple.
+    """
     train_t = trace(net, True, leaf_modules, autowrap_functions)
     eval_t = trace(net, False, leaf_modules, autowrap_functions)
+    select_output(train_t, net, output, training=True)
+    select_output(eval_t, net, output, training=False)
     if split is None:
         split = auto_split(net, eval_t)
     elif not isinstance(split, str):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import KDLoss, KDModel
+from ..base import KDLoss, KDModel, check_target
 from ..deploy import rebuild_original
 from ..surgery import count_parameters, example_input, forward_flops, split_model
 
@@ -95,6 +95,7 @@ class ONEModel(KDModel):
         gate_channels_dim: int | None = None,
         leaf_modules: Sequence[type] = (),
         autowrap_functions: Sequence[Callable] = (),
+        output: int | str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(branches, bool) or not isinstance(branches, int) or branches < 2:
@@ -103,9 +104,9 @@ class ONEModel(KDModel):
             raise ValueError(f"branch must be in [0, {branches}), got {branch}")
         cut = split_model(
             net, split, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, input_size=input_size,
-            gate_channels=gate_channels, gate_channels_dim=gate_channels_dim,
+            gate_channels=gate_channels, gate_channels_dim=gate_channels_dim, output=output,
         )
-        self.split, self.branch, self.input_size = cut.split, branch, input_size
+        self.split, self.branch, self.input_size, self.output = cut.split, branch, input_size, output
         self._input_names, self._tail_inputs = cut.input_names, cut.tail_inputs
         self.trunk = cut.trunk
         copies = [copy.deepcopy(cut.tail) for _ in range(branches - 1)]
@@ -136,6 +137,11 @@ class ONEModel(KDModel):
             self._put_capture(_EVAL)
             return self.branches[self.branch](f, **extra)
         logits = [b(f, **extra) for b in self.branches]
+        if not isinstance(logits[0], torch.Tensor):
+            raise TypeError(
+                f"kdwrap one: the tail returned a {type(logits[0]).__name__}, not a logits tensor; name the logits "
+                "with kdwrap.one(net, output=<index or key>)"
+            )
         gate = self.gate(f)
         self._put_capture((logits, gate))
         others = [z for i, z in enumerate(logits) if i != self.branch]
@@ -256,9 +262,14 @@ class ONELoss(KDLoss):
     """
 
     def __init__(
-        self, model: ONEModel, temperature: float = 3.0, rampup_steps: int = 0, accumulation_steps: int = 1
+        self,
+        model: ONEModel,
+        temperature: float = 3.0,
+        rampup_steps: int = 0,
+        accumulation_steps: int = 1,
+        check_finite: bool = False,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, check_finite)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if rampup_steps < 0:
@@ -270,6 +281,10 @@ class ONELoss(KDLoss):
         self.step = 0  # training-mode calls so far; the ramp clock is step // accumulation_steps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"kdwrap one: expected the model's logits of shape (B, C), got {what}")
+        target, _ = check_target(target, *logits.shape, "one")  # before taking the capture: a retry still works
         capture = self.model._take_capture()
         if capture is _EVAL:
             loss = F.cross_entropy(logits.float(), target)
@@ -287,6 +302,7 @@ class ONELoss(KDLoss):
         zs = [z.float() for z in branch_logits]
         zs[b] = logits.float()
         ensemble = ensemble_logits([z.float() for z in branch_logits], gate.float())
+        self._stop_if_not_finite(ensemble, "ensemble logits (branches and gate)")
         T = self.temperature
         ce = torch.stack([F.cross_entropy(z, target) for z in zs])
         ce_ensemble = F.cross_entropy(ensemble, target)
@@ -334,6 +350,8 @@ def build_one(
     gate_channels_dim: int | None = None,
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Sequence[Callable] = (),
+    output: int | str | None = None,
+    check_finite: bool = False,
 ) -> tuple[ONEModel, ONELoss]:
     """Wrap ``net`` for ONE. Returns ``(model, loss_fn)``.
 
@@ -351,9 +369,13 @@ def build_one(
         gate_channels, gate_channels_dim: override the inferred channels (and their axis, 1 or -1) of the trunk
             output that the gate pools.
         leaf_modules, autowrap_functions: passed to the fx tracer for code fx cannot trace into.
+        output: index, key or field of the logits when ``net`` returns a tuple, dict or namedtuple (``model(x)``
+            then returns the logits tensor; ``export`` returns the original model, outputs and all).
+        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in the branch
+            logits or gate (one host sync per step).
     """
     model = ONEModel(
         net, branches, split, reinit_branches, branch, input_size, gate_channels, gate_channels_dim,
-        leaf_modules, autowrap_functions,
+        leaf_modules, autowrap_functions, output,
     )
-    return model, ONELoss(model, temperature, rampup_steps, accumulation_steps)
+    return model, ONELoss(model, temperature, rampup_steps, accumulation_steps, check_finite)

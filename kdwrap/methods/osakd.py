@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import KDLoss, KDModel
+from ..base import KDLoss, KDModel, check_target
 from ..knn import BACKENDS, DISTANCES, knn_soft_labels, resolve_backend
 from ..memory_bank import MemoryBank
 
@@ -142,8 +142,9 @@ class OSAKDLoss(KDLoss):
         backend: str = "auto",
         distance: str = "l2",
         distill: str = "mse",
+        check_finite: bool = False,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, check_finite)
         self.k = k
         self.alpha = float(alpha)
         self.backend = backend
@@ -153,40 +154,17 @@ class OSAKDLoss(KDLoss):
         self.bank = MemoryBank(bank_size)
         self.soft_labels: torch.Tensor | None = None
 
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, alpha={self.alpha}, backend={self.backend!r}, distance={self.distance!r}, "
             f"distill={self.distill!r}"
         )
-
-    def _check_target(self, target: Any, b: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(ce_target, hard_labels)``."""
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f"kdwrap osakd: labels must be a torch.Tensor, got {type(target).__name__}")
-        if target.is_floating_point():
-            if target.shape == (b, c):
-                return target.float(), target.argmax(1)
-            raise TypeError(
-                f"kdwrap osakd: labels have float dtype {target.dtype} and shape {tuple(target.shape)}; pass int "
-                f"class indices of shape ({b},) (e.g. y.long()) or soft targets of shape ({b}, {c})"
-            )
-        if target.dtype == torch.bool or target.is_complex():
-            raise TypeError(f"kdwrap osakd: labels must be int class indices, got dtype {target.dtype}")
-        if target.shape != (b,):
-            hint = " (squeeze the extra dimension: y.view(-1))" if target.numel() == b else ""
-            raise ValueError(
-                f"kdwrap osakd: labels must have shape ({b},) for logits of shape ({b}, {c}), got "
-                f"{tuple(target.shape)}{hint}"
-            )
-        msg = f"kdwrap osakd: labels must lie in [0, {c}) for {c} classes"
-        if target.device.type == "cpu":
-            if b and (int(target.min()) < 0 or int(target.max()) >= c):
-                raise ValueError(f"{msg}; got values in [{int(target.min())}, {int(target.max())}]")
-        else:
-            # No host sync on accelerators: the check fails at the next synchronisation, with this message.
-            torch._assert_async(((target >= 0) & (target < c)).all(), msg)
-        target = target.long()  # cross_entropy takes int64 (or uint8) class indices only
-        return target, target
 
     def forward(self, outputs: Any, target: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -197,7 +175,7 @@ class OSAKDLoss(KDLoss):
                 "classifiers (flatten dense predictions before the loss)"
             )
         b, c = logits.shape
-        ce_target, labels = self._check_target(target, b, c)
+        ce_target, labels = check_target(target, b, c, "osakd")
         training = model.training
         if training:
             shape = model._take_capture()
@@ -206,6 +184,7 @@ class OSAKDLoss(KDLoss):
                     f"kdwrap osakd: loss_fn got logits of shape {(b, c)} but the last forward of the wrapped model "
                     f"produced {shape}; call loss_fn(model(x), y) with the output of that forward"
                 )
+            self._stop_if_not_finite(logits)
         # float32 softmax/CE and k-NN distances even under autocast (fp16/bf16 distances would reorder neighbours).
         with torch.autocast(device_type=logits.device.type, enabled=False):
             z = logits.float()
@@ -246,6 +225,7 @@ class OSAKDLoss(KDLoss):
         if self.bank.size:
             finite = torch.isfinite(q).all(1, keepdim=True)
             self.bank.add(torch.where(finite, q, q.new_full((), _FAR)), labels)
+        self.step += 1
         self.parts = {
             "ce": ce.detach(),
             "distill": distill.detach(),
@@ -277,6 +257,7 @@ def build_osakd(
     distance: str = "l2",
     distill: str = "mse",
     output: int | str | None = None,
+    check_finite: bool = False,
 ) -> tuple[OSAKDModel, OSAKDLoss]:
     """Wrap ``net`` for OSAKD. Returns ``(model, loss_fn)``; use ``loss = loss_fn(model(x), y)``.
 
@@ -289,6 +270,8 @@ def build_osakd(
         distance: ``"l2"`` (Euclidean, the paper's) or ``"cosine"`` between probability vectors.
         distill: ``"mse"`` (summed over classes, batch mean) or ``"kl"`` (``KL(s || p)``, batchmean).
         output: index or key of the logits when ``net`` returns a tuple/dict (e.g. Inception's aux outputs).
+        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf logits (one host
+            sync per step). Off: a non-finite output never enters the bank as a neighbour, and the loss is NaN.
     """
     k = _check_int("k", k, 1, "use k >= 1 neighbours (the paper uses 8 or 16)")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
@@ -314,7 +297,8 @@ def build_osakd(
     resolved = resolve_backend(backend)  # raises the install hint now, not at the first step
     model = OSAKDModel(net, output=output)
     loss_fn = OSAKDLoss(
-        model, k=k, alpha=alpha, bank_size=bank_size, backend=backend, distance=distance, distill=distill
+        model, k=k, alpha=alpha, bank_size=bank_size, backend=backend, distance=distance, distill=distill,
+        check_finite=check_finite,
     )
     model.config = {
         "k": k,

@@ -1,0 +1,134 @@
+"""Bad input gets a clear error or a documented behaviour, for both methods."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import kdwrap
+from conftest import TinyNet
+from kdwrap.surgery import SplitError
+
+METHODS = {"one": dict(branches=3), "osakd": dict(k=2, bank_size=16)}
+
+
+def _wrap(method, net=None, **kwargs):
+    return kdwrap.wrap(net if net is not None else TinyNet(), method=method, **{**METHODS[method], **kwargs})
+
+
+def _x(b=4):
+    return torch.randn(b, 3, 16, 16)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "labels, exc, match",
+    [
+        (torch.tensor([0, 1, 2, 5]), ValueError, r"lie in \[0, 5\).*got values in \[0, 5\]"),
+        (torch.tensor([0, -1, 2, 3]), ValueError, r"lie in \[0, 5\)"),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, r"float dtype.*y.long\(\)"),
+        (torch.tensor([[0], [1], [2], [3]]), ValueError, r"shape \(4,\).*view\(-1\)"),
+        (torch.tensor([0, 1]), ValueError, r"shape \(4,\)"),
+        (torch.tensor([True, False, True, True]), TypeError, "int class indices"),
+        ([0, 1, 2, 3], TypeError, "torch.Tensor"),
+    ],
+)
+def test_wrong_labels_are_clear_errors_and_leave_the_forward_usable(method, labels, exc, match):
+    model, loss_fn = _wrap(method)
+    out = model(_x())
+    with pytest.raises(exc, match=match):
+        loss_fn(out, labels)
+    loss_fn(out, torch.tensor([0, 1, 2, 4], dtype=torch.int32))  # the capture survived; any int dtype is fine
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_soft_targets_train_the_ce_terms_as_probabilities(method):
+    """mixup/cutmix targets: CE takes them as probabilities; one-hot soft targets equal int labels exactly."""
+    torch.manual_seed(0)
+    model, loss_fn = _wrap(method)
+    x, y = _x(), torch.tensor([0, 3, 1, 4])
+    hard = loss_fn(model(x), y)
+    torch.manual_seed(0)
+    model2, loss_fn2 = _wrap(method)
+    soft = loss_fn2(model2(x), nn.functional.one_hot(y, 5).float())
+    torch.testing.assert_close(soft, hard)
+    mixed = 0.7 * nn.functional.one_hot(y, 5).float() + 0.3 * nn.functional.one_hot(y.flip(0), 5).float()
+    loss = loss_fn2(model2(x), mixed)
+    assert torch.isfinite(loss) and not torch.allclose(loss, hard)
+    loss.backward()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_logits_stop_with_the_step_number(method):
+    model, loss_fn = _wrap(method, check_finite=True)
+    y = torch.tensor([0, 1, 2, 3])
+    loss_fn(model(_x()), y)
+    x = _x()
+    x[1] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN/Inf at training step 1 "):
+        loss_fn(model(x), y)
+    quiet, quiet_loss = _wrap(method)  # default: no host sync, the NaN reaches the loss
+    assert torch.isnan(quiet_loss(quiet(x), y))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_eval_forward_then_loss_is_plain_cross_entropy(method):
+    model, loss_fn = _wrap(method)
+    model.eval()
+    x, y = _x(), torch.tensor([0, 1, 2, 3])
+    out = model(x)
+    torch.testing.assert_close(loss_fn(out, y), nn.functional.cross_entropy(out, y))
+
+
+class DictNet(nn.Module):
+    """Returns a dict, as Hugging Face-style models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x):
+        return {"logits": self.net(x), "pooled": self.net.pool(x).flatten(1)}
+
+
+def test_one_dict_output_needs_output_and_then_trains_and_exports():
+    with pytest.raises(SplitError, match=r"returns a dict in training mode.*output='logits'"):
+        kdwrap.one(DictNet(), split="net.stage2")
+    with pytest.raises(SplitError, match=r"output='feats' does not name.*'logits', 'pooled'"):
+        kdwrap.one(DictNet(), split="net.stage2", output="feats")
+    net = DictNet()
+    model, loss_fn = kdwrap.one(net, split="net.stage2", output="logits")
+    x = _x()
+    out = model(x)
+    assert type(out) is torch.Tensor and out.shape == (4, 5)
+    loss_fn(out, torch.tensor([0, 1, 2, 3])).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    exported = kdwrap.export(model).eval()
+    assert type(exported) is DictNet and set(exported.state_dict()) == set(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x)["logits"], model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_one_refuses_to_drop_auxiliary_heads():
+    """torchvision GoogLeNet returns (logits, aux2, aux1) in training: ONE would leave aux heads untrained."""
+    net = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+    with pytest.raises(SplitError, match=r"namedtuple GoogLeNetOutputs.*output=<index or key>"):
+        kdwrap.one(net)
+    with pytest.raises(SplitError, match=r"aux1.*aux_logits=False"):
+        kdwrap.one(net, output="logits")
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True)
+    model, loss_fn = kdwrap.one(net, branches=2)
+    loss_fn(model(torch.randn(2, 3, 64, 64)), torch.tensor([1, 2])).backward()
+
+
+def test_ambiguous_split_of_a_module_called_twice():
+    """torchvision's BasicBlock calls its `relu` twice: that name marks two places."""
+    with pytest.raises(SplitError, match=r"ambiguous.*2 times.*layer1.0.relu, layer1.0.relu_1"):
+        kdwrap.one(torchvision.models.resnet18(), split="layer1.0.relu")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_wrapping_a_ddp_or_compiled_model_says_to_wrap_the_bare_model(method):
+    compiled = torch.compile(TinyNet())
+    with pytest.raises(ValueError, match="wrap the bare model"):
+        _wrap(method, compiled)

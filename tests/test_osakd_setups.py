@@ -1,0 +1,170 @@
+"""OSAKD inside real training setups: DDP (find_unused off/on), SyncBN, autocast, compile, accumulation, resume."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kdwrap
+from conftest import TinyNet
+from dist_utils import run_two_ranks
+
+STEPS, BATCH, BANK = 3, 8, 64
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+
+
+def _make(**kwargs):
+    torch.manual_seed(0)
+    return kdwrap.osakd(TinyNet(), k=3, bank_size=BANK, **kwargs)
+
+
+def _train(model, loss_fn, forward, steps=STEPS, rank=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        x, y = _batch(step)
+        if rank is not None:
+            x, y = x[rank * BATCH // 2 : (rank + 1) * BATCH // 2], y[rank * BATCH // 2 : (rank + 1) * BATCH // 2]
+        loss = loss_fn(forward(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _ddp_worker(rank, find_unused, out):
+    model, loss_fn = _make()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
+    _train(model, loss_fn, ddp, rank=rank)
+    torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict()}, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("find_unused", [False, True], ids=["static", "find_unused"])
+def test_ddp_ranks_share_one_bank_holding_every_rank(tmp_path, find_unused):
+    out = str(tmp_path / "state")
+    run_two_ranks(_ddp_worker, find_unused, out)
+    r0, r1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    for part in ("model", "loss"):
+        for key in r0[part]:
+            if "running_" in key:  # BatchNorm statistics are per rank (DDP broadcasts rank 0's at each forward)
+                continue
+            a, b = r0[part][key], r1[part][key]
+            assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), f"{part}: {key} differs between ranks"
+    assert int(r0["loss"]["bank.count"]) == STEPS * BATCH  # both halves of every step
+    # Labels in the bank: per step rank 0's half, then rank 1's, i.e. the whole batch in order.
+    expected = torch.cat([_batch(s)[1] for s in range(STEPS)])
+    assert torch.equal(r0["loss"]["bank.labels"][: STEPS * BATCH], expected)
+
+
+def test_sync_batchnorm_conversion_trains_and_exports():
+    model, loss_fn = _make()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    _train(model, loss_fn, model, steps=1)
+    model.eval()
+    x = _batch(0)[0]
+    with torch.no_grad():
+        assert torch.equal(kdwrap.export(model).eval()(x), model(x))
+
+
+def test_autocast_bf16_computes_the_loss_in_float32_and_fills_the_bank_in_float32():
+    model, loss_fn = _make()
+    x, y = _batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = loss_fn(out, y)
+    assert out.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert loss_fn.bank.vectors.dtype == torch.float32
+    loss.backward()
+
+
+def test_channels_last():
+    model, loss_fn = _make()
+    model = model.to(memory_format=torch.channels_last)
+    x, y = _batch(0)
+    loss_fn(model(x.to(memory_format=torch.channels_last)), y).backward()
+
+
+def test_gradient_accumulation_fills_the_bank_with_every_micro_batch_and_counts_steps():
+    """Each micro-batch's soft labels use the bank plus that micro-batch (documented); gradients accumulate."""
+    model, loss_fn = _make()
+    x, y = _batch(0)
+    halves = (slice(0, BATCH // 2), slice(BATCH // 2, BATCH))
+    grads = []
+    for half in halves:
+        (loss_fn(model(x[half]), y[half]) / 2).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert loss_fn.step == 2 and len(loss_fn.bank) == BATCH
+    assert torch.equal(loss_fn.bank.get()[1], y)
+    assert any(not torch.equal(a, b) for a, b in zip(*grads))  # the second micro-batch added to the first's
+
+
+def test_torch_compile_forward_has_no_graph_break():
+    model, loss_fn = _make()
+    x, y = _batch(0)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    model._take_capture()
+    compiled = torch.compile(model)
+    loss = loss_fn(compiled(x), y)
+    loss.backward()
+    model2, loss_fn2 = _make()
+    torch.testing.assert_close(loss, loss_fn2(model2(x), y), atol=1e-5, rtol=1e-5)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import kdwrap
+    from conftest import TinyNet
+    from test_osakd_setups import BANK, _batch
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    model, loss_fn = kdwrap.osakd(TinyNet(), k=3, bank_size=BANK)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ckpt = torch.load({path!r})
+    model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["opt"]); loss_fn.load_state_dict(ckpt["loss"])
+    losses = []
+    for step in range(3, 6):
+        x, y = _batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    print(repr((losses, loss_fn.step, len(loss_fn.bank))))
+    """
+)
+
+
+def test_checkpoint_resume_in_a_fresh_process_is_bit_exact(tmp_path):
+    model, loss_fn = _make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step in range(6):
+        if step == 3:  # the bank holds 24 of 64 entries, >= k: the resumed steps use it
+            path = tmp_path / "ckpt.pt"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
+        x, y = _batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), path=str(path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert eval(out.stdout.strip().splitlines()[-1]) == (losses[3:], 6, 48)
+
+
+def test_loading_a_checkpoint_of_another_bank_size_is_a_clear_error():
+    model, loss_fn = _make()
+    _train(model, loss_fn, model, steps=1)
+    _, other = kdwrap.osakd(TinyNet(), k=3, bank_size=2 * BANK)
+    with pytest.raises(RuntimeError, match=f"built with bank_size={2 * BANK}.*bank_size={BANK} to resume"):
+        other.load_state_dict(loss_fn.state_dict())
