@@ -54,6 +54,12 @@ class DictNet(nn.Module):
         return {"logits": self.fc(x), "features": x}
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for key, value in a.items():
+        assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key], key
+
+
 def reference_loss(z, y, k, alpha, bank: deque, distill="mse"):
     """METHODS.md, written out with loops, in float64; ``bank`` is a deque(maxlen=bank_size) of (p, label)."""
     z = z.detach().double()
@@ -107,7 +113,8 @@ def test_in_batch_mode_bank_size_zero():
         ref, _ = reference_loss(z, y, 3, 0.9, deque(maxlen=0))
         assert abs(loss.item() - ref.item()) < 1e-6
         assert int(loss_fn.parts["bank_fill"]) == 0
-    assert list(loss_fn.state_dict()) == ["bank.vectors", "bank.labels", "bank.ptr", "bank.count"]
+    assert list(loss_fn.state_dict()) == ["_extra_state", "bank.vectors", "bank.labels", "bank.ptr", "bank.count"]
+    assert loss_fn.state_dict()["_extra_state"] == {"step": 3}
 
 
 def test_alpha_one_is_exactly_cross_entropy():
@@ -173,8 +180,7 @@ def test_eval_mode_is_plain_cross_entropy_and_leaves_the_bank():
         z = model(x)
         assert torch.equal(loss_fn(z, y), F.cross_entropy(z, y))
     assert "distill" not in loss_fn.parts
-    for key, value in loss_fn.state_dict().items():
-        assert torch.equal(value, state[key])
+    assert_same_state(loss_fn.state_dict(), state)
 
 
 def test_capture_protocol_errors():
@@ -265,8 +271,7 @@ def test_state_dict_round_trip_resumes_the_bank():
     assert len(loss_fn2.bank) == 12 and int(loss_fn2.bank.ptr) == int(loss_fn.bank.ptr)
     x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
     assert torch.equal(loss_fn(model(x), y), loss_fn2(model2(x), y))
-    for key, value in loss_fn.state_dict().items():
-        assert torch.equal(value, loss_fn2.state_dict()[key])
+    assert_same_state(loss_fn.state_dict(), loss_fn2.state_dict())
 
 
 def test_faiss_backend_gives_the_same_loss():
@@ -424,8 +429,7 @@ def test_ddp_banks_identical_and_hold_both_ranks(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for key in r0["bank"]:
-        assert torch.equal(r0["bank"][key], r1["bank"][key]), key
+    assert_same_state(r0["bank"], r1["bank"])
     # 3 steps x (6 + 4) = 30 entries: per step rank 0's then rank 1's.
     expected_v = torch.cat([torch.cat([r0["local"][t][0], r1["local"][t][0]]) for t in range(3)])
     expected_y = torch.cat([torch.cat([r0["local"][t][1], r1["local"][t][1]]) for t in range(3)])
