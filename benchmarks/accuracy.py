@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import markdown_table, pyplot
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_cifar.py"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -179,19 +181,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     body = [[r["reported"], f"{r['last_mean']:.2f} ± {r['last_half_range']:.2f}",
              " / ".join(f"{v:.2f}" for v in r["last"]), f"{r['best_mean']:.2f} ± {r['best_half_range']:.2f}",
              " / ".join(f"{v:.2f}" for v in r["best"]), f"{r['epoch_seconds_median']:.1f}"] for r in rows]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body])
+    return markdown_table(header, body)
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:

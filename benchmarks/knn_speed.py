@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import pyplot  # noqa: E402
 from kdwrap.knn import faiss_available, knn_search  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,12 +128,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
     width = 0.8 / len(backends)

@@ -45,6 +45,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers cifar_resnet* with timm)
+from common import markdown_table, pyplot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (batch, pixels, classes) per device kind.
@@ -248,19 +249,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
              f"{r['step_ms_min']:.2f}", f"{r['ratio_min']:.2f}",
              "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}", f"{r['gflops_forward']:.2f}",
              f"{r['flop_ratio']:.2f}", f"{r['gflops_forward_loss']:.2f}"] for r in rows]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body])
+    return markdown_table(header, body)
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG")
+    plt = pyplot()
+    if plt is None:
         return False
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)

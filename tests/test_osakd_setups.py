@@ -1,9 +1,4 @@
 """OSAKD inside real training setups: DDP (find_unused off/on), SyncBN, autocast, compile, accumulation, resume."""
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -11,6 +6,7 @@ from torch import nn
 import kdwrap
 from conftest import TinyNet
 from dist_utils import run_two_ranks
+from resume_utils import resume_in_fresh_process
 
 STEPS, BATCH, BANK = 3, 8, 64
 
@@ -120,29 +116,6 @@ def test_torch_compile_forward_has_no_graph_break():
     torch.testing.assert_close(loss, loss_fn2(model2(x), y), atol=1e-5, rtol=1e-5)
 
 
-RESUME_SCRIPT = textwrap.dedent(
-    """
-    import sys, torch
-    sys.path.insert(0, {tests!r})
-    import kdwrap
-    from conftest import TinyNet
-    from test_osakd_setups import BANK, _batch
-    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
-    model, loss_fn = kdwrap.osakd(TinyNet(), k=3, bank_size=BANK)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ckpt = torch.load({path!r})
-    model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["opt"]); loss_fn.load_state_dict(ckpt["loss"])
-    losses = []
-    for step in range(3, 6):
-        x, y = _batch(step)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(); loss.backward(); opt.step()
-        losses.append(loss.item())
-    print(repr((losses, loss_fn.step, len(loss_fn.bank))))
-    """
-)
-
-
 def test_checkpoint_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     model, loss_fn = _make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -157,9 +130,8 @@ def test_checkpoint_resume_in_a_fresh_process_is_bit_exact(tmp_path):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), path=str(path))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert eval(out.stdout.strip().splitlines()[-1]) == (losses[3:], 6, 48)
+    resumed = resume_in_fresh_process(path, f"kdwrap.osakd(TinyNet(), k=3, bank_size={BANK})", "test_osakd_setups", 3, 6)
+    assert resumed == (losses[3:], 6)
 
 
 def test_loading_a_checkpoint_of_another_bank_size_is_a_clear_error():

@@ -1,0 +1,37 @@
+"""Continue a checkpointed kdwrap run in a fresh Python process, for bit-exact resume tests."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import kdwrap
+    from conftest import TinyNet
+    from {module} import _batch
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    model, loss_fn = {build}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ckpt = torch.load({path!r})
+    model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["opt"]); loss_fn.load_state_dict(ckpt["loss"])
+    losses = []
+    for step in range({start}, {stop}):
+        x, y = _batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    print(repr((losses, loss_fn.step)))
+    """
+)
+
+
+def resume_in_fresh_process(path: Path, build: str, module: str, start: int, stop: int) -> tuple[list[float], int]:
+    """Build the wrapper with the expression ``build``, load checkpoint ``path`` (keys model/opt/loss), run steps
+    ``start..stop-1`` on ``module._batch(step)`` with SGD(lr=0.1, momentum=0.9); return (losses, loss_fn.step)."""
+    script = SCRIPT.format(
+        tests=str(Path(__file__).parent), module=module, build=build, path=str(path), start=start, stop=stop
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return eval(out.stdout.strip().splitlines()[-1])
