@@ -1,4 +1,4 @@
-"""Bad input gets a clear error or a documented behaviour, for both methods."""
+"""Both methods alike: bad input gets a clear error or a documented behaviour; soft targets, NaN checks, fp16 AMP."""
 import pytest
 import torch
 import torchvision
@@ -132,3 +132,21 @@ def test_wrapping_a_ddp_or_compiled_model_says_to_wrap_the_bare_model(method):
     compiled = torch.compile(TinyNet())
     with pytest.raises(ValueError, match="wrap the bare model"):
         _wrap(method, compiled)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fp16_autocast_with_grad_scaler(method):
+    """fp16 forward, float32 loss, GradScaler scaling and unscaling: no dtype error, the step changes weights."""
+    model, loss_fn = _wrap(method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(_x())
+        loss = loss_fn(out, torch.tensor([0, 1, 2, 3]))
+    assert out.dtype == torch.float16 and loss.dtype == torch.float32
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**8  # no inf/nan gradients were found
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
