@@ -109,7 +109,11 @@ def check(name: str, fn: Callable[[], tuple[torch.Tensor, str]], ref: torch.Tens
         return
     diff = max_diff(out, ref)
     rows.append([name, f"{diff:.2e}", how])
-    assert diff < TOLERANCE, f"{name}: max abs diff {diff:.3e} to the wrapper exceeds {TOLERANCE}"
+    # Relative to the logits' scale: float32 kernels of other runtimes differ by rounding, which grows with it.
+    scale = max(1.0, float(ref.abs().max()))
+    assert diff <= TOLERANCE * scale, (
+        f"{name}: max abs diff {diff:.3e} to the wrapper exceeds {TOLERANCE:g} x the largest |logit| ({scale:.3g})"
+    )
 
 
 def main() -> None:
@@ -179,7 +183,7 @@ def main() -> None:
     for name, diff, how in rows:
         print(f"{name:<{width}}  {diff:<33}  {how}")
     failed = [r[0] for r in rows if r[1] == "failed"]
-    print(f"\nall checked outputs agree to < {TOLERANCE:g}" + (f"; could not run: {', '.join(failed)}" if failed else ""))
+    print(f"\nall checked outputs agree to within {TOLERANCE:g} x the largest |logit|" + (f"; could not run: {', '.join(failed)}" if failed else ""))
 
 
 if __name__ == "__main__":
