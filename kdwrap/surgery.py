@@ -328,13 +328,25 @@ def _cut_graph(traced: _Traced, split: str) -> _Cut:
     return _Cut(trunk, tail, cut, [n.name for n in tail_inputs])
 
 
+class Piece(DualGraphModule):
+    """A trunk or tail: torchvision's ``DualGraphModule`` (one graph per mode) whose deep copy keeps every
+    submodule's train/eval mode; ``GraphModule.__deepcopy__`` re-runs ``__init__``, which leaves training mode on."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Piece":
+        res = super().__deepcopy__(memo)
+        res.train(self.training)  # picks the graph of the mode
+        for mine, theirs in zip(self.modules(), res.modules()):
+            theirs.training = mine.training
+        return res
+
+
 @dataclass
 class SplitResult:
     """The cut model: ``trunk(x) -> features``, ``tail(features) -> logits``."""
 
     split: str
-    trunk: DualGraphModule
-    tail: DualGraphModule
+    trunk: Piece
+    tail: Piece
     channels: int
     channels_dim: int  # 1 (NCHW-like) or -1 (NHWC or tokens): the axis of `channels` in the trunk output
     input_names: list[str]  # the model's forward inputs, in order
@@ -348,7 +360,9 @@ def example_input(net: nn.Module, input_size: Sequence[int] | None = None, batch
     param = next(iter(net.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.randn(batch, *input_size, device=device, dtype=dtype)
+    # A private generator: building a wrapper must not advance the user's global RNG (seeded runs stay seeded).
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0))
+    return x.to(device=device, dtype=dtype)
 
 
 _CHANNEL_ATTRS: tuple[tuple[type, Callable[[nn.Module], int], int], ...] = (
@@ -491,8 +505,8 @@ def split_model(
         raise TypeError(f"split must be a dotted module name (str), got {type(split).__name__}")
     _check_split_name(net, split, eval_t)
     cut_train, cut_eval = _cut_graph(train_t, split), _cut_graph(eval_t, split)
-    trunk = DualGraphModule(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
-    tail = DualGraphModule(net, cut_train.tail, cut_eval.tail, class_name="Tail")
+    trunk = Piece(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
+    tail = Piece(net, cut_train.tail, cut_eval.tail, class_name="Tail")
     for piece in (trunk, tail):
         piece.train(net.training)
     if not any(True for _ in tail.parameters()):

@@ -310,3 +310,16 @@ def test_stochastic_depth_is_traced_per_mode():
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
         assert torch.allclose(model(x), kdwrap.export(model).eval()(x), atol=1e-5)
+
+
+def test_deep_copy_keeps_modes_and_outputs(tiny_net):
+    """An EMA / best-model copy of an eval-mode wrapper must stay in eval mode (fx re-inits on deepcopy)."""
+    import copy
+
+    model, _ = kdwrap.one(tiny_net)
+    model.eval()
+    twin = copy.deepcopy(model)
+    assert [m.training for m in twin.modules()] == [m.training for m in model.modules()]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))

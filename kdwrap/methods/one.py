@@ -16,9 +16,19 @@ from torch import nn
 
 from ..base import KDLoss, KDModel, check_target
 from ..deploy import rebuild_original
+from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops, split_model
 
-__all__ = ["ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one", "ramp_weight"]
+__all__ = ["EXECUTIONS", "FUSE_MAX_GFLOP", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one", "ramp_weight"]
+
+EXECUTIONS = ("auto", "sequential", "fused")
+# execution="auto" runs the branches fused on CUDA while one branch's forward work per step (batch x FLOPs per
+# sample) stays below this many GFLOP, and one after the other above it and on the CPU. Fusing removes (m - 1) x
+# the tail's kernel launches but runs grouped convolutions, which are slower per FLOP than dense ones: it pays
+# where launches dominate. H100 measurements behind the threshold (issue 6, bf16, batch 128, 3 branches): CIFAR
+# ResNet-32's tail (~5.8 GFLOP per step) 1.39x the plain step fused vs 1.86x sequential; resnet50's layer4
+# (~210 GFLOP) 1.40x fused vs 1.20x sequential. The threshold sits between the two, on a log scale.
+FUSE_MAX_GFLOP = 32.0
 
 _EVAL = "eval"  # capture left by an eval-mode forward: the loss then falls back to plain cross-entropy
 
@@ -96,8 +106,11 @@ class ONEModel(KDModel):
         leaf_modules: Sequence[type] = (),
         autowrap_functions: Sequence[Callable] = (),
         output: int | str | None = None,
+        execution: str = "auto",
     ) -> None:
         super().__init__()
+        if execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
         if isinstance(branches, bool) or not isinstance(branches, int) or branches < 2:
             raise ValueError(f"ONE needs branches >= 2 (an ensemble of one is no teacher), got {branches!r}")
         if not 0 <= branch < branches:
@@ -119,6 +132,8 @@ class ONEModel(KDModel):
         # deep-copies it to return an instance of the user's own class.
         self.__dict__["_original"] = net
         self.train(net.training)
+        self.execution = execution
+        self._plan_execution()
 
     @property
     def num_branches(self) -> int:
@@ -136,7 +151,7 @@ class ONEModel(KDModel):
         if not self.training:
             self._put_capture(_EVAL)
             return self.branches[self.branch](f, **extra)
-        logits = [b(f, **extra) for b in self.branches]
+        logits = self._run_branches(f, extra)
         if not isinstance(logits[0], torch.Tensor):
             raise TypeError(
                 f"kdwrap one: the tail returned a {type(logits[0]).__name__}, not a logits tensor; name the logits "
@@ -151,7 +166,65 @@ class ONEModel(KDModel):
         """Every branch's logits and the gate weights, captured for no loss (evaluation, analysis)."""
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
-        return [b(f, **extra) for b in self.branches], self.gate(f)
+        return self._run_branches(f, extra), self.gate(f)
+
+    # ------------------------------------------------------------------------------------------ branch execution
+    def _plan_execution(self) -> None:
+        """Build the fused graphs (train and eval) unless ``execution="sequential"``; on a model whose tail cannot
+        be fused, ``"auto"`` keeps sequential execution and records why, ``"fused"`` fails."""
+        self._fused: dict[bool, FusedBranches] = {}
+        self.fusion_error: str | None = None
+        self._tail_gflop_per_sample: float | None = None
+        if self.execution == "sequential":
+            return
+        try:
+            self._fused = {mode: fuse_branches(self.branches, mode) for mode in (True, False)}
+            self._check_fusion()
+        except Exception as err:  # a FusionError names the op; anything else is a gap in the rules: same fallback
+            if self.execution == "fused":
+                raise FusionError(
+                    f"execution='fused' is not possible for this tail: {err}. Use execution='sequential' (or "
+                    "'auto', which falls back to it)"
+                ) from err
+            reason = str(err) if isinstance(err, FusionError) else f"{type(err).__name__}: {err}"
+            self._fused, self.fusion_error = {}, reason
+
+    def _check_fusion(self) -> None:
+        """Run the shape-dependent fusion checks on a 2-sample example input, and measure one branch's FLOPs per
+        sample for the ``auto`` rule. Skipped when no example input fits the model: the first call checks."""
+        try:
+            x = example_input(self._original, self.input_size, batch=2)
+            modes = [m.training for m in self.modules()]
+            self.eval()
+            try:
+                with torch.no_grad():
+                    f = self.trunk(x)
+                    flops, _ = forward_flops(self.branches[0], f)
+            finally:
+                for m, mode in zip(self.modules(), modes):
+                    m.training = mode
+        except Exception:  # the input size is unknown here; an unfusable op still fails at the first call
+            return
+        self._tail_gflop_per_sample = flops / 2 / 1e9
+        for fused in self._fused.values():
+            fused.check(f)
+
+    def execution_plan(self, batch: int | None = None, device: str | torch.device = "cuda") -> str:
+        """How the branches run for a training batch of ``batch`` samples on ``device``: ``"fused"`` (one graph
+        for all branches) or ``"sequential"``. ``execution="auto"``: fused on CUDA while ``batch`` x one branch's
+        forward GFLOP per sample is at most :data:`FUSE_MAX_GFLOP`."""
+        if not self._fused:
+            return "sequential"
+        if self.execution == "fused":
+            return "fused"
+        per_sample = self._tail_gflop_per_sample
+        small = batch is None or per_sample is None or batch * per_sample <= FUSE_MAX_GFLOP
+        return "fused" if torch.device(device).type == "cuda" and small else "sequential"
+
+    def _run_branches(self, f: torch.Tensor, extra: dict[str, Any]) -> list[torch.Tensor]:
+        if self._fused and self.execution_plan(f.shape[0], f.device) == "fused":
+            return self._fused[self.training](f, **extra)
+        return [b(f, **extra) for b in self.branches]
 
     def forward_ensemble(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """ONE-E: the gated ensemble's logits ``sum_i g_i z_i``."""
@@ -179,6 +252,7 @@ class ONEModel(KDModel):
             f"  parameters: trunk {trunk_p:,} | one branch {branch_p:,} | gate {gate_p:,} | "
             f"wrapper {count_parameters([self]):,} | deployed {trunk_p + branch_p:,}",
         ]
+        lines.append("  execution: " + self._describe_execution())
         try:
             flops = self._flops(input_size)
         except Exception as err:  # FLOPs are informative only; say why they are missing
@@ -192,6 +266,19 @@ class ONEModel(KDModel):
                 f"{(trunk_f + self.num_branches * branch_f + gate_f) / max(plain, 1):.2f}x"
             )
         return "\n".join(lines)
+
+    def _describe_execution(self) -> str:
+        if self.execution == "sequential":
+            return "sequential (branches one after the other), as requested"
+        if not self._fused:
+            return f"sequential: the tail cannot be fused ({self.fusion_error})"
+        if self.execution == "fused":
+            return "fused (all branches as one graph of m-times wider, grouped layers)"
+        per_sample = self._tail_gflop_per_sample
+        limit = (
+            f"batch <= {int(FUSE_MAX_GFLOP // per_sample):,}" if per_sample else "any batch (tail FLOPs unknown)"
+        )
+        return f"auto: fused on CUDA for {limit} (one branch <= {FUSE_MAX_GFLOP:g} GFLOP per step), else sequential"
 
     def _flops(self, input_size: Sequence[int] | None) -> tuple[int, int, int, tuple[int, ...]]:
         x = example_input(self._original, input_size or self.input_size)
@@ -352,6 +439,7 @@ def build_one(
     autowrap_functions: Sequence[Callable] = (),
     output: int | str | None = None,
     check_finite: bool = False,
+    execution: str = "auto",
 ) -> tuple[ONEModel, ONELoss]:
     """Wrap ``net`` for ONE. Returns ``(model, loss_fn)``.
 
@@ -373,9 +461,14 @@ def build_one(
             then returns the logits tensor; ``export`` returns the original model, outputs and all).
         check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in the branch
             logits or gate (one host sync per step).
+        execution: how the training forward runs the branches: ``"sequential"`` (one after the other),
+            ``"fused"`` (one graph whose convolutions are ``m`` times wider and grouped; same values and
+            gradients, fewer kernel launches; an error if the tail has an op that cannot be fused) or ``"auto"``
+            (fused on CUDA for small tails, see :meth:`ONEModel.execution_plan`; sequential where fusion is not
+            possible, with the reason in ``summary()``). Eval-mode ``model(x)`` runs one branch either way.
     """
     model = ONEModel(
         net, branches, split, reinit_branches, branch, input_size, gate_channels, gate_channels_dim,
-        leaf_modules, autowrap_functions, output,
+        leaf_modules, autowrap_functions, output, execution,
     )
     return model, ONELoss(model, temperature, rampup_steps, accumulation_steps, check_finite)

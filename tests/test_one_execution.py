@@ -1,0 +1,117 @@
+"""ONE's execution option: fused branches equal sequential ones inside the wrapper, and auto chooses by rule."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import kdwrap
+import kdwrap.models  # noqa: F401  (registers cifar_resnet* with timm)
+from conftest import TinyNet
+from kdwrap.fused import FusionError
+from kdwrap.methods.one import FUSE_MAX_GFLOP
+
+
+def _pair(make, **kwargs):
+    """The same initial model wrapped twice: sequential and fused, branches perturbed identically."""
+    torch.manual_seed(0)
+    net = make()
+    wrapped = []
+    for execution in ("sequential", "fused"):
+        torch.manual_seed(1)
+        model, loss_fn = kdwrap.one(copy.deepcopy(net), branches=3, execution=execution, **kwargs)
+        with torch.no_grad():
+            for b in model.branches[1:]:
+                for p in b.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        wrapped.append((model, loss_fn))
+    return wrapped
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "tiny"])
+def test_fused_training_steps_equal_sequential(name):
+    make = TinyNet if name == "tiny" else (lambda: timm.create_model(name, num_classes=5))
+    (seq, seq_loss), (fused, fused_loss) = _pair(make)
+    assert fused.execution_plan(8, "cpu") == "fused" and seq.execution_plan(8, "cuda") == "sequential"
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (seq, fused)]
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
+        losses = []
+        for (model, loss_fn), opt in zip(((seq, seq_loss), (fused, fused_loss)), opts):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            losses.append(loss)
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+        for (n, p), q in zip(seq.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=n)
+        for opt in opts:
+            opt.step()
+    for (n, a), b in zip(seq.state_dict().items(), fused.state_dict().values()):
+        if torch.is_tensor(a):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=n)  # BN running stats included
+    seq.eval(), fused.eval()
+    with torch.no_grad():
+        x = torch.randn(4, 3, 32, 32)
+        torch.testing.assert_close(fused.forward_ensemble(x), seq.forward_ensemble(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kdwrap.export(fused).eval()(x), seq(x), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_runs_sequential_on_cpu_and_fuses_small_tails_on_cuda():
+    model, _ = kdwrap.one(timm.create_model("cifar_resnet32"), branches=3)
+    per_sample = model._tail_gflop_per_sample
+    assert 0.04 < per_sample < 0.05  # ResNet-32's layer3 at 32 px: ~45 MFLOP per sample
+    limit = int(FUSE_MAX_GFLOP // per_sample)
+    assert model.execution_plan(128, "cpu") == "sequential"
+    assert model.execution_plan(limit, "cuda") == "fused"
+    assert model.execution_plan(limit + 1, "cuda") == "sequential"
+    assert f"fused on CUDA for batch <= {limit:,}" in kdwrap.summary(model)
+    assert model.execution_plan(8, "cpu") == "sequential"
+
+
+class Dense(nn.Module):
+    """A DenseNet-style tail: channel concatenation of per-branch values cannot be fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.cat([h, self.block(h)], 1)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_unfusable_tail_falls_back_under_auto_and_is_an_error_when_fused_is_asked():
+    model, loss_fn = kdwrap.one(Dense(), branches=2, split="block")
+    assert model.execution_plan(8, "cuda") == "sequential"
+    assert "cannot be fused" in kdwrap.summary(model) and "concatenation" in model.fusion_error
+    loss_fn(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    with pytest.raises(FusionError, match=r"execution='fused' is not possible.*concatenation.*'sequential'"):
+        kdwrap.one(Dense(), branches=2, split="block", execution="fused")
+
+
+def test_unknown_execution_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown execution 'fast'; valid: 'auto', 'sequential', 'fused'"):
+        kdwrap.one(TinyNet(), execution="fast")
+
+
+def test_fused_wrapper_compiles_without_graph_breaks_and_deep_copies():
+    model, loss_fn = kdwrap.one(TinyNet(), branches=3, execution="fused")
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    model._take_capture()
+    twin = copy.deepcopy(model)  # its fused graphs must run the copy's branches, not the original's
+    with torch.no_grad():
+        for p in twin.branches[0].parameters():
+            p.zero_()
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        logits, _ = twin.forward_all(x)
+        assert torch.equal(logits[0], twin.branches[0](twin.trunk(x)))
+        assert not torch.equal(model.forward_all(x)[0][0], logits[0])
