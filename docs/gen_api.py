@@ -30,6 +30,8 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("ONE", "On-the-fly Native Ensemble; see [one.md](one.md).",
      ["kdwrap.methods.one.build_one", "kdwrap.methods.one.ONEModel", "kdwrap.methods.one.ONELoss",
       "kdwrap.methods.one.ONEEnsemble", "kdwrap.methods.one.ONEGate", "kdwrap.methods.one.ramp_weight"]),
+    ("Fused branches (`kdwrap.fused`)", "ONE's branches as one graph; see [one.md](one.md#how-the-branches-run).",
+     ["kdwrap.fused.fuse_branches", "kdwrap.fused.FusedBranches", "kdwrap.fused.FusionError"]),
     ("OSAKD", "Online Self-Acquired Knowledge Distillation; see [osakd.md](osakd.md).",
      ["kdwrap.methods.osakd.build_osakd", "kdwrap.methods.osakd.OSAKDModel", "kdwrap.methods.osakd.OSAKDLoss",
       "kdwrap.memory_bank.MemoryBank", "kdwrap.knn.knn_soft_labels", "kdwrap.knn.knn_search"]),
