@@ -16,9 +16,9 @@ def _batch(step):
     return torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
 
 
-def _make(bn_mode):
+def _make(bn_mode, execution="sequential"):
     torch.manual_seed(0)
-    model, loss_fn = kdwrap.one(TinyNet(), branches=3)
+    model, loss_fn = kdwrap.one(TinyNet(), branches=3, execution=execution)
     with torch.no_grad():
         for b in model.branches[1:]:
             for p in b.parameters():
@@ -43,14 +43,14 @@ def _train(model, loss_fn, forward, rank=None):
 
 
 def _ddp_worker(rank, mode, out):
-    model, loss_fn = _make("frozen")
-    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=(mode == "find_unused"))
+    model, loss_fn = _make("frozen", execution="fused" if mode.endswith("fused") else "sequential")
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=mode.startswith("find_unused"))
     _train(model, loss_fn, ddp, rank)
     if rank == 0:
         torch.save(model.state_dict(), out)
 
 
-@pytest.mark.parametrize("mode", ["static", "find_unused"])
+@pytest.mark.parametrize("mode", ["static", "find_unused", "find_unused-fused"])
 def test_ddp_two_ranks_match_one_process_with_whole_batch(tmp_path, mode):
     out = tmp_path / "rank0.pt"
     run_two_ranks(_ddp_worker, mode, str(out))
