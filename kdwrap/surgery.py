@@ -48,6 +48,9 @@ class _Tracer(NodePathTracer):
     """torchvision's NodePathTracer that also remembers the innermost module a tracing error came from."""
 
     failed_in: str | None = None
+    # Buffers read in forward (torchvision's FrozenBatchNorm2d statistics) must stay get_attr nodes; otherwise
+    # fx runs the ops on them at trace time and bakes the results in as constants that load_state_dict misses.
+    proxy_buffer_attributes = True
 
     def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
         try:

@@ -323,3 +323,21 @@ def test_deep_copy_keeps_modes_and_outputs(tiny_net):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(twin(x), model(x))
+
+
+@pytest.mark.parametrize("execution", ["sequential", "fused"])
+def test_buffers_read_in_forward_follow_load_state_dict(execution):
+    """torchvision's FrozenBatchNorm2d computes with its buffers in forward: they must not be traced as constants."""
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+
+    net = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d, num_classes=4)
+    model, _ = kdwrap.one(net, branches=2, execution=execution)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.load_state_dict({k: v + 1.0 if k.endswith("running_mean") else v for k, v in model.state_dict().items()})
+        after = model(x)
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(kdwrap.export(model).eval()(x), after, atol=1e-5, rtol=1e-5)
