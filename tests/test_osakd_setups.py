@@ -6,7 +6,7 @@ from torch import nn
 import kdwrap
 from conftest import TinyNet
 from dist_utils import run_two_ranks
-from resume_utils import resume_in_fresh_process
+from loop_utils import resume_in_fresh_process, train_steps
 
 STEPS, BATCH, BANK = 3, 8, 64
 
@@ -22,18 +22,7 @@ def _make(**kwargs):
 
 
 def _train(model, loss_fn, forward, steps=STEPS, rank=None):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for step in range(steps):
-        x, y = _batch(step)
-        if rank is not None:
-            x, y = x[rank * BATCH // 2 : (rank + 1) * BATCH // 2], y[rank * BATCH // 2 : (rank + 1) * BATCH // 2]
-        loss = loss_fn(forward(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, loss_fn, forward, _batch, steps, rank)
 
 
 def _ddp_worker(rank, find_unused, out):

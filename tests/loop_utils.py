@@ -1,8 +1,12 @@
-"""Continue a checkpointed kdwrap run in a fresh Python process, for bit-exact resume tests."""
+"""Training-loop helpers shared by the setup tests: a few SGD steps (optionally one rank's half of each batch),
+and continuing a checkpointed run in a fresh Python process (bit-exact resume)."""
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 SCRIPT = textwrap.dedent(
     """
@@ -35,3 +39,20 @@ def resume_in_fresh_process(path: Path, build: str, module: str, start: int, sto
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return eval(out.stdout.strip().splitlines()[-1])
+
+
+def train_steps(model, loss_fn, forward, batch: Callable, steps: int, rank: int | None = None) -> list[float]:
+    """``steps`` SGD(lr=0.1, momentum=0.9) steps on ``batch(step)``; with ``rank`` (0 or 1), on that half of it."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        x, y = batch(step)
+        if rank is not None:
+            half = slice(rank * len(y) // 2, (rank + 1) * len(y) // 2)
+            x, y = x[half], y[half]
+        loss = loss_fn(forward(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
