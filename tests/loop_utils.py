@@ -56,3 +56,25 @@ def train_steps(model, loss_fn, forward, batch: Callable, steps: int, rank: int 
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_resume_is_bit_exact(tmp_path: Path, build: str, module: str, batch: Callable, save_at: int, steps: int):
+    """Train ``steps`` steps of the wrapper ``build`` (an expression over ``kdwrap`` and ``TinyNet``), checkpoint
+    before step ``save_at``, resume that checkpoint in a fresh process: its losses and step count must be equal."""
+    import kdwrap
+    from conftest import TinyNet
+
+    torch.manual_seed(0)
+    model, loss_fn = eval(build, {"kdwrap": kdwrap, "TinyNet": TinyNet})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path, losses = tmp_path / "ckpt.pt", []
+    for step in range(steps):
+        if step == save_at:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
+        x, y = batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert resume_in_fresh_process(path, build, module, save_at, steps) == (losses[save_at:], steps)

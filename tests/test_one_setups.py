@@ -6,7 +6,7 @@ from torch import nn
 import kdwrap
 from conftest import TinyNet
 from dist_utils import run_two_ranks
-from loop_utils import resume_in_fresh_process, train_steps
+from loop_utils import assert_resume_is_bit_exact, train_steps
 
 STEPS, BATCH = 3, 8
 
@@ -115,22 +115,8 @@ def test_torch_compile_forward_has_no_graph_break(tiny_net):
 
 
 def test_checkpoint_resume_in_a_fresh_process_is_bit_exact(tmp_path):
-    torch.manual_seed(0)
-    model, loss_fn = kdwrap.one(TinyNet(), branches=3, rampup_steps=10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for step in range(4):
-        if step == 2:
-            path = tmp_path / "ckpt.pt"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
-        x, y = _batch(step)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    resumed = resume_in_fresh_process(path, "kdwrap.one(TinyNet(), branches=3, rampup_steps=10)", "test_one_setups", 2, 4)
-    assert resumed == (losses[2:], 4)
+    build = "kdwrap.one(TinyNet(), branches=3, rampup_steps=10)"
+    assert_resume_is_bit_exact(tmp_path, build, "test_one_setups", _batch, save_at=2, steps=4)
 
 
 def test_loading_a_checkpoint_of_other_settings_is_a_clear_error(tiny_net):

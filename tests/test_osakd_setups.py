@@ -6,7 +6,7 @@ from torch import nn
 import kdwrap
 from conftest import TinyNet
 from dist_utils import run_two_ranks
-from loop_utils import resume_in_fresh_process, train_steps
+from loop_utils import assert_resume_is_bit_exact, train_steps
 
 STEPS, BATCH, BANK = 3, 8, 64
 
@@ -106,21 +106,8 @@ def test_torch_compile_forward_has_no_graph_break():
 
 
 def test_checkpoint_resume_in_a_fresh_process_is_bit_exact(tmp_path):
-    model, loss_fn = _make()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for step in range(6):
-        if step == 3:  # the bank holds 24 of 64 entries, >= k: the resumed steps use it
-            path = tmp_path / "ckpt.pt"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
-        x, y = _batch(step)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    resumed = resume_in_fresh_process(path, f"kdwrap.osakd(TinyNet(), k=3, bank_size={BANK})", "test_osakd_setups", 3, 6)
-    assert resumed == (losses[3:], 6)
+    build = f"kdwrap.osakd(TinyNet(), k=3, bank_size={BANK})"  # at step 3 the bank holds 24 >= k entries
+    assert_resume_is_bit_exact(tmp_path, build, "test_osakd_setups", _batch, save_at=3, steps=6)
 
 
 def test_loading_a_checkpoint_of_another_bank_size_is_a_clear_error():
