@@ -136,16 +136,19 @@ def main() -> None:
 
     rows: list[list[str]] = []
 
-    def eager() -> tuple[torch.Tensor, str]:
-        with torch.no_grad():
-            return deployed(x), "kdwrap.export(model)"
+    def eager(module: torch.nn.Module, how: str) -> Callable[[], tuple[torch.Tensor, str]]:
+        def run() -> tuple[torch.Tensor, str]:
+            with torch.no_grad():
+                return module(x), how
+        return run
 
-    def exported_program() -> tuple[torch.Tensor, str]:
-        ep = torch.export.export(deployed, (x,))
-        torch.export.save(ep, out_dir / "model.pt2")
-        loaded = torch.export.load(out_dir / "model.pt2")  # check the saved file, not the in-memory program
-        with torch.no_grad():
-            return loaded.module()(x), "torch.export.save/load -> model.pt2"
+    def exported_program(module: torch.nn.Module, filename: str) -> Callable[[], tuple[torch.Tensor, str]]:
+        def run() -> tuple[torch.Tensor, str]:
+            torch.export.save(torch.export.export(module, (x,)), out_dir / filename)
+            loaded = torch.export.load(out_dir / filename)  # check the saved file, not the in-memory program
+            with torch.no_grad():
+                return loaded.module()(x), f"torch.export.save/load -> {filename}"
+        return run
 
     def onnx_file() -> tuple[torch.Tensor, str]:
         path = out_dir / "model.onnx"
@@ -156,27 +159,16 @@ def main() -> None:
         out, runner = onnx_run(path, x)
         return out, f"torch.onnx.export -> model.onnx, run by {runner}"
 
-    check("exported model (eager)", eager, ref, rows)
-    check("torch.export", exported_program, ref, rows)
+    check("exported model (eager)", eager(deployed, "kdwrap.export(model)"), ref, rows)
+    check("torch.export", exported_program(deployed, "model.pt2"), ref, rows)
     check("ONNX", onnx_file, ref, rows)
 
     if args.ensemble and method == "one":
         with torch.no_grad():
             ref_e = model.forward_ensemble(x)
         ensemble = kdwrap.export(model, ensemble=True).eval()
-
-        def ensemble_eager() -> tuple[torch.Tensor, str]:
-            with torch.no_grad():
-                return ensemble(x), "kdwrap.export(model, ensemble=True)"
-
-        def ensemble_program() -> tuple[torch.Tensor, str]:
-            ep = torch.export.export(ensemble, (x,))
-            torch.export.save(ep, out_dir / "ensemble.pt2")
-            with torch.no_grad():
-                return torch.export.load(out_dir / "ensemble.pt2").module()(x), "torch.export -> ensemble.pt2"
-
-        check("ONE-E (eager)", ensemble_eager, ref_e, rows)
-        check("ONE-E torch.export", ensemble_program, ref_e, rows)
+        check("ONE-E (eager)", eager(ensemble, "kdwrap.export(model, ensemble=True)"), ref_e, rows)
+        check("ONE-E torch.export", exported_program(ensemble, "ensemble.pt2"), ref_e, rows)
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'artefact':<{width}}  max |diff| to the wrapper (eval)  how")

@@ -62,6 +62,13 @@ class KDLoss(nn.Module):
     def model(self) -> KDModel:
         return self.__dict__["_model"]
 
+    # The step count lives in the state_dict so a resumed run continues the same schedule.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
     def _stop_if_not_finite(self, logits: torch.Tensor, what: str = "logits") -> None:
         if self.check_finite and not bool(torch.isfinite(logits).all()):
             raise FloatingPointError(

@@ -365,7 +365,7 @@ class ONELoss(KDLoss):
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         self.temperature, self.rampup_steps = float(temperature), int(rampup_steps)
         self.accumulation_steps = int(accumulation_steps)
-        self.step = 0  # training-mode calls so far; the ramp clock is step // accumulation_steps
+        # self.step (KDLoss) counts training-mode calls; the ramp clock is step // accumulation_steps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -406,12 +406,9 @@ class ONELoss(KDLoss):
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
-            "step": self.step, "temperature": self.temperature, "rampup_steps": self.rampup_steps,
+            **super().get_extra_state(), "temperature": self.temperature, "rampup_steps": self.rampup_steps,
             "accumulation_steps": self.accumulation_steps,
         }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, rampup_steps={self.rampup_steps}, step={self.step}"

@@ -154,12 +154,6 @@ class OSAKDLoss(KDLoss):
         self.bank = MemoryBank(bank_size)
         self.soft_labels: torch.Tensor | None = None
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, alpha={self.alpha}, backend={self.backend!r}, distance={self.distance!r}, "
