@@ -46,12 +46,18 @@ def test_fused_training_steps_equal_sequential(name):
             losses.append(loss)
         torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
         for (n, p), q in zip(seq.named_parameters(), fused.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=n)
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda e, n=n: f"{n}: {e}")
         for opt in opts:
             opt.step()
-    for (n, a), b in zip(seq.state_dict().items(), fused.state_dict().values()):
-        if torch.is_tensor(a):
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=n)  # BN running stats included
+        for (n, a), b in zip(seq.state_dict().items(), fused.state_dict().values()):
+            if torch.is_tensor(a):
+                # BN running stats included
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda e, n=n: f"{n}: {e}")
+        # Rounding differences of one step must not compound: a freshly initialised net at lr 0.1 amplifies 1e-7
+        # parameter differences into percent-level trunk gradient differences within a step (seen on an AVX-512
+        # CPU). The next step starts both from the sequential state; the fused graph must read it live.
+        fused.load_state_dict(seq.state_dict())
+        opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))  # a copy: loading aliases the buffers
     seq.eval(), fused.eval()
     with torch.no_grad():
         x = torch.randn(4, 3, 32, 32)
