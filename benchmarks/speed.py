@@ -2,12 +2,14 @@
 
     python benchmarks/speed.py --device cuda              # ResNet-32 b128 32 px, timm resnet50 b128 224 px
     python benchmarks/speed.py --device cuda --compile    # adds torch.compile rows
+    python benchmarks/speed.py --device cuda --compile --compile-mode reduce-overhead   # CUDA graphs
+    python benchmarks/speed.py --device cuda --profile    # adds a kernel profile of ONE m=3 per execution
     python benchmarks/speed.py --device cpu               # ResNet-32 b32 32 px, resnet50 b8 64 px (a few minutes)
     python benchmarks/speed.py --device cpu --models cifar_resnet32 resnet18:16:64   # NAME[:BATCH[:PX]]
 
 Variants per model: plain; ONE with 2, 3 and 4 branches (default split), each with its branches run one after the
-other ("sequential") and as one fused graph ("fused"; skipped with the reason for a tail that cannot be fused;
---executions picks, "auto" included); OSAKD (k=8, alpha 0.9) with memory banks of 4,096 and 65,536 entries,
+other ("sequential"), as one fused graph ("fused"; skipped with the reason for a tail that cannot be fused) and as
+"auto" picks (its timings and choice are kept in the JSON); --executions picks; OSAKD (k=8, alpha 0.9) with memory banks of 4,096 and 65,536 entries,
 pre-filled so that every timed step searches a full bank.
 
 A step is zero_grad, forward, loss, backward and an SGD (Nesterov, weight decay) update on a fixed random batch,
@@ -21,6 +23,9 @@ OSAKD bank) plus the transient peak of one step above what was allocated before 
 torch.cuda.max_memory_allocated: what a process training that variant alone would peak at, excluding the allocator's
 cache. FLOPs: torch.utils.flop_counter of one training-mode forward (matmuls and convolutions), and of forward plus
 loss (which adds OSAKD's k-NN distance computation).
+
+--profile writes, for plain and for ONE m=3 in each execution, torch.profiler's operator table of one training step
+(top 25 by device time on GPU, CPU time on CPU) to <json stem>_profile.txt: where a variant's time goes.
 
 Prints a table and writes benchmarks/results/speed_<device>_<date>.json and .png.
 """
@@ -47,6 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers cifar_resnet* with timm)
+from kdwrap.base import unwrap  # noqa: E402
 from kdwrap.fused import FusionError  # noqa: E402
 from kdwrap.methods.one import EXECUTIONS  # noqa: E402
 from common import markdown_table, pyplot  # noqa: E402
@@ -74,6 +80,7 @@ class Variant:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     optimizer: torch.optim.Optimizer
     compiled: bool = False
+    cudagraphs: bool = False
     times_ms: list[float] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -91,7 +98,8 @@ def parse_model(spec: str, device: str) -> tuple[str, int, int, int]:
 
 
 def build_variant(name: str, method: str, kw: dict[str, Any], model_name: str, px: int, classes: int,
-                  device: torch.device, memory_format: torch.memory_format, compile_: bool) -> Variant:
+                  device: torch.device, memory_format: torch.memory_format, compile_: bool,
+                  compile_mode: str = "default") -> Variant:
     import timm
 
     torch.manual_seed(0)  # every variant starts from the same network
@@ -109,8 +117,10 @@ def build_variant(name: str, method: str, kw: dict[str, Any], model_name: str, p
         fill_bank(loss_fn, classes, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     if compile_:
-        model = torch.compile(model, dynamic=False)
-    return Variant(name + (" +compile" if compile_ else ""), model, loss_fn, optimizer, compile_)
+        model = torch.compile(model, dynamic=False, mode=compile_mode)
+    suffix = "" if not compile_ else " +compile" if compile_mode == "default" else f" +compile({compile_mode})"
+    cudagraphs = compile_ and device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")
+    return Variant(name + suffix, model, loss_fn, optimizer, compile_, cudagraphs)
 
 
 @torch.no_grad()
@@ -125,6 +135,8 @@ def fill_bank(loss_fn: Any, classes: int, device: torch.device) -> None:
 
 
 def train_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], Any]) -> None:
+    if v.cudagraphs:  # a new iteration: the previous step's graph outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
     v.optimizer.zero_grad(set_to_none=True)
     with autocast():
         loss = v.loss_fn(v.model(x), y)
@@ -168,6 +180,40 @@ def peak_memory(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable
     return (resident_bytes(v) + torch.cuda.max_memory_allocated(device) - before) / GiB
 
 
+PROFILED = ("plain", "ONE m=3 sequential", "ONE m=3 fused", "ONE m=3 auto")
+
+
+def execution_used(v: Variant, batch: int, device: torch.device) -> dict[str, Any] | None:
+    """How a ONE variant ran its branches: the plan, and what execution="auto" timed to choose it."""
+    model = unwrap(v.model)
+    if not hasattr(model, "execution_timings"):
+        return None
+    timings = model.execution_timings
+    if timings and not v.compiled:
+        ms = next(iter(timings.values()))
+        plan = min(ms, key=ms.__getitem__)
+    else:  # compiled code follows the rule (auto cannot time inside torch.compile)
+        plan = model.execution_plan(batch, device)
+    return {"setting": model.execution, "plan": plan, "auto_timings_ms": timings}
+
+
+def profile_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], Any],
+                 device: torch.device) -> str:
+    """torch.profiler's operator table of one training step: where the variant's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    train_step(v, x, y, autocast)
+    with profile(activities=activities) as prof:
+        train_step(v, x, y, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    return f"GPU kernel launches in the step: {kernels}\n\n" + events.table(sort_by=sort, row_limit=25) + "\n"
+
+
 def count_flops(v: Variant, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """GFLOPs of one training-mode forward, and of forward + loss."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -206,7 +252,8 @@ def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> li
     for compile_ in ([False, True] if args.compile else [False]):
         for vname, method, kw in variant_specs(args.executions):
             try:
-                v = build_variant(vname, method, kw, name, px, classes, device, memory_format, compile_)
+                v = build_variant(vname, method, kw, name, px, classes, device, memory_format, compile_,
+                                  args.compile_mode)
             except FusionError as err:  # this model's tail has an op with no fusion rule: say which, go on
                 print(f"  {vname}: skipped, {err}", flush=True)
                 continue
@@ -218,12 +265,18 @@ def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> li
             v.result["warmup_s"] = round(time.perf_counter() - t0, 2)
             v.result["gflops_forward"], v.result["gflops_forward_loss"] = count_flops(v, x, y)
             v.result["peak_gib"] = peak_memory(v, x, y, autocast, device) if on_gpu else None
+            v.result["execution"] = execution_used(v, batch, device)
             variants.append(v)
     for _ in range(args.repeats):  # side by side: one step of each variant per round
         for v in variants:
             v.times_ms.append(timed_step(v, x, y, autocast, device))
+    if args.profile:
+        for v in variants:
+            if v.name.split(" +")[0] in PROFILED:
+                args.profiles.append(f"## {name}, batch {batch}, {px} px: {v.name}\n\n"
+                                     + profile_step(v, x, y, autocast, device))
 
-    base = {c: next(v for v in variants if v.name == "plain" + (" +compile" if c else "")) for c in
+    base = {c: next(v for v in variants if v.compiled == c and v.name.startswith("plain")) for c in
             {v.compiled for v in variants}}
     eager_plain = statistics.median(base[False].times_ms)
     rows = []
@@ -237,6 +290,9 @@ def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> li
             "step_ms_min": round(min(v.times_ms), 3), "ratio_min": round(min(v.times_ms) / min(ref.times_ms), 3),
             "ratio_to_eager_plain": round(ms / eager_plain, 3),
             "step_ms_all": [round(t, 3) for t in v.times_ms],
+            # Run-to-run spread: the interquartile range of the timed steps.
+            "step_ms_iqr": round(iqr(v.times_ms), 3),
+            "execution": v.result["execution"],
             "peak_gib": None if v.result["peak_gib"] is None else round(v.result["peak_gib"], 3),
             "gflops_forward": round(v.result["gflops_forward"], 3),
             "flop_ratio": round(v.result["gflops_forward"] / ref.result["gflops_forward"], 3),
@@ -249,11 +305,17 @@ def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> li
     return rows
 
 
+def iqr(xs: list[float]) -> float:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[2] - q[0]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["model (batch, px)", "variant", "step ms (median)", "x plain", "step ms (min)", "x plain (min)",
-              "peak GiB", "fwd GFLOP", "fwd FLOP x plain", "fwd+loss GFLOP"]
-    body = [[f"{r['model']} ({r['batch']}, {r['px']})", r["variant"], f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
-             f"{r['step_ms_min']:.2f}", f"{r['ratio_min']:.2f}",
+    header = ["model (batch, px)", "variant", "runs", "step ms (median)", "IQR ms", "x plain", "step ms (min)",
+              "x plain (min)", "peak GiB", "fwd GFLOP", "fwd FLOP x plain", "fwd+loss GFLOP"]
+    body = [[f"{r['model']} ({r['batch']}, {r['px']})", r["variant"],
+             r["execution"]["plan"] if r["execution"] else "", f"{r['step_ms']:.2f}", f"{r['step_ms_iqr']:.2f}",
+             f"{r['ratio']:.2f}", f"{r['step_ms_min']:.2f}", f"{r['ratio_min']:.2f}",
              "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}", f"{r['gflops_forward']:.2f}",
              f"{r['flop_ratio']:.2f}", f"{r['gflops_forward_loss']:.2f}"] for r in rows]
     return markdown_table(header, body)
@@ -297,8 +359,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default: 25 GPU, 9 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: 5 GPU, 2 CPU)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile(dynamic=False) rows")
-    ap.add_argument("--executions", nargs="+", default=["sequential", "fused"], choices=list(EXECUTIONS),
-                    help="ONE branch executions to time (default: sequential fused)")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the --compile rows (reduce-overhead: CUDA graphs)")
+    ap.add_argument("--executions", nargs="+", default=list(EXECUTIONS), choices=list(EXECUTIONS),
+                    help="ONE branch executions to time (default: auto sequential fused)")
+    ap.add_argument("--profile", action="store_true",
+                    help="write the operator profile of one step of plain and ONE m=3 to <out>_profile.txt")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/speed_<device>_<date>.json)")
     args = ap.parse_args()
@@ -312,6 +379,7 @@ def main() -> None:
     args.repeats = args.repeats or (25 if device.type == "cuda" else 9)
     args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
     specs = args.models or list(CONFIGS[device.type])
+    args.profiles = []
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -327,7 +395,7 @@ def main() -> None:
 
     meta = {
         "date": date, "device": desc, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "repeats": args.repeats, "warmup": args.warmup,
+        "repeats": args.repeats, "warmup": args.warmup, "compile_mode": args.compile_mode if args.compile else None,
         "precision": "bf16 autocast, channels_last" if device.type == "cuda" else "fp32",
         # On a shared machine figures taken under load are slower: keep the 1-minute load average with them.
         "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -338,6 +406,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
+    if args.profiles:
+        prof_path = out.with_name(out.stem + "_profile.txt")
+        prof_path.write_text(f"# {meta['command']}; {desc}, {date}\n\n" + "\n".join(args.profiles))
+        print(f"wrote {prof_path}")
     if plot(rows, out.with_suffix(".png"), f"kdwrap training-step time relative to the plain model; {desc}, {date}"):
         print(f"wrote {out.with_suffix('.png')}")
 

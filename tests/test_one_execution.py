@@ -10,7 +10,9 @@ import kdwrap
 import kdwrap.models  # noqa: F401  (registers cifar_resnet* with timm)
 from conftest import TinyNet
 from kdwrap.fused import FusionError
+from kdwrap.methods import one as one_module
 from kdwrap.methods.one import FUSE_MAX_GFLOP
+from test_fused import ResLike
 
 
 def _pair(make, **kwargs):
@@ -121,3 +123,83 @@ def test_fused_wrapper_compiles_without_graph_breaks_and_deep_copies():
         logits, _ = twin.forward_all(x)
         assert torch.equal(logits[0], twin.branches[0](twin.trunk(x)))
         assert not torch.equal(model.forward_all(x)[0][0], logits[0])
+
+
+@pytest.fixture
+def timed_on_cpu(monkeypatch):
+    """execution="auto" times the executions on the CPU as it does on CUDA."""
+    monkeypatch.setattr(one_module, "MEASURE_DEVICES", ("cpu", "cuda"))
+
+
+def test_auto_times_both_executions_once_per_input_signature_and_the_step_is_unchanged(timed_on_cpu, monkeypatch):
+    (seq, seq_loss), (auto, auto_loss) = _pair(lambda: timm.create_model("cifar_resnet20", num_classes=5))
+    auto.execution = "auto"
+    calls = []
+    timer = auto._time_executions
+    monkeypatch.setattr(auto, "_time_executions", lambda f, extra: calls.append(f.shape) or timer(f, extra))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
+    for model, loss_fn in ((seq, seq_loss), (auto, auto_loss)):
+        loss_fn(model(x), y).backward()
+    assert len(calls) == 1
+    (sig, ms), = auto.execution_timings.items()
+    assert sig == "cpu 8x32x16x16 float32" and set(ms) == {"sequential", "fused"} and min(ms.values()) > 0
+    # The timing left no trace: gradients not accumulated, BN statistics (and their counters) as after one step.
+    for (n, p), q in zip(seq.named_parameters(), auto.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda e, n=n: f"{n}: {e}")
+    for (n, a), b in zip(seq.state_dict().items(), auto.state_dict().values()):
+        if torch.is_tensor(a):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda e, n=n: f"{n}: {e}")
+    auto_loss(auto(x), y)
+    assert len(calls) == 1  # same signature: measured once
+    auto_loss(auto(x[:6]), y[:6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_loss(auto(x), y)
+    assert len(calls) == 3 and "cpu 8x32x16x16 bfloat16 autocast bfloat16" in auto.execution_timings
+    with torch.no_grad():
+        auto_loss(auto(x[:4]), y[:4])  # nothing to time without autograd: the rule decides
+    auto.eval()
+    auto_loss(auto(x[:5]), y[:5])
+    assert len(calls) == 3
+    assert "cpu 6x32x16x16 float32: " in kdwrap.summary(auto) and "fused " in kdwrap.summary(auto)
+
+
+@pytest.mark.parametrize("faster", ["fused", "sequential"])
+def test_auto_runs_the_execution_it_timed_faster(timed_on_cpu, faster):
+    model, loss_fn = kdwrap.one(TinyNet(), branches=3)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    loss_fn(model(x), y)
+    key, = model._timings
+    model._timings[key] = {"sequential": 2.0, "fused": 1.0} if faster == "fused" else {"sequential": 1.0, "fused": 2.0}
+    fused_calls = []
+    graph = model._fused[True]
+    model._fused[True] = lambda f, **extra: fused_calls.append(1) or graph(f, **extra)
+    loss_fn(model(x), y)
+    assert len(fused_calls) == (faster == "fused")
+
+
+def test_timing_leaves_rng_buffers_and_grads_untouched(timed_on_cpu):
+    model, _ = kdwrap.one(ResLike(drop=0.5), branches=3, split="layer2")
+    f = model.trunk(torch.randn(6, 3, 16, 16)).detach().requires_grad_()
+    buffers = {k: v.clone() for k, v in model.branches.state_dict().items()}
+    rng = torch.get_rng_state()
+    ms = model._time_executions(f, {})
+    assert set(ms) == {"sequential", "fused"}
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.branches.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+    assert f.grad is None and all(p.grad is None for p in model.parameters())
+
+
+def test_auto_follows_the_rule_under_deterministic_algorithms_and_compile(timed_on_cpu):
+    model, loss_fn = kdwrap.one(TinyNet(), branches=3)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    torch.use_deterministic_algorithms(True)
+    try:
+        loss_fn(model(x), y)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert model.execution_timings == {}
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert model.execution_timings == {}

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import kdwrap
+from kdwrap.methods import one as one_module
 from conftest import TinyNet
 from dist_utils import run_two_ranks
 from loop_utils import assert_resume_is_bit_exact, train_steps
@@ -35,14 +36,18 @@ def _train(model, loss_fn, forward, rank=None):
 
 
 def _ddp_worker(rank, mode, out):
-    model, loss_fn = _make("frozen", execution="fused" if mode.endswith("fused") else "sequential")
+    execution = mode.split("-")[1] if "-" in mode else "sequential"
+    if execution == "auto":  # time the executions on the CPU too: each rank measures inside DDP's forward
+        one_module.MEASURE_DEVICES = ("cpu",)
+    model, loss_fn = _make("frozen", execution=execution)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=mode.startswith("find_unused"))
     _train(model, loss_fn, ddp, rank)
+    assert len(model.execution_timings) == (execution == "auto")
     if rank == 0:
         torch.save(model.state_dict(), out)
 
 
-@pytest.mark.parametrize("mode", ["static", "find_unused", "find_unused-fused"])
+@pytest.mark.parametrize("mode", ["static", "find_unused", "find_unused-fused", "static-auto"])
 def test_ddp_two_ranks_match_one_process_with_whole_batch(tmp_path, mode):
     out = tmp_path / "rank0.pt"
     run_two_ranks(_ddp_worker, mode, str(out))

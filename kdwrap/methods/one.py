@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,16 +21,24 @@ from ..deploy import rebuild_original
 from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops, split_model
 
-__all__ = ["EXECUTIONS", "FUSE_MAX_GFLOP", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one", "ramp_weight"]
+__all__ = [
+    "EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one",
+    "ramp_weight",
+]
 
 EXECUTIONS = ("auto", "sequential", "fused")
-# execution="auto" runs the branches fused on CUDA while one branch's forward work per step (batch x FLOPs per
-# sample) stays below this many GFLOP, and one after the other above it and on the CPU. Fusing removes (m - 1) x
-# the tail's kernel launches but runs grouped convolutions, which are slower per FLOP than dense ones: it pays
-# where launches dominate. H100 measurements behind the threshold (issue 6, bf16, batch 128, 3 branches): CIFAR
-# ResNet-32's tail (~5.8 GFLOP per step) 1.39x the plain step fused vs 1.86x sequential; resnet50's layer4
-# (~210 GFLOP) 1.40x fused vs 1.20x sequential. The threshold sits between the two, on a log scale.
+# execution="auto" times both executions instead of guessing, as cudnn.benchmark does for convolution algorithms:
+# at the first training forward of each input signature (device, shape, dtype, autocast, memory format) it runs the
+# tail forward + backward both ways on that very input and keeps the faster. Which one wins depends on the GPU, the
+# model, the batch and the precision: on an H100 (issue 6, bf16, batch 128, 3 branches) fusing made CIFAR
+# ResNet-32's step 1.39x the plain step against 1.86x sequential, and resnet50's 1.40x against 1.20x.
+MEASURE_DEVICES = ("cuda",)
+# Where auto cannot time (the CPU, inside torch.compile, under deterministic algorithms, without autograd) it
+# follows a rule: fused on CUDA while one branch's forward work per step (batch x FLOPs per sample) is at most this
+# many GFLOP. It lies between the two H100 points above (~5.8 and ~210 GFLOP per step), on a log scale. On the CPU
+# both executions cost the same (docs/results.md), so auto stays sequential there: no timing noise in the choice.
 FUSE_MAX_GFLOP = 32.0
+_MEASURE_REPEATS = 3  # timed runs per execution, after one untimed run (cudnn autotuning, allocation)
 
 _EVAL = "eval"  # capture left by an eval-mode forward: the loss then falls back to plain cross-entropy
 
@@ -152,11 +162,7 @@ class ONEModel(KDModel):
             self._put_capture(_EVAL)
             return self.branches[self.branch](f, **extra)
         logits = self._run_branches(f, extra)
-        if not isinstance(logits[0], torch.Tensor):
-            raise TypeError(
-                f"kdwrap one: the tail returned a {type(logits[0]).__name__}, not a logits tensor; name the logits "
-                "with kdwrap.one(net, output=<index or key>)"
-            )
+        _check_logits(logits[0])
         gate = self.gate(f)
         self._put_capture((logits, gate))
         others = [z for i, z in enumerate(logits) if i != self.branch]
@@ -175,6 +181,7 @@ class ONEModel(KDModel):
         self._fused: dict[bool, FusedBranches] = {}
         self.fusion_error: str | None = None
         self._tail_gflop_per_sample: float | None = None
+        self._timings: dict[tuple, dict[str, float]] = {}  # input signature -> ms per execution (auto)
         if self.execution == "sequential":
             return
         try:
@@ -210,9 +217,10 @@ class ONEModel(KDModel):
             fused.check(f)
 
     def execution_plan(self, batch: int | None = None, device: str | torch.device = "cuda") -> str:
-        """How the branches run for a training batch of ``batch`` samples on ``device``: ``"fused"`` (one graph
-        for all branches) or ``"sequential"``. ``execution="auto"``: fused on CUDA while ``batch`` x one branch's
-        forward GFLOP per sample is at most :data:`FUSE_MAX_GFLOP`."""
+        """The rule's plan for a training batch of ``batch`` samples on ``device``: ``"fused"`` (one graph for all
+        branches) or ``"sequential"``. ``execution="auto"`` follows it where it cannot time the executions
+        (see :attr:`execution_timings`): fused on CUDA while ``batch`` x one branch's forward GFLOP per sample is
+        at most :data:`FUSE_MAX_GFLOP`."""
         if not self._fused:
             return "sequential"
         if self.execution == "fused":
@@ -221,10 +229,71 @@ class ONEModel(KDModel):
         small = batch is None or per_sample is None or batch * per_sample <= FUSE_MAX_GFLOP
         return "fused" if torch.device(device).type == "cuda" and small else "sequential"
 
+    @property
+    def execution_timings(self) -> dict[str, dict[str, float]]:
+        """What ``execution="auto"`` measured: per input signature (device, shape, dtype, autocast, memory
+        format), the median milliseconds of the tail's forward + backward in each execution. The faster is used
+        for every training batch of that signature."""
+        return {_describe_signature(k): dict(v) for k, v in self._timings.items()}
+
     def _run_branches(self, f: torch.Tensor, extra: dict[str, Any]) -> list[torch.Tensor]:
-        if self._fused and self.execution_plan(f.shape[0], f.device) == "fused":
+        if self._fused and self._plan_for(f, extra) == "fused":
             return self._fused[self.training](f, **extra)
         return [b(f, **extra) for b in self.branches]
+
+    def _plan_for(self, f: torch.Tensor, extra: dict[str, Any]) -> str:
+        if self.execution != "auto" or not self.training or torch.compiler.is_compiling():
+            return self.execution_plan(f.shape[0], f.device)
+        key = _signature(f)
+        timing = self._timings.get(key)
+        if timing is None:
+            if not self._can_time(f):
+                return self.execution_plan(f.shape[0], f.device)
+            timing = self._timings[key] = self._time_executions(f, extra)
+        return min(timing, key=timing.__getitem__)
+
+    def _can_time(self, f: torch.Tensor) -> bool:
+        # Deterministic algorithms ask for runs that repeat exactly; a choice by timing may differ between runs
+        # (the executions agree to float tolerance, not bit for bit), so the rule decides there.
+        return (
+            f.device.type in MEASURE_DEVICES and torch.is_grad_enabled()
+            and not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        )
+
+    def _time_executions(self, f: torch.Tensor, extra: dict[str, Any]) -> dict[str, float]:
+        """Median milliseconds of the tail's forward + backward in each execution, on this input. Leaves no
+        trace: gradients are returned, not accumulated, BatchNorm statistics are restored, the RNG is forked."""
+        f = f.detach().requires_grad_(f.requires_grad)
+        inputs = [t for t in (f, *self.branches.parameters()) if t.requires_grad]
+        buffers = list(self.branches.buffers())
+        saved = [b.detach().clone() for b in buffers]
+        runs = {
+            "sequential": lambda: [b(f, **extra) for b in self.branches],
+            "fused": lambda: self._fused[True](f, **extra),
+        }
+
+        def step(run: Callable[[], list[torch.Tensor]]) -> None:
+            outs = run()
+            _check_logits(outs[0])
+            total = torch.stack([z.float().sum() for z in outs]).sum()
+            if inputs:
+                torch.autograd.grad(total, inputs, allow_unused=True)
+
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        cuda = f.device.type == "cuda"
+        devices = [f.device.index if f.device.index is not None else torch.cuda.current_device()] if cuda else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for rep in range(_MEASURE_REPEATS + 1):
+                    for name, run in runs.items():  # alternating, so a change of clocks hits both alike
+                        ms = _elapsed_ms(lambda: step(run), f.device)
+                        if rep:
+                            times[name].append(ms)
+        finally:
+            with torch.no_grad():
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
+        return {name: statistics.median(t) for name, t in times.items()}
 
     def forward_ensemble(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """ONE-E: the gated ensemble's logits ``sum_i g_i z_i``."""
@@ -278,7 +347,18 @@ class ONEModel(KDModel):
         limit = (
             f"batch <= {int(FUSE_MAX_GFLOP // per_sample):,}" if per_sample else "any batch (tail FLOPs unknown)"
         )
-        return f"auto: fused on CUDA for {limit} (one branch <= {FUSE_MAX_GFLOP:g} GFLOP per step), else sequential"
+        lines = [
+            f"auto: on {'/'.join(MEASURE_DEVICES)}, the faster of fused and sequential, timed at the first training "
+            "step of each input shape; elsewhere (CPU, torch.compile, deterministic algorithms) fused on CUDA for "
+            f"{limit} (one branch <= {FUSE_MAX_GFLOP:g} GFLOP per step), else sequential"
+        ]
+        for sig, ms in self.execution_timings.items():
+            best = min(ms, key=ms.__getitem__)
+            lines.append(
+                f"    {sig}: {best} (tail forward + backward: "
+                + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()) + ")"
+            )
+        return "\n".join(lines)
 
     def _flops(self, input_size: Sequence[int] | None) -> tuple[int, int, int, tuple[int, ...]]:
         x = example_input(self._original, input_size or self.input_size)
@@ -310,6 +390,45 @@ class ONEModel(KDModel):
                 f"with the checkpoint's settings: kdwrap.one(net, branches={state.get('branches')}, "
                 f"split={state.get('split')!r})"
             )
+
+
+def _check_logits(z: Any) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(
+            f"kdwrap one: the tail returned a {type(z).__name__}, not a logits tensor; name the logits "
+            "with kdwrap.one(net, output=<index or key>)"
+        )
+
+
+def _signature(f: torch.Tensor) -> tuple:
+    """What the speed of the branches depends on, besides the model: the key of ``execution="auto"``'s timings."""
+    kind = f.device.type
+    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    channels_last = f.ndim == 4 and not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
+    return str(f.device), tuple(f.shape), f.dtype, autocast, channels_last
+
+
+def _describe_signature(key: tuple) -> str:
+    device, shape, dtype, autocast, channels_last = key
+    parts = [device, "x".join(map(str, shape)), str(dtype).removeprefix("torch.")]
+    if autocast is not None:
+        parts.append(f"autocast {str(autocast).removeprefix('torch.')}")
+    if channels_last:
+        parts.append("channels_last")
+    return " ".join(parts)
+
+
+def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
@@ -461,8 +580,10 @@ def build_one(
         execution: how the training forward runs the branches: ``"sequential"`` (one after the other),
             ``"fused"`` (one graph whose convolutions are ``m`` times wider and grouped; same values and
             gradients, fewer kernel launches; an error if the tail has an op that cannot be fused) or ``"auto"``
-            (fused on CUDA for small tails, see :meth:`ONEModel.execution_plan`; sequential where fusion is not
-            possible, with the reason in ``summary()``). Eval-mode ``model(x)`` runs one branch either way.
+            (on CUDA, the faster of the two, timed at the first training step of each input shape, see
+            :attr:`ONEModel.execution_timings`; a rule where it cannot time, see :meth:`ONEModel.execution_plan`;
+            sequential where fusion is not possible, with the reason in ``summary()``). Eval-mode ``model(x)``
+            runs one branch either way.
     """
     model = ONEModel(
         net, branches, split, reinit_branches, branch, input_size, gate_channels, gate_channels_dim,
