@@ -209,9 +209,10 @@ def profile_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callabl
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     events = prof.key_averages()
+    if device.type != "cuda":
+        return events.table(sort_by="cpu_time_total", row_limit=25) + "\n"
     kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    return f"GPU kernel launches in the step: {kernels}\n\n" + events.table(sort_by=sort, row_limit=25) + "\n"
+    return f"GPU kernels in the step: {kernels}\n\n" + events.table(sort_by="device_time_total", row_limit=25) + "\n"
 
 
 def count_flops(v: Variant, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -251,6 +252,8 @@ def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> li
     variants: list[Variant] = []
     for compile_ in ([False, True] if args.compile else [False]):
         for vname, method, kw in variant_specs(args.executions):
+            if args.variants and vname != "plain" and not re.search(args.variants, vname):
+                continue
             try:
                 v = build_variant(vname, method, kw, name, px, classes, device, memory_format, compile_,
                                   args.compile_mode)
@@ -364,6 +367,8 @@ def main() -> None:
                     help="torch.compile mode of the --compile rows (reduce-overhead: CUDA graphs)")
     ap.add_argument("--executions", nargs="+", default=list(EXECUTIONS), choices=list(EXECUTIONS),
                     help="ONE branch executions to time (default: auto sequential fused)")
+    ap.add_argument("--variants", default=None, metavar="REGEX",
+                    help="time only the variants whose name matches, e.g. 'plain|ONE m=3' (plain is always kept)")
     ap.add_argument("--profile", action="store_true",
                     help="write the operator profile of one step of plain and ONE m=3 to <out>_profile.txt")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -349,8 +349,9 @@ class ONEModel(KDModel):
         )
         lines = [
             f"auto: on {'/'.join(MEASURE_DEVICES)}, the faster of fused and sequential, timed at the first training "
-            "step of each input shape; elsewhere (CPU, torch.compile, deterministic algorithms) fused on CUDA for "
-            f"{limit} (one branch <= {FUSE_MAX_GFLOP:g} GFLOP per step), else sequential"
+            "step of each input signature",
+            "    where it cannot time (other devices, torch.compile, deterministic algorithms, no autograd): fused on "
+            f"CUDA for {limit} (one branch <= {FUSE_MAX_GFLOP:g} GFLOP per step), else sequential",
         ]
         for sig, ms in self.execution_timings.items():
             best = min(ms, key=ms.__getitem__)
