@@ -34,12 +34,15 @@ def _perturb(model):
                 p.add_(0.1 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("T,rampup,step", [(3.0, 0, 0), (2.0, 10, 3), (4.0, 5, 50)])
-def test_loss_matches_reference(tiny_net, T, rampup, step):
+@pytest.mark.parametrize("T,rampup,step,soft", [(3.0, 0, 0, False), (2.0, 10, 3, False), (4.0, 5, 50, False),
+                                                 (3.0, 0, 0, True)])
+def test_loss_matches_reference(tiny_net, T, rampup, step, soft):
     model, loss_fn = kdwrap.one(tiny_net, branches=3, temperature=T, rampup_steps=rampup)
     _perturb(model)
     loss_fn.step = step
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
+    if soft:  # mixup-style probabilities
+        y = 0.7 * F.one_hot(y, 5).float() + 0.3 * F.one_hot(y.roll(1), 5).float()
     torch.manual_seed(1)
     loss = loss_fn(model(x), y)
     torch.manual_seed(1)
@@ -49,6 +52,34 @@ def test_loss_matches_reference(tiny_net, T, rampup, step):
     assert loss_fn.step == step + 1
     assert set(loss_fn.parts) >= {"loss", "ce", "ce_ensemble", "kl", "ramp_weight"}
     assert loss_fn.parts["ce"].shape == (3,)
+
+
+def _dispatched_ops(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view  # views launch no kernel
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_loss_op_count_does_not_grow_with_the_branches():
+    """A small model's GPU step is bound by kernel launches: the loss handles all branches in each op."""
+    counts = []
+    for m in (2, 4):
+        model, loss_fn = kdwrap.one(TinyNet(), branches=m)
+        x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+        out = model(x)
+        logits, gate = model._capture
+        counts.append(_dispatched_ops(
+            lambda: torch.autograd.grad(loss_fn(out, y), [out, *logits, gate], allow_unused=True)))
+    assert counts[0] == counts[1], counts
 
 
 def test_ramp_weight_is_the_sigmoid_rampup():

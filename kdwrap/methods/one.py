@@ -86,12 +86,13 @@ class _KeepReachable(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-        ctx.shapes = [(o.shape, o.dtype, o.device) for o in others]
+        ctx.num_others = len(others)
         return out.clone()  # a fresh tensor: in-place edits by the caller must not reach the capture
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (grad, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes))
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # None is a zero gradient that costs no kernel; the edges stay in the graph, which is all DDP looks at.
+        return (grad, *([None] * ctx.num_others))
 
 
 class ONEModel(KDModel):
@@ -505,21 +506,26 @@ class ONELoss(KDLoss):
                 f"{tuple(branch_logits[b].shape)}; pass the wrapped model's output: loss_fn(model(x), y)"
             )
         # The given tensor stands for the kept branch so that gradients flow through whatever the caller (DDP,
-        # autocast) did to it; the ensemble uses the captured logits (same values).
-        zs = [z.float() for z in branch_logits]
-        zs[b] = logits.float()
-        ensemble = ensemble_logits([z.float() for z in branch_logits], gate.float())
+        # autocast) did to it (same values as the captured logits).
+        zs = list(branch_logits)
+        zs[b] = logits
+        z = torch.stack(zs).float()  # m x B x C
+        ensemble = (gate.float().t().unsqueeze(-1) * z).sum(0)  # sum_i g_i z_i
         self._stop_if_not_finite(ensemble, "ensemble logits (branches and gate)")
+        # All branches (and the ensemble) in one tensor per op: a small model's step is bound by kernel launches,
+        # so the loss's op count must not grow with m.
         T = self.temperature
-        ce = torch.stack([F.cross_entropy(z, target) for z in zs])
-        ce_ensemble = F.cross_entropy(ensemble, target)
-        teacher = F.softmax(ensemble.detach() / T, dim=1)
-        kl = torch.stack([F.kl_div(F.log_softmax(z / T, dim=1), teacher, reduction="batchmean") for z in zs])
+        ce_all = _cross_entropy_rows(torch.cat([z, ensemble.unsqueeze(0)]).log_softmax(-1), target)  # m + 1
+        teacher = F.softmax(ensemble.detach() / T, dim=-1)
+        # KL(teacher || branch_i), summed over classes, averaged over the batch: F.kl_div's "batchmean" per branch.
+        cross = (teacher * F.log_softmax(z / T, dim=-1)).sum(-1)  # m x B
+        kl = (torch.xlogy(teacher, teacher).sum(-1) - cross).mean(-1)
         weight = ramp_weight(self.step // self.accumulation_steps, self.rampup_steps)
-        loss = ce.sum() + ce_ensemble + (weight * T * T) * kl.sum()
+        loss = ce_all.sum() + (weight * T * T) * kl.sum()  # sum_i CE(z_i, y) + CE(z_e, y) + w T^2 sum_i KL_i
         self.step += 1
+        ce = ce_all.detach()
         self.parts = {
-            "loss": loss.detach(), "ce": ce.detach(), "ce_ensemble": ce_ensemble.detach(), "kl": kl.detach(),
+            "loss": loss.detach(), "ce": ce[:-1], "ce_ensemble": ce[-1], "kl": kl.detach(),
             "ramp_weight": torch.tensor(weight),
         }
         return loss
@@ -532,6 +538,14 @@ class ONELoss(KDLoss):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, rampup_steps={self.rampup_steps}, step={self.step}"
+
+
+def _cross_entropy_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each of the ``n`` rows of ``logp`` (n x B x C log-probabilities) with the same targets: int
+    classes (B,) or probabilities (B, C); averaged over the batch, like ``F.cross_entropy``. Returns (n,)."""
+    if target.is_floating_point():
+        return -(logp * target).sum(-1).mean(-1)
+    return -logp.gather(-1, target.expand(logp.shape[0], -1).unsqueeze(-1)).mean((1, 2))
 
 
 def _reset_parameters(module: nn.Module) -> None:
