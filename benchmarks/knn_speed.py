@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,23 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import pyplot  # noqa: E402
 from kdwrap.knn import faiss_available, knn_search  # noqa: E402
+from kdwrap.timing import elapsed_ms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [(4096, 100), (65536, 100), (65536, 1000)]
 FULL = (1281167, 1000)
-
-
-def _once(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def timeit(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
@@ -52,10 +39,10 @@ def timeit(fns: dict[str, Callable[[], object]], repeats: int, device: torch.dev
     each round, so a load change on a shared machine hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for name, fn in fns.items():
-        _once(fn, device)
+        elapsed_ms(fn, device)
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_once(fn, device))
+            times[name].append(elapsed_ms(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

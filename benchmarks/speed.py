@@ -54,6 +54,7 @@ import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers cifar_resnet* with timm)
 from kdwrap.base import unwrap  # noqa: E402
 from kdwrap.fused import FusionError  # noqa: E402
+from kdwrap.timing import elapsed_ms  # noqa: E402
 from kdwrap.methods.one import EXECUTIONS  # noqa: E402
 from common import markdown_table, pyplot  # noqa: E402
 
@@ -147,16 +148,7 @@ def train_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[
 def timed_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], Any],
                device: torch.device) -> float:
     """Milliseconds of one training step."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        train_step(v, x, y, autocast)
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    train_step(v, x, y, autocast)
-    return (time.perf_counter() - t0) * 1e3
+    return elapsed_ms(lambda: train_step(v, x, y, autocast), device)
 
 
 def resident_bytes(v: Variant) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from ..base import KDLoss, KDModel, check_target
 from ..deploy import rebuild_original
 from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops, split_model
+from ..timing import elapsed_ms
 
 __all__ = [
     "EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one",
@@ -287,7 +287,7 @@ class ONEModel(KDModel):
             with torch.random.fork_rng(devices=devices):
                 for rep in range(_MEASURE_REPEATS + 1):
                     for name, run in runs.items():  # alternating, so a change of clocks hits both alike
-                        ms = _elapsed_ms(lambda: step(run), f.device)
+                        ms = elapsed_ms(lambda: step(run), f.device)
                         if rep:
                             times[name].append(ms)
         finally:
@@ -418,19 +418,6 @@ def _describe_signature(key: tuple) -> str:
     if channels_last:
         parts.append("channels_last")
     return " ".join(parts)
-
-
-def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
