@@ -243,23 +243,18 @@ class ONEModel(KDModel):
         return [b(f, **extra) for b in self.branches]
 
     def _plan_for(self, f: torch.Tensor, extra: dict[str, Any]) -> str:
-        if self.execution != "auto" or not self.training or torch.compiler.is_compiling():
+        if (
+            self.execution != "auto" or not self.training or f.device.type not in MEASURE_DEVICES
+            or torch.compiler.is_compiling()
+        ):
             return self.execution_plan(f.shape[0], f.device)
         key = _signature(f)
         timing = self._timings.get(key)
         if timing is None:
-            if not self._can_time(f):
+            if not _timing_allowed():
                 return self.execution_plan(f.shape[0], f.device)
             timing = self._timings[key] = self._time_executions(f, extra)
         return min(timing, key=timing.__getitem__)
-
-    def _can_time(self, f: torch.Tensor) -> bool:
-        # Deterministic algorithms ask for runs that repeat exactly; a choice by timing may differ between runs
-        # (the executions agree to float tolerance, not bit for bit), so the rule decides there.
-        return (
-            f.device.type in MEASURE_DEVICES and torch.is_grad_enabled()
-            and not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
-        )
 
     def _time_executions(self, f: torch.Tensor, extra: dict[str, Any]) -> dict[str, float]:
         """Median milliseconds of the tail's forward + backward in each execution, on this input. Leaves no
@@ -394,6 +389,16 @@ class ONEModel(KDModel):
             )
 
 
+def _timing_allowed() -> bool:
+    # Deterministic algorithms ask for runs that repeat exactly; a choice by timing may differ between runs (the
+    # executions agree to float tolerance, not bit for bit), so the rule decides there. Without autograd there is
+    # no backward to time.
+    return (
+        torch.is_grad_enabled() and not torch.are_deterministic_algorithms_enabled()
+        and not torch.backends.cudnn.deterministic
+    )
+
+
 def _check_logits(z: Any) -> None:
     if not isinstance(z, torch.Tensor):
         raise TypeError(
@@ -420,10 +425,11 @@ def _describe_signature(key: tuple) -> str:
     return " ".join(parts)
 
 
-def ensemble_logits(logits: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
-    """``z_e = sum_i g_i z_i`` for branch logits (each B x C) and gate weights (B x m)."""
-    stacked = torch.stack(list(logits), dim=1)  # B x m x C
-    return (gate.unsqueeze(-1).to(stacked.dtype) * stacked).sum(dim=1)
+def ensemble_logits(logits: Sequence[torch.Tensor] | torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``z_e = sum_i g_i z_i`` for branch logits (``m`` tensors B x C, or one m x B x C tensor) and gate weights
+    (B x m)."""
+    stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits))  # m x B x C
+    return (gate.t().unsqueeze(-1).to(stacked.dtype) * stacked).sum(dim=0)
 
 
 class ONEEnsemble(nn.Module):
@@ -497,7 +503,7 @@ class ONELoss(KDLoss):
         zs = list(branch_logits)
         zs[b] = logits
         z = torch.stack(zs).float()  # m x B x C
-        ensemble = (gate.float().t().unsqueeze(-1) * z).sum(0)  # sum_i g_i z_i
+        ensemble = ensemble_logits(z, gate.float())
         self._stop_if_not_finite(ensemble, "ensemble logits (branches and gate)")
         # All branches (and the ensemble) in one tensor per op: a small model's step is bound by kernel launches,
         # so the loss's op count must not grow with m.
