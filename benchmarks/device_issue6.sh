@@ -6,8 +6,9 @@
 # Needs only what the GPU machine's image has (torch, timm, matplotlib) and this checkout; kdwrap is imported
 # through PYTHONPATH. Each step has its own time limit, so a slow one cannot eat the others' time; their sum
 # (570 s) leaves the call room inside 600 s. The limits are estimates from the prototypes' timings: a step that
-# runs over prints so, and can be run alone in a call of its own (`bash benchmarks/device_issue6.sh compile`). Results go to $OUT (or benchmarks/results/device/), packed after
-# every step into one archive, since a device call returns at most 8 files:
+# runs over prints so, and can be run alone in a call of its own (`bash benchmarks/device_issue6.sh compile`).
+# Results go to $OUT (or benchmarks/results/device/), packed after every step into one archive, since a device
+# call returns at most 8 files:
 #   $OUT/issue6.tgz   speed_<step>.json / .png / .log, and speed_eager_profile.txt
 #   $OUT/gpu.txt      the GPU, driver, torch and timm versions
 # Unpack here with `tar xzf issue6.tgz -C benchmarks/results/` and quote the tables in docs/results.md.

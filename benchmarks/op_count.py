@@ -94,7 +94,8 @@ def main() -> None:
           ", ".join(f"{k} {v}" for k, v in r["top"][:5])] for r in rows],
     )
     date = datetime.date.today().isoformat()
-    print(f"\nATen operators per training step (forward + loss + backward, views excluded), torch {torch.__version__}\n")
+    print("\nATen operators per training step (forward + loss + backward, views excluded), "
+          f"torch {torch.__version__}\n")
     print(table)
     out = args.out or RESULTS / f"op_count_{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,9 @@
 
 Variants per model: plain; ONE with 2, 3 and 4 branches (default split), each with its branches run one after the
 other ("sequential"), as one fused graph ("fused"; skipped with the reason for a tail that cannot be fused) and as
-"auto" picks (its timings and choice are kept in the JSON); --executions picks; OSAKD (k=8, alpha 0.9) with memory banks of 4,096 and 65,536 entries,
-pre-filled so that every timed step searches a full bank.
+"auto" picks (its timings and choice are kept in the JSON, the "runs" column says which ran); --executions picks;
+OSAKD (k=8, alpha 0.9) with memory banks of 4,096 and 65,536 entries, pre-filled so that every timed step searches
+a full bank. --variants REGEX keeps only the matching rows (and plain).
 
 A step is zero_grad, forward, loss, backward and an SGD (Nesterov, weight decay) update on a fixed random batch,
 under bf16 autocast with channels_last on GPU (fp32, contiguous on CPU). After --warmup steps each, the variants take
