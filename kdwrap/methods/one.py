@@ -276,8 +276,9 @@ class ONEModel(KDModel):
                 torch.autograd.grad(total, inputs, allow_unused=True)
 
         times: dict[str, list[float]] = {name: [] for name in runs}
-        cuda = f.device.type == "cuda"
-        devices = [f.device.index if f.device.index is not None else torch.cuda.current_device()] if cuda else []
+        devices = []  # CUDA RNGs to fork besides the CPU's
+        if f.device.type == "cuda":
+            devices = [f.device.index if f.device.index is not None else torch.cuda.current_device()]
         try:
             with torch.random.fork_rng(devices=devices):
                 for rep in range(_MEASURE_REPEATS + 1):
