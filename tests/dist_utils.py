@@ -1,12 +1,13 @@
 """Run a function on 2 CPU processes (gloo) from a test."""
-import socket
+import os
+import tempfile
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank, port, fn, args):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _entry(rank, store_file, fn, args):
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:
         fn(rank, *args)
     finally:
@@ -14,8 +15,9 @@ def _entry(rank, port, fn, args):
 
 
 def run_two_ranks(fn, *args) -> None:
-    """Call ``fn(rank, *args)`` on ranks 0 and 1 of a fresh gloo process group on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_entry, args=(port, fn, args), nprocs=2, join=True)
+    """Call ``fn(rank, *args)`` on ranks 0 and 1 of a fresh gloo process group.
+
+    The ranks meet through a file store rather than a TCP port: a port picked free here can be taken before
+    rank 0 binds it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(os.path.join(tmp, "store"), fn, args), nprocs=2, join=True)
