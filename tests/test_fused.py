@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdwrap
 from kdwrap.fused import FusedBranches, FusionError, fuse_branches
-from kdwrap.models import cifar_resnet32
+from kdwrap.models import cifar_resnet20, cifar_resnet32, cifar_resnet56
 
 from conftest import TinyNet
 
@@ -163,6 +164,31 @@ class DropPathNet(nn.Module):
         return self.drop(self.conv(self.stem(x))).relu()
 
 
+class ReuseNet(nn.Module):
+    """A tail that calls one conv (with bias) and one BN (momentum=None) twice, then a torchvision
+    FrozenBatchNorm2d and a head: modules called twice are not packed, the others are."""
+
+    def __init__(self) -> None:
+        from torchvision.ops import FrozenBatchNorm2d
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pre = nn.Conv2d(8, 8, 1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8, momentum=None)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.frozen = FrozenBatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre(self.stem(x))
+        x = self.bn(self.conv(x)).relu()
+        x = self.bn(self.conv(x)).relu()
+        x = self.frozen(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,6 +313,63 @@ def test_timm_mobile_nets_last_stage(name: str) -> None:
     timm = pytest.importorskip("timm")
     model = _wrap(timm.create_model(name, num_classes=7))
     _assert_equivalent(model, torch.randn(4, 3, 64, 64), True)
+
+
+@pytest.mark.parametrize("conv_mode", CONV_MODES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_modules_called_twice_and_frozen_batch_norm(training: bool, conv_mode: str) -> None:
+    model = _wrap(ReuseNet(), "pre")
+    with torch.no_grad():  # FrozenBatchNorm2d holds buffers only: make them differ per branch
+        for b in model.branches:
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                getattr(b.frozen, k).uniform_(0.5, 1.5)
+    assert "_pack" in fuse_branches(model.branches, training, conv_mode).code
+    for _ in range(2):  # the second step starts from the statistics the first one wrote
+        model.zero_grad(set_to_none=True)
+        _assert_equivalent(model, torch.randn(4, 3, 8, 8), training, conv_mode=conv_mode)
+
+
+def test_timm_frozen_batch_norm_act() -> None:
+    # timm's FrozenBatchNormAct2d is a leaf module: its buffers go through the parameter pack too.
+    timm = pytest.importorskip("timm")
+    from timm.utils.model import freeze_batch_norm_2d
+
+    model = _wrap(freeze_batch_norm_2d(timm.create_model("mobilenetv3_small_050", num_classes=7)))
+    with torch.no_grad():
+        for b in model.branches:
+            for mod in b.modules():
+                if type(mod).__name__ == "FrozenBatchNormAct2d":
+                    mod.running_mean.normal_(0, 0.2)
+                    mod.running_var.uniform_(0.5, 2.0)
+    assert "_frozen_bn" in fuse_branches(model.branches, True, "grouped").code
+    _assert_equivalent(model, torch.randn(2, 3, 64, 64), True, conv_mode="grouped")
+
+
+class _CatCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cats = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.cats += func.overloadpacket is torch.ops.aten.cat
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_parameter_concatenations_do_not_grow_with_depth(training: bool) -> None:
+    # On a GPU the fused step is bound by kernel launches: the branches' parameters are concatenated in one cat per
+    # group of same-shaped tensors, not one per parameter, so a deeper tail adds no cat.
+    cats = []
+    for net in (cifar_resnet20(num_classes=10), cifar_resnet56(num_classes=10)):
+        model = _wrap(net, "layer3")
+        model.train(training)
+        f = model.trunk(torch.randn(2, 3, 32, 32)).detach().requires_grad_()
+        fused = fuse_branches(model.branches, training, "grouped")
+        with _CatCounter() as counter:
+            torch.stack(fused(f)).sum().backward()
+        cats.append(counter.cats)
+    assert cats[0] == cats[1], f"cats in the fused step: {cats[0]} for ResNet-20, {cats[1]} for ResNet-56"
+    assert cats[0] <= 9, cats  # 3 conv-weight shapes, BN affines, BN statistics; backward: one per group
 
 
 def test_two_branches_and_shared_tail_input_kept_intact() -> None:
