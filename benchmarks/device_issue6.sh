@@ -11,6 +11,7 @@
 # call returns at most 8 files:
 #   $OUT/issue6.tgz   speed_<step>.json / .png / .log, and speed_eager_profile.txt
 #   $OUT/gpu.txt      the GPU, driver, torch and timm versions
+#   $OUT/targets.txt  benchmarks/issue6_targets.py's verdicts on the targets (also targets.json in the archive)
 # Unpack here with `tar xzf issue6.tgz -C benchmarks/results/` and quote the tables in docs/results.md.
 #
 # What each step answers (targets in issue 6):
@@ -60,4 +61,9 @@ for step in "${steps[@]}"; do
     *) echo "unknown step '$step'; valid: eager models compile cudagraphs" >&2; exit 2 ;;
   esac
 done
+if ls "$work"/speed_*.json >/dev/null 2>&1; then  # the verdicts; a missed target is a result, not a failed call
+  echo "== issue 6 targets"
+  "$PY" benchmarks/issue6_targets.py "$work" --out "$work/targets.json" | tee "$OUT/targets.txt"
+  tar czf "$OUT/issue6.tgz" -C "$work" .
+fi
 exit $failed
