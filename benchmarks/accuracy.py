@@ -1,19 +1,27 @@
-"""Test accuracy of plain training vs ONE (branch and ONE-E) vs OSAKD, several seeds, all runs at once.
+"""Test accuracy of plain training against kdwrap's methods, several seeds, runs as parallel processes.
 
-    # CIFAR-10 (JPEG pack), CIFAR ResNet-32, 30 epochs, cosine lr 0.1, batch 128, seeds 0 and 1: six concurrent
-    # training processes sharing one GPU (about 6-7 minutes on an H100 by the prototypes' timings)
-    python benchmarks/accuracy.py --data /path/to/cifar10-jpeg.npz
-    # Fashion-MNIST, the OSAKD paper's small CNN (2 conv + 2 fc), no augmentation
-    python benchmarks/accuracy.py --dataset fashion-mnist --data /path/to/fashion-mnist-folder
+Each protocol is one command; every (variant, seed) is one process of examples/train_cifar.py (the only training
+loop), with data on the device. The CIFAR-10 JPEG pack ships with the repository (data/cifar10-jpeg.npz).
+
+    # The OSAKD paper's Table I on CIFAR-10: its LeNet-5 network, batch 64, SGD momentum 0.9, constant lr, no
+    # augmentation; plain, OSAKD 8-NN / 16-NN, ONE with 2 and 3 branches (and ONE-E from the same runs)
+    python benchmarks/accuracy.py --protocol osakd-cifar10 --seeds 0 1 2
+    # The same on Fashion-MNIST with the paper's FMNIST network (Debian's dataset-fashion-mnist)
+    python benchmarks/accuracy.py --protocol osakd-fmnist --seeds 0 1 2
+    # ONE on a residual network at CPU scale: CIFAR ResNet-20 on a class-balanced subset, the ONE protocol
+    python benchmarks/accuracy.py --protocol one-resnet20-subset --seeds 0 1
+    # ONE's protocol on the whole set, CIFAR ResNet-32, 30 epochs (a GPU job)
+    python benchmarks/accuracy.py --protocol one-resnet32 --seeds 0 1
     # plumbing check on a CPU: 1 epoch on 512 training / 256 test images (accuracies meaningless)
-    python benchmarks/accuracy.py --smoke --data /path/to/cifar10-jpeg.npz
+    python benchmarks/accuracy.py --protocol osakd-cifar10 --smoke
 
-Each (method, seed) is one process of examples/train_cifar.py (the only training loop), with data on the device.
-Run folders go to --out (default runs/accuracy-<dataset>[-smoke]); a run that is already there is resumed, so the
-same command continues an interrupted benchmark. Reported per method: test accuracy at the last epoch and the best
-over epochs, mean and half the range over seeds (with each seed's value). For ONE two rows come from the same runs:
-"ONE (branch 0)", the deployed model, and "ONE-E", the gated ensemble of all branches (not a deployable model of the
-original size). Writes benchmarks/results/accuracy_<dataset>_<device>_<date>.json and a PNG of test-accuracy curves.
+Run folders go to --out (default runs/accuracy-<protocol>[-smoke]); a run that is already there is resumed, so the
+same command continues an interrupted benchmark. Reported per model: test accuracy at the best epoch (the papers'
+convention) and the last, mean ± standard deviation over seeds with each seed's value, the paired difference to
+plain with its 95 % t-interval over seeds and the verdict (beyond / within noise, see kdwrap.seeds), and the last
+epoch's training accuracy (so a reader sees whether the network fits its training set). ONE gives two rows from the
+same runs: ONE (branch 0), the deployed model, and ONE-E, the gated ensemble (not a model of the original size).
+Writes benchmarks/results/accuracy_<protocol>_<device>_<date>.json and a PNG of test-accuracy curves.
 """
 from __future__ import annotations
 
@@ -35,38 +43,72 @@ from common import markdown_table, pyplot
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_cifar.py"
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(ROOT))
 
-# Per dataset: model and protocol passed to train_cifar.py. CIFAR-10 is the ONE paper's protocol shortened to 30 epochs;
-# Fashion-MNIST uses the OSAKD paper's network with kdwrap's choice of optimiser settings (no augmentation).
-SETUPS: dict[str, dict[str, Any]] = {
-    "cifar10-pack": {"model": "cifar_resnet32", "epochs": 30, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4},
-    "fashion-mnist": {"model": "small_cnn", "epochs": 30, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4},
+from kdwrap.seeds import paired_difference, spread  # noqa: E402
+
+# What each variant passes to train_cifar.py on top of its protocol. One module, one entry: a new variant is a line.
+VARIANTS: dict[str, list[str]] = {
+    "plain": ["--method", "plain"],
+    "osakd-k8": ["--method", "osakd", "--k", "8"],
+    "osakd-k16": ["--method", "osakd", "--k", "16"],
+    "osakd-k8-inbatch": ["--method", "osakd", "--k", "8", "--bank-size", "0"],
+    "one-m2": ["--method", "one", "--branches", "2"],
+    "one-m3": ["--method", "one", "--branches", "3"],
+    "one-m3-copy": ["--method", "one", "--branches", "3", "--branch-init", "copy"],
+}
+LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN",
+          "osakd-k8-inbatch": "OSAKD 8-NN in-batch", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
+          "one-m3-copy": "ONE m=3 copied branches"}
+
+# Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    # The OSAKD paper: batch 64, SGD momentum 0.9, no augmentation, max test accuracy over epochs (100 epochs, 5
+    # runs in the paper). The learning rate, weight decay and epoch count are kdwrap's CPU-budget choices.
+    "osakd-cifar10": {"dataset": "cifar10-pack", "model": "lenet5", "epochs": 20, "batch_size": 64, "lr": 0.01,
+                      "weight_decay": 0.0, "schedule": "constant", "nesterov": False, "augment": False,
+                      "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
+    "osakd-fmnist": {"dataset": "fashion-mnist", "model": "small_cnn", "epochs": 20, "batch_size": 64, "lr": 0.01,
+                     "weight_decay": 0.0, "schedule": "constant", "nesterov": False, "augment": False,
+                     "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
+    # The ONE protocol (SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4, pad-4 crop + flip, 3 branches) shrunk to a CPU:
+    # a class-balanced subset trained long enough to fit it, where distillation has something to correct.
+    "one-resnet20-subset": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 40, "batch_size": 128,
+                            "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
+                            "augment": True, "limit_train": 2500,
+                            "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
+    "one-resnet32": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 30, "batch_size": 128,
+                     "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True, "augment": True,
+                     "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
 }
 SMOKE = {"epochs": 1, "limit_train": 512, "limit_test": 256}
+TRAIN_KEYS = ("dataset", "model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "limit_train",
+              "limit_test")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10-pack", choices=list(SETUPS))
-    p.add_argument("--data", default=None, help="the CIFAR-10 pack file, or the Fashion-MNIST folder "
-                   "(default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--methods", nargs="+", default=["plain", "one", "osakd"], choices=["plain", "one", "osakd"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--epochs", type=int, default=None, help="default: 30 (1 with --smoke)")
-    p.add_argument("--branches", type=int, default=3, help="ONE branches")
-    p.add_argument("--k", type=int, default=8, help="OSAKD neighbours")
-    p.add_argument("--alpha", type=float, default=0.9, help="OSAKD weight of cross-entropy")
-    p.add_argument("--bank-size", type=int, default=4096, help="OSAKD memory bank (default 4096)")
+    p.add_argument("--protocol", default="osakd-cifar10", choices=list(PROTOCOLS))
+    p.add_argument("--data", default=None, help="the CIFAR-10 pack file (default: the repository's "
+                   "data/cifar10-jpeg.npz) or the Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="default: the protocol's (plain first: it is the baseline)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=None, help="default: the protocol's (1 with --smoke)")
+    p.add_argument("--limit-train", type=int, default=None, help="default: the protocol's (0: all)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (always cpu with --smoke)")
     p.add_argument("--jobs", type=int, default=None,
                    help="concurrent processes (default: all runs at once on GPU; one per core on CPU)")
     p.add_argument("--smoke", action="store_true",
                    help="plumbing check: 1 epoch, 512 training / 256 test images, CPU; accuracies are meaningless")
-    p.add_argument("--out", default=None, help="run folders (default runs/accuracy-<dataset>[-smoke])")
+    p.add_argument("--out", default=None, help="run folders (default runs/accuracy-<protocol>[-smoke])")
+    p.add_argument("--report-only", action="store_true",
+                   help="summarise the runs already in --out (finished or not) without training")
     p.add_argument("--train-args", default="", help="extra arguments for train_cifar.py, e.g. \"--channels-last\"")
     args = p.parse_args()
-    if args.dataset == "cifar10-pack" and args.data is None:
-        p.error("--data PATH of the CIFAR-10 pack (cifar10-jpeg.npz) is required")
+    args.variants = args.variants or PROTOCOLS[args.protocol]["variants"]
+    if args.variants[0] != "plain":
+        args.variants = ["plain"] + [v for v in args.variants if v != "plain"]
     return args
 
 
@@ -87,22 +129,17 @@ def device_description(device: str) -> tuple[str, str]:
     return "cpu", f"{os.cpu_count()}-core {platform.machine()} CPU{gpu}"
 
 
-def run_command(args: argparse.Namespace, setup: dict[str, Any], method: str, seed: int, out: Path,
+def run_command(args: argparse.Namespace, setup: dict[str, Any], variant: str, seed: int, out: Path,
                 device: str, threads: int) -> list[str]:
-    cmd = [sys.executable, str(TRAIN), "--dataset", args.dataset, "--method", method, "--seed", str(seed),
-           "--model", setup["model"], "--epochs", str(setup["epochs"]), "--batch-size", str(setup["batch_size"]),
-           "--lr", str(setup["lr"]), "--weight-decay", str(setup["weight_decay"]), "--device", device,
-           "--threads", str(threads), "--out", str(out), "--resume", "--no-progress"]
+    cmd = [sys.executable, str(TRAIN), "--seed", str(seed), "--device", device, "--threads", str(threads),
+           "--out", str(out), "--resume", "--no-progress"]
+    for key in TRAIN_KEYS:
+        if setup.get(key) is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(setup[key])]
+    cmd += ["--augment" if setup["augment"] else "--no-augment", "--nesterov" if setup["nesterov"] else "--no-nesterov"]
     if args.data:
         cmd += ["--data", args.data]
-    if method == "one":
-        cmd += ["--branches", str(args.branches)]
-    if method == "osakd":
-        cmd += ["--k", str(args.k), "--alpha", str(args.alpha), "--bank-size", str(args.bank_size)]
-    for key in ("limit_train", "limit_test"):
-        if key in setup:
-            cmd += [f"--{key.replace('_', '-')}", str(setup[key])]
-    return cmd + args.train_args.split()
+    return cmd + VARIANTS[variant] + args.train_args.split()
 
 
 def launch_all(runs: list[dict[str, Any]], jobs: int, threads: int, total_epochs: int) -> None:
@@ -148,39 +185,72 @@ def count_epochs(run_dir: Path) -> int:
         return 0
 
 
-def spread(values: list[float]) -> tuple[float, float]:
-    """Mean and half the range."""
-    return sum(values) / len(values), (max(values) - min(values)) / 2
+def reported_models(variant: str) -> list[tuple[str, str]]:
+    """(row label, history key suffix) of the models a variant's runs report: ONE gives branch 0 and ONE-E."""
+    label = LABELS[variant]
+    if variant.startswith("one"):
+        return [(f"{label} (branch 0)", ""), (f"{label.replace('ONE', 'ONE-E', 1)}", "_ensemble")]
+    return [(label, "")]
 
 
-def summarise(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
-    """One row per reported model: plain, ONE (branch 0), ONE-E, OSAKD."""
-    reported = {"plain": [("plain", "")], "one": [("ONE (branch 0)", ""), ("ONE-E (ensemble)", "_ensemble")],
-                "osakd": [("OSAKD", "")]}
+def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    """One row per reported model, with its seeds' values and its paired difference to plain (seeds that finished
+    for both)."""
+    def history(r: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            h = json.loads((r["out"] / "history.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return h if h.get("epochs") else None
+
+    done = {(r["variant"], r["seed"]): h for r in runs if (h := history(r))}
     rows = []
-    for method in methods:
-        hists = [json.loads((r["out"] / "history.json").read_text()) for r in runs if r["method"] == method]
-        seeds = [r["seed"] for r in runs if r["method"] == method]
-        for label, suffix in reported[method]:
-            last = [h[f"last_test_acc{suffix}"] for h in hists]
-            best = [h[f"best_test_acc{suffix}"] for h in hists]
-            curves = [[e[f"test_acc{suffix}"] for e in h["epochs"]] for h in hists]
-            rows.append({
-                "reported": label, "method": method, "seeds": seeds, "last": last, "best": best,
-                "last_mean": spread(last)[0], "last_half_range": spread(last)[1],
-                "best_mean": spread(best)[0], "best_half_range": spread(best)[1],
-                "epoch_seconds_median": statistics.median(e["seconds"] for h in hists for e in h["epochs"]),
-                "curves": curves,
-            })
+    base = {seed: h for (v, seed), h in done.items() if v == "plain"}
+    for variant in variants:
+        hists = {seed: h for (v, seed), h in sorted(done.items()) if v == variant}
+        if not hists:
+            continue
+        for label, suffix in reported_models(variant):
+            def best(h: dict[str, Any], key: str = f"test_acc{suffix}") -> float:
+                return max(e[key] for e in h["epochs"])
+
+            def last(h: dict[str, Any], key: str = f"test_acc{suffix}") -> float:
+                return h["epochs"][-1][key]
+
+            paired = [seed for seed in hists if seed in base]
+            row: dict[str, Any] = {
+                "reported": label, "variant": variant, "seeds": list(hists),
+                "epochs_done": [len(h["epochs"]) for h in hists.values()],
+                "best": [best(h) for h in hists.values()], "last": [last(h) for h in hists.values()],
+                "train_acc_last": [h["epochs"][-1].get("train_acc") for h in hists.values()],
+                "epoch_seconds_median": statistics.median(e["seconds"] for h in hists.values() for e in h["epochs"]),
+                "curves": [[e[f"test_acc{suffix}"] for e in h["epochs"]] for h in hists.values()],
+            }
+            for kind, fn in (("best", best), ("last", last)):
+                sp = spread(row[kind])
+                row[f"{kind}_mean"], row[f"{kind}_std"] = sp.mean, sp.std
+                if variant != "plain" and paired:
+                    d = paired_difference([fn(hists[s]) for s in paired], [fn(base[s], "test_acc") for s in paired])
+                    row[f"{kind}_diff"] = {"mean": d.mean, "low": d.low, "high": d.high, "seeds": paired,
+                                           "verdict": d.verdict, "text": str(d)}
+            rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["reported model", "last epoch: mean ± half-range", "per seed", "best epoch: mean ± half-range",
-              "per seed", "s / epoch"]
-    body = [[r["reported"], f"{r['last_mean']:.2f} ± {r['last_half_range']:.2f}",
-             " / ".join(f"{v:.2f}" for v in r["last"]), f"{r['best_mean']:.2f} ± {r['best_half_range']:.2f}",
-             " / ".join(f"{v:.2f}" for v in r["best"]), f"{r['epoch_seconds_median']:.1f}"] for r in rows]
+def format_table(rows: list[dict[str, Any]], kind: str) -> str:
+    """The table for ``kind`` = "best" (max over epochs) or "last" (final epoch)."""
+    header = ["reported model", f"{kind} epoch: mean ± std", "per seed", "vs plain [95 % CI]", "verdict",
+              "train acc (last)", "s / epoch"]
+    body = []
+    for r in rows:
+        diff = r.get(f"{kind}_diff")
+        train = [v for v in r["train_acc_last"] if v is not None]
+        body.append([
+            r["reported"], f"{r[f'{kind}_mean']:.2f} ± {r[f'{kind}_std']:.2f}",
+            " / ".join(f"{v:.2f}" for v in r[kind]), diff["text"] if diff else "(baseline)",
+            diff["verdict"] if diff else "", f"{sum(train) / len(train):.1f}" if train else "n/a",
+            f"{r['epoch_seconds_median']:.1f}",
+        ])
     return markdown_table(header, body)
 
 
@@ -209,7 +279,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 def main() -> None:
     args = parse_args()
-    setup = dict(SETUPS[args.dataset])
+    setup = dict(PROTOCOLS[args.protocol])
     if args.smoke:
         setup.update(SMOKE)
         device = "cpu"
@@ -217,63 +287,72 @@ def main() -> None:
         device = args.device or ("cuda" if gpu_available() else "cpu")
     if args.epochs:
         setup["epochs"] = args.epochs
-    out_root = Path(args.out or ROOT / "runs" / f"accuracy-{args.dataset}{'-smoke' if args.smoke else ''}")
+    if args.limit_train is not None:
+        setup["limit_train"] = args.limit_train or None
+    out_root = Path(args.out or ROOT / "runs" / f"accuracy-{args.protocol}{'-smoke' if args.smoke else ''}")
     out_root.mkdir(parents=True, exist_ok=True)
 
-    if args.dataset == "cifar10-pack":
+    if setup["dataset"] == "cifar10-pack" and not args.report_only:
         # Decode the pack once here: the runs then read kdwrap's cache instead of each decoding 60,000 JPEGs.
-        sys.path.insert(0, str(ROOT))
         from kdwrap.data import load_cifar10_pack
 
         load_cifar10_pack(args.data)
 
-    runs = []
-    for method in args.methods:
-        for seed in args.seeds:
-            name = f"{method}-seed{seed}"
-            runs.append({"name": name, "method": method, "seed": seed, "out": out_root / name,
-                         "log": out_root / f"{name}.log"})
+    runs = [{"name": f"{v}-seed{seed}", "variant": v, "seed": seed, "out": out_root / f"{v}-seed{seed}",
+             "log": out_root / f"{v}-seed{seed}.log"} for seed in args.seeds for v in args.variants]
+    # Seed by seed: a benchmark stopped half-way still has complete pairs to compare with plain.
     cores = os.cpu_count() or 1
     jobs = args.jobs or (len(runs) if device.startswith("cuda") else min(len(runs), cores))
     threads = max(1, cores // jobs)
     for r in runs:
-        r["cmd"] = run_command(args, setup, r["method"], r["seed"], r["out"], device, threads)
+        r["cmd"] = run_command(args, setup, r["variant"], r["seed"], r["out"], device, threads)
     tag, desc = device_description(device)
-    print(f"{len(runs)} runs of {setup['model']} on {args.dataset}, {setup['epochs']} epoch(s), {jobs} at a time on "
-          f"{desc}; logs and run folders in {out_root}", flush=True)
-    print("first command:", " ".join(runs[0]["cmd"]), flush=True)
-    t0 = time.time()
-    launch_all(runs, jobs, threads, len(runs) * setup["epochs"])
-    wall = time.time() - t0
+    wall = 0.0
+    if not args.report_only:
+        print(f"{len(runs)} runs of {setup['model']} on {setup['dataset']}, {setup['epochs']} epoch(s), {jobs} at a "
+              f"time on {desc}; logs and run folders in {out_root}", flush=True)
+        print("first command:", " ".join(runs[0]["cmd"]), flush=True)
+        t0 = time.time()
+        launch_all(runs, jobs, threads, len(runs) * setup["epochs"])
+        wall = time.time() - t0
 
-    rows = summarise(runs, args.methods)
-    table = format_table(rows)
+    rows = summarise(runs, args.variants)
+    if not rows:
+        raise SystemExit(f"no finished epoch in {out_root}")
     date = datetime.date.today().isoformat()
-    what = (f"{setup['model']} on {args.dataset}, {setup['epochs']} epoch(s), batch {setup['batch_size']}, "
-            f"SGD nesterov lr {setup['lr']} cosine, wd {setup['weight_decay']}, seeds {args.seeds}")
-    print(f"\nTest accuracy (%), {what}; {desc}; wall time {wall:.0f} s for all runs\n")
-    print(table)
+    subset = f", {setup['limit_train']:,}-image class-balanced training subset" if setup.get("limit_train") else ""
+    what = (f"{setup['model']} on {setup['dataset']}{subset}, {setup['epochs']} epoch(s), batch {setup['batch_size']}, "
+            f"SGD {'Nesterov ' if setup['nesterov'] else ''}momentum 0.9, lr {setup['lr']} {setup['schedule']}, "
+            f"wd {setup['weight_decay']}, {'pad-4 crop + flip' if setup['augment'] else 'no augmentation'}, "
+            f"seeds {args.seeds}")
+    print(f"\nTest accuracy (%), {what}; {desc}" + (f"; wall time {wall:.0f} s" if wall else ""))
+    unfinished = [r["name"] for r in runs if count_epochs(r["out"]) < setup["epochs"]]
+    if unfinished:
+        print(f"NOT FINISHED (partial curves): {', '.join(unfinished)}")
+    for kind in ("best", "last"):
+        print(f"\n{kind} epoch:\n" + format_table(rows, kind))
     print("\nONE (branch 0) is the deployed model (kdwrap.export); ONE-E is the gated ensemble of all branches from "
-          "the same runs. 'best' is the maximum over epochs of the test accuracy (as the ONE code reports), 'last' "
-          "the final epoch's; ± is half the range over seeds.")
-    if args.dataset == "cifar10-pack":
+          "the same runs. 'best' is the maximum over epochs of the test accuracy (the papers' convention), 'last' the "
+          "final epoch's; ± is the standard deviation over seeds; the interval is the paired 95 % t-interval of the "
+          "difference to plain over seeds (same seed: same initial weights and data order).")
+    if setup["dataset"] == "cifar10-pack":
         print("The CIFAR-10 pack is a lossy JPEG re-encoding of CIFAR-10: absolute accuracies run below published ones.")
     if args.smoke:
         print("SMOKE RUN: 1 epoch on 512 training images, tested on 256; the accuracies are meaningless (they only "
               "show that the plumbing works).")
 
-    meta = {"date": date, "device": desc, "dataset": args.dataset, "setup": setup, "seeds": args.seeds,
-            "methods": args.methods, "branches": args.branches, "k": args.k, "alpha": args.alpha,
-            "bank_size": args.bank_size, "smoke": args.smoke, "jobs": jobs, "wall_seconds": round(wall, 1),
+    meta = {"date": date, "device": desc, "protocol": args.protocol, "setup": setup, "seeds": args.seeds,
+            "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
+            "wall_seconds": round(wall, 1), "unfinished": unfinished,
             "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
             "train_command_example": " ".join(runs[0]["cmd"][1:])}
-    stem = f"accuracy_{args.dataset}{'_smoke' if args.smoke else ''}_{tag}_{date}"
+    stem = f"accuracy_{args.protocol}{'_smoke' if args.smoke else ''}_{tag}_{date}"
     out = RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
-    title = (f"{setup['model']} on {args.dataset}, {setup['epochs']} epoch(s), seeds {args.seeds}; mean, band: min-max\n"
-             f"{desc}, {date}" + ("\nSMOKE RUN: the accuracies are meaningless" if args.smoke else ""))
+    title = (f"{what}\nmean, band: min-max over seeds; {desc}, {date}"
+             + ("\nSMOKE RUN: the accuracies are meaningless" if args.smoke else ""))
     if plot(rows, out.with_suffix(".png"), title):
         print(f"wrote {out.with_suffix('.png')}")
 

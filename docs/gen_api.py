@@ -39,6 +39,8 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
      ["kdwrap.models"]),
     ("Data (`kdwrap.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",
      ["kdwrap.data"]),
+    ("Comparing over seeds (`kdwrap.seeds`)", "The statistics the demo and `benchmarks/accuracy.py` report; see "
+     "[results.md](results.md).", ["kdwrap.seeds"]),
 ]
 
 _ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|obj|exc):`~?([^`]+)`")

@@ -4,14 +4,14 @@ Defaults: CIFAR ResNet-32, batch 128, SGD (Nesterov, momentum 0.9), learning rat
 weight decay 5e-4, pad-4 random crop + horizontal flip, 300 epochs. Data is held on the device as uint8 tensors and
 augmented there, so a GPU never waits for a data loader.
 
-    # CIFAR-10 from the JPEG pack (cifar10-jpeg.npz), 30 epochs of ONE with 3 branches
-    python examples/train_cifar.py --data /path/to/cifar10-jpeg.npz --method one --epochs 30 --out runs/one
+    # CIFAR-10 from the JPEG pack the repository ships (data/cifar10-jpeg.npz), 30 epochs of ONE with 3 branches
+    python examples/train_cifar.py --method one --epochs 30 --out runs/one
     # OSAKD; --resume continues from runs/osakd/last.pt after an interruption
-    python examples/train_cifar.py --data /path/to/cifar10-jpeg.npz --method osakd --out runs/osakd --resume
+    python examples/train_cifar.py --method osakd --out runs/osakd --resume
     # CIFAR-100 through torchvision (downloads into --data, default ./data; needs network access)
     python examples/train_cifar.py --dataset torchvision-cifar100 --method one --out runs/c100-one
     # a quick check on a CPU
-    python examples/train_cifar.py --data /path/to/cifar10-jpeg.npz --method one --epochs 1 \\
+    python examples/train_cifar.py --method one --epochs 1 \\
         --limit-train 512 --limit-test 256 --device cpu --out /tmp/kd-check
 
 Written to --out: last.pt (the full checkpoint, every epoch), history.json (per-epoch test accuracy of the deployed
@@ -44,7 +44,8 @@ DATASETS = ("cifar10-pack", "torchvision-cifar10", "torchvision-cifar100", "fash
 # --no-progress, may change between runs).
 RUN_KEYS = (
     "method", "dataset", "model", "epochs", "batch_size", "lr", "weight_decay", "augment", "seed", "limit_train",
-    "limit_test", "branches", "split", "temperature", "rampup_epochs", "k", "alpha", "bank_size", "knn_backend",
+    "limit_test", "branches", "split", "branch_init", "temperature", "rampup_epochs", "k", "alpha", "bank_size",
+    "knn_backend", "schedule", "nesterov",
 )
 
 
@@ -52,11 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10-pack", choices=DATASETS,
-                   help="cifar10-pack (default): the CIFAR-10 JPEG pack given by --data; torchvision-cifar10/100: "
+                   help="cifar10-pack (default): the CIFAR-10 JPEG pack (--data, default the repository's "
+                   "data/cifar10-jpeg.npz or $KDWRAP_CIFAR10_PACK); torchvision-cifar10/100: "
                    "torchvision's download into --data (default ./data); fashion-mnist: the official idx files in "
                    "--data (default /usr/share/datasets/fashion-mnist)")
     g.add_argument("--data", metavar="PATH", default=None,
-                   help="the pack file (cifar10-pack, required) or the dataset folder (other datasets)")
+                   help="the pack file (cifar10-pack) or the dataset folder (other datasets)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="pad-4 random crop + horizontal flip (default: on for CIFAR, off for Fashion-MNIST)")
     g.add_argument("--limit-train", type=int, default=None, metavar="N",
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "small_cnn (default: cifar_resnet32; small_cnn for fashion-mnist)")
     g.add_argument("--branches", type=int, default=3, help="ONE: number of branches (default 3)")
     g.add_argument("--split", default=None, help="ONE: first module of the replicated tail (default: automatic)")
+    g.add_argument("--branch-init", default="reinit", choices=["reinit", "copy"],
+                   help="ONE: branches 1..m-1 re-initialised (default, as the reference code) or copies of branch 0")
     g.add_argument("--temperature", type=float, default=3.0, help="ONE: distillation temperature (default 3)")
     g.add_argument("--rampup-epochs", type=float, default=0.0,
                    help="ONE: epochs of the sigmoid ramp-up of the KL weight (the paper: 80 of 300; default 0 = off)")
@@ -81,7 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=300, help="default 300, as in the ONE paper")
     g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate, decayed to 0 by a cosine (per step)")
+    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="cosine: decayed to 0 per step (default); constant: the OSAKD paper's fixed rate")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                   help="Nesterov momentum (default on; the OSAKD paper uses plain momentum 0.9)")
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--seed", type=int, default=0)
 
@@ -97,9 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     args = p.parse_args(argv)
 
-    if args.dataset == "cifar10-pack" and args.data is None:
-        p.error("--data PATH of the CIFAR-10 pack (cifar10-jpeg.npz) is required for --dataset cifar10-pack; "
-                "or use --dataset torchvision-cifar10 to download CIFAR-10 with torchvision")
     if args.model is None:
         args.model = "small_cnn" if args.dataset == "fashion-mnist" else "cifar_resnet32"
     if args.augment is None:
@@ -156,7 +161,8 @@ def build_model(
     if args.method == "one":
         # input_size: kdwrap traces the model at the dataset's image size, not at the size timm's config names.
         model, loss_fn = kdwrap.one(net, branches=args.branches, split=args.split, temperature=args.temperature,
-                                    rampup_steps=args.rampup_steps, input_size=input_size)
+                                    rampup_steps=args.rampup_steps, input_size=input_size,
+                                    reinit_branches=args.branch_init == "reinit")
     else:
         model, loss_fn = kdwrap.osakd(net, k=args.k, alpha=args.alpha, bank_size=args.bank_size,
                                       backend=args.knn_backend)
@@ -255,9 +261,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     net, model, loss_fn = build_model(args, in_chans, num_classes, input_size)
     model.to(device, memory_format=memory_format)
     loss_fn.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=args.nesterov,
                                 weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    if args.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
@@ -303,6 +312,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         order = order.to(device)
         aug_gen = torch.Generator(device=device).manual_seed(args.seed * 100003 + epoch + 7919)
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        # Training accuracy of the deployed branch on the batches as trained (augmented, weights moving), the way
+        # timm and pycls report it: free, and enough to tell a network that fits its training set from one that
+        # underfits.
+        correct = torch.zeros((), dtype=torch.long, device=device)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, unit="step",
                    disable=args.no_progress, dynamic_ncols=True)
         for step in bar:
@@ -312,7 +325,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 # Padding after normalisation pads with the mean colour, as torchvision's RandomCrop on tensors.
                 xb = random_crop_flip(xb, padding=4, generator=aug_gen).contiguous(memory_format=memory_format)
             with autocast():
-                loss = loss_fn(train_model(xb), yb)  # kdwrap: the only changed line of the loop
+                logits = train_model(xb)
+                loss = loss_fn(logits, yb)  # kdwrap: the only changed line of the loop
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -323,6 +337,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 optimizer.step()
             scheduler.step()
             loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == yb).sum()
             if not args.no_progress and (step % 50 == 0 or step == steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
@@ -331,12 +346,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         train_loss = loss_sum.item() / steps_per_epoch
         if not math.isfinite(train_loss):
             raise SystemExit(f"epoch {epoch + 1}: the training loss is {train_loss}; lower --lr or use --amp bf16")
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc, "lr": scheduler.get_last_lr()[0],
-               "seconds": time.perf_counter() - t0}
+        train_acc = 100.0 * correct.item() / (steps_per_epoch * args.batch_size)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_acc": acc,
+               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         if acc_e is not None:
             row["test_acc_ensemble"] = acc_e
         history["epochs"].append(row)
-        print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {train_loss:.4f}  test acc {acc:6.2f} %"
+        print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {train_loss:.4f}  train acc {train_acc:6.2f} %  "
+              f"test acc {acc:6.2f} %"
               + (f"  ONE-E {acc_e:6.2f} %" if acc_e is not None else "")
               + f"  lr {row['lr']:.4f}  {row['seconds']:.1f} s", flush=True)
 
@@ -371,7 +388,8 @@ def summarise(history: dict[str, Any]) -> None:
     """Add best / last accuracies (deployed model and, for ONE, ensemble) to ``history``."""
     rows = history["epochs"]
     best = max(rows, key=lambda r: r["test_acc"])
-    history.update(last_test_acc=rows[-1]["test_acc"], best_test_acc=best["test_acc"], best_epoch=best["epoch"])
+    history.update(last_test_acc=rows[-1]["test_acc"], best_test_acc=best["test_acc"], best_epoch=best["epoch"],
+                   last_train_acc=rows[-1].get("train_acc"))
     if "test_acc_ensemble" in rows[-1]:
         history.update(last_test_acc_ensemble=rows[-1]["test_acc_ensemble"],
                        best_test_acc_ensemble=max(r["test_acc_ensemble"] for r in rows))

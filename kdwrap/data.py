@@ -25,7 +25,8 @@ __all__ = [
     "Dataset",
     "DATASETS",
     "FASHION_MNIST_ROOT",
-    "CIFAR10_PACK_DEFAULT",
+    "CIFAR10_PACK_ENV",
+    "cifar10_pack_path",
     "load_digits",
     "load_fashion_mnist",
     "load_cifar10_pack",
@@ -39,7 +40,10 @@ __all__ = [
 ]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-CIFAR10_PACK_DEFAULT = "/work/shared/data/cifar10-jpeg.npz"
+# The pack ships with the repository (data/cifar10-jpeg.npz beside the kdwrap package of a clone or editable
+# install); the environment variable points elsewhere, e.g. for a wheel install.
+CIFAR10_PACK_ENV = "KDWRAP_CIFAR10_PACK"
+_SHIPPED_PACK = Path(__file__).resolve().parents[1] / "data" / "cifar10-jpeg.npz"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -242,22 +246,29 @@ def _decode_jpegs_pil(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2))
 
 
+def cifar10_pack_path() -> Path:
+    """Where the CIFAR-10 pack is read from by default: ``$KDWRAP_CIFAR10_PACK``, else the copy shipped in the
+    repository (``data/cifar10-jpeg.npz``)."""
+    return Path(os.environ.get(CIFAR10_PACK_ENV) or _SHIPPED_PACK)
+
+
 def load_cifar10_pack(
-    path: str | os.PathLike[str] = CIFAR10_PACK_DEFAULT,
+    path: str | os.PathLike[str] | None = None,
     cache: bool = True,
     cache_root: str | os.PathLike[str] | None = None,
 ) -> Dataset:
     """CIFAR-10 from the JPEG pack (``cifar10-jpeg.npz``: ``classes``, ``{train,test}_jpeg``,
     ``{train,test}_offsets``, ``y_{train,test}``): images ``N x 3 x 32 x 32`` **uint8**, labels int64.
 
-    Decoding takes a few seconds, so the decoded arrays are cached in ``cache_root`` (default :func:`cache_dir`),
+    ``path``: default :func:`cifar10_pack_path`. Decoding takes a few seconds, so the decoded arrays are cached in ``cache_root`` (default :func:`cache_dir`),
     keyed by the pack's path, size and modification time; ``cache=False`` always decodes. Samples keep the pack's
     order (sorted by class): shuffle before splitting. Use :func:`to_float` and :func:`normalize` before training.
     """
-    path = Path(path)
+    path = Path(path) if path is not None else cifar10_pack_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"CIFAR-10 pack not found: {path}. Pass the path of cifar10-jpeg.npz (e.g. --data {CIFAR10_PACK_DEFAULT})"
+            f"CIFAR-10 pack not found: {path}. It ships with kdwrap's repository as data/cifar10-jpeg.npz: pass "
+            f"its path (--data PATH) or set {CIFAR10_PACK_ENV}=PATH"
         )
     st = path.stat()
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]

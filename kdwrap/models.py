@@ -2,8 +2,9 @@
 
 * :func:`cifar_resnet` - the CIFAR ResNet of He et al. (2016), the backbone of the ONE paper (ResNet-32/110).
 * :func:`small_cnn` - the 2 conv + 2 fc network of the OSAKD paper's Fashion-MNIST experiments.
+* :func:`lenet5` - the LeNet-5 layout of the OSAKD paper's CIFAR-10 experiments (2 conv + 3 fc).
 
-Importing this module registers ``cifar_resnet20/32/44/56/110`` and ``small_cnn`` with timm, so
+Importing this module registers ``cifar_resnet20/32/44/56/110``, ``small_cnn`` and ``lenet5`` with timm, so
 ``timm.create_model("cifar_resnet32", num_classes=100)`` works (no pretrained weights exist for them).
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = [
     "cifar_resnet56",
     "cifar_resnet110",
     "small_cnn",
+    "LeNet5",
+    "lenet5",
     "CIFAR_RESNET_DEPTHS",
 ]
 
@@ -187,6 +190,36 @@ class SmallCNN(_CfgMixin, nn.Module):
         return self.fc(self.dropout(self.fc1(x)))
 
 
+class LeNet5(_CfgMixin, nn.Module):
+    """The OSAKD paper's CIFAR-10 network, LeNet-5's layout with ReLU: conv 6 5x5 -> ReLU -> max-pool 2,
+    conv 16 5x5 -> ReLU -> max-pool 2, fc 120 -> ReLU -> fc 84 -> ReLU -> fc num_classes. On a 32x32 input the
+    second pooling leaves 16 x 5 x 5; other sizes of at least 16x16 are pooled adaptively to 5x5."""
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 10, input_size: tuple[int, int, int] | None = None) -> None:
+        super().__init__()
+        if num_classes < 1 or in_chans < 1:
+            raise ValueError(f"num_classes and in_chans must be >= 1, got {num_classes} and {in_chans}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = 84
+        self.conv1 = nn.Sequential(nn.Conv2d(in_chans, 6, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.conv2 = nn.Sequential(nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
+        # An identity on 32x32 inputs (the paper's size); lets 28x28 or larger images through unchanged in layout.
+        self.pool = nn.AdaptiveMaxPool2d(5)
+        self.fc1 = nn.Sequential(nn.Flatten(1), nn.Linear(16 * 5 * 5, 120), nn.ReLU())
+        self.fc2 = nn.Sequential(nn.Linear(120, 84), nn.ReLU())
+        self.fc = nn.Linear(84, num_classes)
+        self.pretrained_cfg = _cfg(input_size or (in_chans, 32, 32), num_classes, architecture="lenet5")
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (timm convention)."""
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.conv2(self.conv1(x)))
+        return self.fc(self.fc2(self.fc1(x)))
+
+
 def cifar_resnet(depth: int, num_classes: int = 10, **kwargs: Any) -> CifarResNet:
     """CIFAR ResNet of ``depth`` = 6n+2 layers (20, 32, 44, 56, 110, ...).
 
@@ -198,6 +231,11 @@ def cifar_resnet(depth: int, num_classes: int = 10, **kwargs: Any) -> CifarResNe
 def small_cnn(in_chans: int = 1, num_classes: int = 10, **kwargs: Any) -> SmallCNN:
     """The OSAKD paper's 2 conv + 2 fc Fashion-MNIST CNN. ``kwargs``: ``hidden``, ``drop_rate``, ``pool_size``."""
     return SmallCNN(in_chans=in_chans, num_classes=num_classes, **kwargs)
+
+
+def lenet5(in_chans: int = 3, num_classes: int = 10, **kwargs: Any) -> LeNet5:
+    """The OSAKD paper's CIFAR-10 network (LeNet-5 layout, ReLU; 62k parameters for 10 classes)."""
+    return LeNet5(in_chans=in_chans, num_classes=num_classes, **kwargs)
 
 
 # --- timm registry -------------------------------------------------------------------------------------------------
@@ -253,7 +291,16 @@ def _timm_small_cnn(num_classes: int = 10, pretrained: bool = False, **kwargs: A
 _timm_small_cnn.__name__ = "small_cnn"  # timm registers an entrypoint under its function name
 _timm_small_cnn.__qualname__ = "small_cnn"
 
-TIMM_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110", "small_cnn")
+
+def _timm_lenet5(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> LeNet5:
+    return _timm_entry("lenet5", lenet5, num_classes, pretrained, kwargs)
+
+
+_timm_lenet5.__name__ = "lenet5"
+_timm_lenet5.__qualname__ = "lenet5"
+
+TIMM_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110", "small_cnn",
+               "lenet5")
 
 
 def _register_with_timm() -> bool:
@@ -263,7 +310,8 @@ def _register_with_timm() -> bool:
         from timm.models._registry import is_model
     except Exception:  # pragma: no cover - timm is a dependency, but keep kdwrap.models importable without it
         return False
-    for fn in (cifar_resnet20, cifar_resnet32, cifar_resnet44, cifar_resnet56, cifar_resnet110, _timm_small_cnn):
+    for fn in (cifar_resnet20, cifar_resnet32, cifar_resnet44, cifar_resnet56, cifar_resnet110, _timm_small_cnn,
+               _timm_lenet5):
         if not is_model(fn.__name__):  # re-import (e.g. importlib.reload) must not warn about overwriting
             register_model(fn)
     return True

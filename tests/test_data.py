@@ -187,6 +187,21 @@ def test_cifar_pack_errors(tmp_path: Path) -> None:
         data.load_cifar10_pack(bad, cache=False)
 
 
+def test_pack_path_is_the_shipped_copy_or_the_environment_variable(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    monkeypatch.delenv(data.CIFAR10_PACK_ENV, raising=False)
+    shipped = data.cifar10_pack_path()
+    assert shipped == Path(data.__file__).resolve().parents[1] / "data" / "cifar10-jpeg.npz"
+    assert shipped.is_file(), "the repository ships the CIFAR-10 pack in data/"
+    _fake_pack(tmp_path / "mine.npz")
+    monkeypatch.setenv(data.CIFAR10_PACK_ENV, str(tmp_path / "mine.npz"))
+    assert data.cifar10_pack_path() == tmp_path / "mine.npz"
+    assert data.load_cifar10_pack(cache=False).y_test.tolist() == [1, 0]  # the default path follows the variable
+    monkeypatch.setenv(data.CIFAR10_PACK_ENV, str(tmp_path / "none.npz"))
+    with pytest.raises(FileNotFoundError, match=data.CIFAR10_PACK_ENV):
+        data.load_cifar10_pack()
+
+
 def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KDWRAP_CACHE", str(tmp_path / "k"))
     assert data.cache_dir() == tmp_path / "k"

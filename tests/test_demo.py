@@ -1,6 +1,8 @@
 """``python -m kdwrap``: the demo (in-process, tiny settings) and the command line."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -12,7 +14,8 @@ from kdwrap.__main__ import main
 
 pytest.importorskip("sklearn")
 
-ROW_NAMES = ("plain", "ONE (branch 0)", "ONE-E (3-branch ensemble)", "OSAKD (k=8)")
+ROW_NAMES = ("plain", "ONE", "ONE-E", "OSAKD")
+TINY = ["--dataset", "digits", "--epochs", "1", "--limit-train", "256", "--batch-size", "64", "--no-progress"]
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:
@@ -24,37 +27,64 @@ def _table_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_demo_digits_one_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["demo", "--dataset", "digits", "--epochs", "1", "--limit-train", "256", "--batch-size", "64",
-            "--no-progress", "--save-dir", str(tmp_path)]
-    assert main(argv) == 0
+def test_demo_table_over_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", *TINY, "--seeds", "0", "1", "--jobs", "1", "--save-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = _table_rows(out)
     assert tuple(rows) == ROW_NAMES, out
     params = {}
-    for name, (acc, n_params, train_time, size) in rows.items():
-        assert 0.0 <= float(acc.rstrip(" %")) <= 100.0
-        assert re.fullmatch(r"[\d.]+ s( \(same run\))?", train_time), train_time
+    for name, (mean_std, per_seed, diff, verdict, train_acc, n_params, train_time, size) in rows.items():
+        seeds = [float(v) for v in per_seed.split(" / ")]
+        assert len(seeds) == 2 and all(0.0 <= v <= 100.0 for v in seeds)
+        assert float(mean_std.split(" ± ")[0]) == pytest.approx(sum(seeds) / 2, abs=0.011)  # of rounded values
+        if name == "plain":
+            assert diff == "(baseline)" and verdict == ""
+        else:
+            assert re.fullmatch(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", diff), diff
+            assert verdict in ("within noise", "gain beyond noise", "loss beyond noise")
+        assert 0.0 <= float(train_acc.rstrip(" %")) <= 100.0
+        assert re.fullmatch(r"[\d.]+ s( \(same runs as ONE\))?", train_time), train_time
         params[name] = int(n_params.replace(",", ""))
-        nbytes = int(size.split(" B")[0].replace(",", ""))
-        assert nbytes > 4 * params[name]  # float32 weights, plus pickling overhead
+        assert int(size.split(" B")[0].replace(",", "")) > 4 * params[name]  # float32 weights + pickling
     # the deployed models keep the original architecture; ONE-E holds the trunk, 3 branches and the gate
-    assert params["plain"] == params["ONE (branch 0)"] == params["OSAKD (k=8)"]
-    assert params["ONE-E (3-branch ensemble)"] > 2 * params["plain"]
-    files = {p.name: p.stat().st_size for p in tmp_path.glob("*.pt")}
-    assert set(files) == {"plain.pt", "one_branch0.pt", "one_ensemble.pt", "osakd.pt"}
-    assert files["plain.pt"] == int(rows["plain"][3].split(" B")[0].replace(",", ""))
-    assert files["one_branch0.pt"] == files["plain.pt"]  # same architecture, same keys
+    assert params["plain"] == params["ONE"] == params["OSAKD"]
+    assert params["ONE-E"] > 2 * params["plain"]
+    assert {p.name for p in tmp_path.glob("*.pt")} == {"plain.pt", "one.pt", "one_e.pt", "osakd.pt"}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["seeds"] == [0, 1] and len(results["curves"]["OSAKD"]) == 2
+    assert len(results["verdicts"]) == 3 and f"Results: {tmp_path / 'results.json'}" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "curves.png").stat().st_size > 0 and f"Curves: {tmp_path / 'curves.png'}" in out
 
 
-def test_demo_is_deterministic() -> None:
+def test_demo_parallel_processes_give_the_in_process_results() -> None:
     from kdwrap.demo import run_demo
 
-    kw = dict(dataset="digits", epochs=1, limit_train=128, batch_size=32, threads=1, progress=False,
-              log=lambda s: None)
-    a, b = run_demo(**kw), run_demo(**kw)
-    assert [r.accuracy for r in a.rows] == [r.accuracy for r in b.rows]
-    assert a.settings["train"] == 128 and a.settings["model"] == "small_cnn"
+    kw = dict(dataset="digits", epochs=1, limit_train=128, batch_size=32, seeds=[3, 4], threads=1, progress=False,
+              save_dir=None, log=lambda s: None)
+    serial, parallel = run_demo(jobs=1, **kw), run_demo(jobs=2, **kw)
+    assert [r.accuracies for r in serial.rows] == [r.accuracies for r in parallel.rows]
+    assert serial.settings["train"] == 128 and serial.settings["model"] == "small_cnn"
+
+
+def test_one_seed_never_claims_a_difference() -> None:
+    from kdwrap.demo import run_demo
+
+    res = run_demo(dataset="digits", epochs=1, limit_train=128, batch_size=32, seeds=[0], jobs=1, progress=False,
+                   save_dir=None, log=lambda s: None)
+    assert all(line.endswith("(within noise)") for line in res.verdicts), res.verdicts
+    assert "no interval" in res.table
+
+
+def test_unreadable_pack_falls_back_to_digits_with_a_warning(tmp_path: Path) -> None:
+    from kdwrap.demo import run_demo
+
+    lines: list[str] = []
+    with pytest.warns(UserWarning, match="could not be read.*missing.npz"):
+        res = run_demo(data=str(tmp_path / "missing.npz"), epochs=1, limit_train=64, seeds=[0], jobs=1,
+                       progress=False, save_dir=None, log=lines.append)
+    assert res.settings["dataset"] == "digits"
+    assert any(line.startswith("WARNING: ") and "falling back" in line for line in lines)
 
 
 def test_resolve_dataset(tmp_path: Path) -> None:
@@ -63,7 +93,7 @@ def test_resolve_dataset(tmp_path: Path) -> None:
     assert resolve_dataset("digits", None) == "digits"
     assert resolve_dataset("auto", str(tmp_path / "pack.npz")) == "cifar10-pack"
     assert resolve_dataset("auto", str(tmp_path)) == "fashion-mnist"
-    assert resolve_dataset("auto", None) in ("digits", "fashion-mnist")
+    assert resolve_dataset("auto", None) == "cifar10-pack"  # the pack the repository ships
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,7 +106,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--dataset", "digits", "--model", "no_such_net", "--epochs", "1", "--no-progress"]) == 2
+    assert main(["demo", *TINY, "--model", "no_such_net", "--save-dir", ""]) == 2
     assert "unknown model 'no_such_net'" in capsys.readouterr().err
 
 

@@ -86,6 +86,17 @@ def test_small_cnn_structure() -> None:
     assert 100_000 < n_params(m) < 200_000
 
 
+def test_lenet5_is_the_osakd_papers_cifar_network() -> None:
+    m = models.lenet5()
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    fcs = [c for c in m.modules() if isinstance(c, nn.Linear)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(6, (5, 5)), (16, (5, 5))]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(400, 120), (120, 84), (84, 10)]
+    assert n_params(m) == 62_006  # LeNet-5's count for 3-channel 32x32 inputs and 10 classes
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert models.lenet5(in_chans=1, num_classes=4)(torch.randn(2, 1, 28, 28)).shape == (2, 4)
+
+
 def test_timm_registry() -> None:
     timm = pytest.importorskip("timm")
     assert models.TIMM_REGISTERED
@@ -95,6 +106,8 @@ def test_timm_registry() -> None:
     assert isinstance(m, models.CifarResNet) and m.fc.out_features == 100 and m.depth == 32
     m = timm.create_model("small_cnn", pretrained=False, num_classes=3, in_chans=3)
     assert isinstance(m, models.SmallCNN) and m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    m = timm.create_model("lenet5", pretrained=False, num_classes=7)
+    assert isinstance(m, models.LeNet5) and m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(ValueError, match="pretrained=False"):
         timm.create_model("cifar_resnet20", pretrained=True)
 

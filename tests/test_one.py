@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdwrap
+import kdwrap.models  # noqa: F401  (cifar_resnet20)
 from kdwrap.methods.one import ONEEnsemble, ramp_weight
 from kdwrap.surgery import SplitError, TraceError
 
@@ -171,13 +172,40 @@ def test_parameters_hold_each_tensor_once(tiny_net):
     assert model.branches[0].get_submodule("stage2.0").weight is tiny_net.stage2[0].weight
 
 
-def test_branch_copies_start_equal_and_reinit_option(tiny_net):
-    model, _ = kdwrap.one(copy.deepcopy(tiny_net), branches=3)
+def test_branches_start_from_their_own_initialisation_by_default(tiny_net):
+    before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    model, _ = kdwrap.one(tiny_net, branches=3)
     w = [b.get_submodule("stage2.0").weight for b in model.branches]
-    assert torch.equal(w[0], w[1]) and w[0] is not w[1]
-    model, _ = kdwrap.one(tiny_net, branches=3, reinit_branches=True)
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    # branch 0 and the trunk keep the user's weights
+    assert all(torch.equal(v, tiny_net.state_dict()[k]) for k, v in before.items())
+
+
+def test_copied_branches_option_starts_them_equal(tiny_net):
+    model, _ = kdwrap.one(tiny_net, branches=3, reinit_branches=False)
     w = [b.get_submodule("stage2.0").weight for b in model.branches]
-    assert not torch.equal(w[0], w[1])
+    assert torch.equal(w[0], w[1]) and torch.equal(w[0], w[2]) and w[0] is not w[1]
+
+
+def test_reinitialised_branches_follow_the_models_own_initialiser():
+    # CifarResNet initialises its convs with He fan-out normal (std sqrt(2 / (9 * 64)) for layer3's 64-channel
+    # convs); each module's reset_parameters() alone would give kaiming-uniform with a = sqrt(5) (std 0.024).
+    net = kdwrap.models.cifar_resnet20()
+    model, _ = kdwrap.one(net, branches=3)
+    for b in model.branches[1:]:
+        std = float(b.get_submodule("layer3.1.conv2").weight.detach().std())
+        assert std == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.1)
+        assert torch.equal(b.get_submodule("layer3.1.bn2").weight, torch.ones(64))
+
+
+def test_reinitialised_branches_follow_timms_init_weights():
+    timm = pytest.importorskip("timm")
+    # timm's ResNet.init_weights zero-initialises the last BN of each block; reset_parameters() would give ones.
+    net = timm.create_model("resnet18", pretrained=False, num_classes=5)
+    model, _ = kdwrap.one(net, branches=2, split="layer4", input_size=(3, 32, 32))
+    fresh = model.branches[1]
+    assert torch.count_nonzero(fresh.get_submodule("layer4.1.bn2").weight) == 0
+    assert not torch.equal(fresh.get_submodule("layer4.1.conv1").weight, net.layer4[1].conv1.weight)
 
 
 def test_state_dict_round_trip(tiny_net):

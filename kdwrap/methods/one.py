@@ -7,6 +7,7 @@ The maths follows ``METHODS.md``; each default is a keyword argument.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import statistics
 from typing import Any, Callable, Sequence
@@ -109,7 +110,7 @@ class ONEModel(KDModel):
         net: nn.Module,
         branches: int = 3,
         split: str | None = None,
-        reinit_branches: bool = False,
+        reinit_branches: bool = True,
         branch: int = 0,
         input_size: Sequence[int] | None = None,
         gate_channels: int | None = None,
@@ -135,8 +136,7 @@ class ONEModel(KDModel):
         self.trunk = cut.trunk
         copies = [copy.deepcopy(cut.tail) for _ in range(branches - 1)]
         if reinit_branches:
-            for c in copies:
-                _reset_parameters(c)
+            reinitialise_like(net, copies)
         self.branches = nn.ModuleList([cut.tail, *copies])
         self.gate = ONEGate(cut.channels, branches, cut.channels_dim)
         # The original model, outside the module tree (its tensors are the trunk's and branch 0's): export()
@@ -548,6 +548,48 @@ def _reset_parameters(module: nn.Module) -> None:
             m.reset_parameters()
 
 
+# Whole-model initialisers, tried in order after every module's reset_parameters(): timm models expose
+# init_weights(), kdwrap's and many hand-written models _init_weights(). Only one callable without arguments is used
+# (timm's per-module _init_weights(m) takes one and is skipped).
+MODEL_INITIALISERS = ("init_weights", "_init_weights")
+
+
+def _own_initialiser(net: nn.Module) -> Callable[[], Any] | None:
+    for name in MODEL_INITIALISERS:
+        fn = getattr(net, name, None)
+        if not callable(fn):
+            continue
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return fn
+    return None
+
+
+def reinitialise_like(net: nn.Module, tails: Sequence[nn.Module]) -> None:
+    """Give each of ``tails`` (copies of a piece of ``net``, keyed as ``net`` is) the values a fresh initialisation
+    of ``net`` gives those modules: every module's ``reset_parameters()``, then the model's own initialiser
+    (:data:`MODEL_INITIALISERS`) where it has one, so branches start as the reference code's separately built
+    branches do (a CIFAR ResNet's He fan-out convs, timm's zero-initialised last BN of each block, ...)."""
+    fresh = copy.deepcopy(net)
+    init = _own_initialiser(fresh)
+    for tail in tails:
+        with torch.no_grad():
+            _reset_parameters(fresh)
+            if init is not None:
+                init()
+        state = fresh.state_dict()
+        mine = tail.state_dict()
+        unknown = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
+        if unknown:
+            # A tail whose keys are not the model's (a custom piece): each module's own default is all there is.
+            _reset_parameters(tail)
+            continue
+        tail.load_state_dict({k: state[k] for k in mine})
+
+
 def build_one(
     net: nn.Module,
     branches: int = 3,
@@ -555,7 +597,7 @@ def build_one(
     temperature: float = 3.0,
     rampup_steps: int = 0,
     accumulation_steps: int = 1,
-    reinit_branches: bool = False,
+    reinit_branches: bool = True,
     branch: int = 0,
     input_size: Sequence[int] | None = None,
     gate_channels: int | None = None,
@@ -576,7 +618,9 @@ def build_one(
         rampup_steps: optimizer steps of the sigmoid ramp-up of the KL weight (0: full weight from the start).
         accumulation_steps: loss calls per optimizer step under gradient accumulation (the ramp clock counts
             optimizer steps).
-        reinit_branches: re-initialise branches 1..m-1 instead of copying the tail's weights.
+        reinit_branches: branches 1..m-1 start from their own random initialisation, made the way the model
+            initialises itself (:func:`reinitialise_like`), as in the reference code (default). ``False``: they
+            start as copies of the tail's weights, the choice for fine-tuning a pretrained model.
         branch: the branch ``forward`` returns and :func:`kdwrap.export` keeps.
         input_size: (C, H, W) of an input, used when the gate's channel count or FLOPs need a trial forward.
         gate_channels, gate_channels_dim: override the inferred channels (and their axis, 1 or -1) of the trunk

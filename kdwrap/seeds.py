@@ -1,0 +1,91 @@
+"""Comparing training methods over seeds: mean ± standard deviation, the paired difference to a baseline with its
+95 % interval, and whether that difference is beyond noise.
+
+Runs with the same seed share their initial weights and data order, so the difference to the baseline is taken
+seed by seed (a paired comparison): ``d_s = method_s - baseline_s``, interval ``mean(d) ± t(0.975, n-1) * sd(d) /
+sqrt(n)``. A difference is *beyond noise* when that interval excludes zero, *within noise* otherwise; with one seed
+there is no interval and nothing can be called beyond noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["T_975", "Spread", "Difference", "spread", "paired_difference", "t_975", "verdict"]
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (the usual table); larger df use the normal 1.96.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_975(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (conservative between table rows)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    rows = [d for d in T_975 if d <= df]
+    return T_975[max(rows)] if df <= 30 else 1.96
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and sample standard deviation (``n - 1``) of one method's values over seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}" if self.n > 1 else f"{self.mean:.2f}"
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Paired difference ``method - baseline`` over seeds: mean, 95 % interval (``None`` with one seed)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+
+    @property
+    def beyond_noise(self) -> bool:
+        return self.low is not None and (self.low > 0 or self.high < 0)  # type: ignore[operator]
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self)
+
+    def __str__(self) -> str:
+        if self.low is None:
+            return f"{self.mean:+.2f} (1 seed: no interval)"
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Mean and sample standard deviation of ``values``."""
+    if not values:
+        raise ValueError("no values")
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Spread(mean, std, n)
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> Difference:
+    """``values - baseline`` seed by seed (same order), with the t-interval of its mean."""
+    if len(values) != len(baseline) or not values:
+        raise ValueError(f"paired comparison needs one value per seed on both sides, got {len(values)} and "
+                         f"{len(baseline)}")
+    d = spread([a - b for a, b in zip(values, baseline)])
+    if d.n < 2:
+        return Difference(d.mean, None, None, d.n)
+    half = t_975(d.n - 1) * d.std / math.sqrt(d.n)
+    return Difference(d.mean, d.mean - half, d.mean + half, d.n)
+
+
+def verdict(diff: Difference) -> str:
+    """``"gain beyond noise"``, ``"loss beyond noise"`` or ``"within noise"``."""
+    if not diff.beyond_noise:
+        return "within noise"
+    return "gain beyond noise" if diff.mean > 0 else "loss beyond noise"

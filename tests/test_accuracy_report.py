@@ -1,0 +1,72 @@
+"""benchmarks/accuracy.py: the per-method report drawn from the runs' history.json (no training here)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy  # noqa: E402
+
+# test accuracy per epoch, per (variant, seed); ONE also has its ensemble's curve
+CURVES = {
+    ("plain", 0): [50.0, 60.0, 58.0], ("plain", 1): [51.0, 61.0, 59.0], ("plain", 2): [49.0, 60.5, 59.5],
+    ("one-m3", 0): [52.0, 62.0, 61.0], ("one-m3", 1): [53.0, 62.5, 62.0], ("one-m3", 2): [50.0, 61.5, 61.5],
+}
+
+
+def _runs(tmp_path: Path, curves: dict = CURVES) -> list[dict]:
+    runs = []
+    for (variant, seed), curve in curves.items():
+        out = tmp_path / f"{variant}-seed{seed}"
+        out.mkdir()
+        epochs = [{"epoch": i + 1, "test_acc": a, "train_acc": 90.0 + i, "seconds": 2.0} for i, a in enumerate(curve)]
+        if variant.startswith("one"):
+            for e in epochs:
+                e["test_acc_ensemble"] = e["test_acc"] + 1.0
+        (out / "history.json").write_text(json.dumps({"epochs": epochs}))
+        runs.append({"variant": variant, "seed": seed, "out": out, "name": out.name})
+    return runs
+
+
+def test_rows_give_seed_values_and_paired_differences(tmp_path: Path) -> None:
+    rows = {r["reported"]: r for r in accuracy.summarise(_runs(tmp_path), ["plain", "one-m3"])}
+    assert list(rows) == ["plain", "ONE m=3 (branch 0)", "ONE-E m=3"]
+    one = rows["ONE m=3 (branch 0)"]
+    assert one["best"] == [62.0, 62.5, 61.5] and one["last"] == [61.0, 62.0, 61.5]
+    assert one["best_mean"] == pytest.approx(62.0) and one["best_std"] == pytest.approx(0.5)
+    # paired differences of the best epoch to plain's (60.0, 61.0, 60.5): +2.0, +1.5, +1.0 -> mean 1.5, sd 0.5,
+    # t(0.975, 2) = 4.303
+    d = one["best_diff"]
+    assert d["mean"] == pytest.approx(1.5)
+    assert d["high"] - d["mean"] == pytest.approx(4.303 * 0.5 / 3 ** 0.5, rel=1e-4)
+    assert d["verdict"] == "gain beyond noise" and d["seeds"] == [0, 1, 2]
+    # the ensemble row reads the ensemble curve but is compared with plain's deployed accuracy
+    assert rows["ONE-E m=3"]["last_diff"]["mean"] == pytest.approx(1 + (3.0 + 3.0 + 2.0) / 3)
+    assert "best_diff" not in rows["plain"] and rows["plain"]["train_acc_last"] == [92.0, 92.0, 92.0]
+
+
+def test_table_says_within_noise_when_the_interval_holds_zero(tmp_path: Path) -> None:
+    curves = {("plain", 0): [60.0], ("plain", 1): [61.0], ("osakd-k8", 0): [61.0], ("osakd-k8", 1): [60.5]}
+    rows = accuracy.summarise(_runs(tmp_path, curves), ["plain", "osakd-k8"])
+    table = accuracy.format_table(rows, "last")
+    line = next(l for l in table.splitlines() if l.startswith("| OSAKD 8-NN"))
+    assert "+0.25 [" in line and "within noise" in line and "beyond" not in line
+    assert "(baseline)" in next(l for l in table.splitlines() if l.startswith("| plain"))
+
+
+def test_unfinished_and_unpaired_runs(tmp_path: Path) -> None:
+    runs = _runs(tmp_path, {("plain", 0): [60.0], ("one-m2", 0): [61.0], ("one-m2", 1): [62.0]})
+    runs.append({"variant": "plain", "seed": 1, "out": tmp_path / "absent", "name": "absent"})
+    rows = {r["reported"]: r for r in accuracy.summarise(runs, ["plain", "one-m2"])}
+    d = rows["ONE m=2 (branch 0)"]["last_diff"]
+    assert d["seeds"] == [0] and d["low"] is None and d["verdict"] == "within noise"  # one pair: no interval
+
+
+def test_every_protocol_names_known_variants_and_plain_first() -> None:
+    for name, proto in accuracy.PROTOCOLS.items():
+        assert proto["variants"][0] == "plain", name
+        assert set(proto["variants"]) <= set(accuracy.VARIANTS), name
+    assert set(accuracy.VARIANTS) == set(accuracy.LABELS)

@@ -1,0 +1,53 @@
+"""kdwrap.seeds: the over-seeds statistics the demo and the accuracy benchmark report, checked against scipy."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kdwrap.seeds import T_975, paired_difference, spread, t_975, verdict
+
+stats = pytest.importorskip("scipy.stats")
+
+
+def test_t_table_matches_scipy() -> None:
+    for df, value in T_975.items():
+        assert value == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
+    # Between table rows the next smaller df is used: a wider interval, never a narrower one.
+    assert t_975(11) == T_975[10] >= stats.t.ppf(0.975, 11)
+    assert t_975(100) == 1.96
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_975(0)
+
+
+def test_spread_is_mean_and_sample_std() -> None:
+    s = spread([1.0, 2.0, 4.0])
+    assert s.mean == pytest.approx(7 / 3)
+    assert s.std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert str(s) == "2.33 ± 1.53"
+    assert spread([5.0]).std == 0.0 and str(spread([5.0])) == "5.00"
+    with pytest.raises(ValueError):
+        spread([])
+
+
+def test_paired_interval_equals_scipy_paired_t_test() -> None:
+    a = [66.1, 65.2, 66.8, 65.9]
+    b = [64.9, 64.7, 65.1, 65.3]
+    d = paired_difference(a, b)
+    diffs = [x - y for x, y in zip(a, b)]
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert d.mean == pytest.approx(sum(diffs) / 4)
+    assert (d.low, d.high) == (pytest.approx(ci.low, abs=1e-3), pytest.approx(ci.high, abs=1e-3))
+    assert d.beyond_noise and verdict(d) == "gain beyond noise"
+    assert str(d).startswith("+1.00 [")
+
+
+def test_verdicts() -> None:
+    # A consistent loss is called a loss; a difference whose sign varies over seeds is noise.
+    assert paired_difference([60.0, 61.0, 59.5], [61.0, 62.2, 60.4]).verdict == "loss beyond noise"
+    assert paired_difference([60.0, 62.0, 59.0], [61.0, 60.0, 60.0]).verdict == "within noise"
+    one = paired_difference([70.0], [60.0])
+    assert one.low is None and not one.beyond_noise and one.verdict == "within noise"
+    assert "no interval" in str(one)
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired_difference([1.0, 2.0], [1.0])
