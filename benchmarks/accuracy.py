@@ -38,14 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import markdown_table, pyplot
+from common import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_cifar.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT))
 
-from kdwrap.seeds import paired_difference, spread  # noqa: E402
+from kdwrap.seeds import paired_difference, plot_curves, spread  # noqa: E402
 
 # What each variant passes to train_cifar.py on top of its protocol. One module, one entry: a new variant is a line.
 VARIANTS: dict[str, list[str]] = {
@@ -73,10 +73,10 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                      "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
     # The ONE protocol (SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4, pad-4 crop + flip, 3 branches) shrunk to a CPU:
     # a class-balanced subset trained long enough to fit it, where distillation has something to correct.
-    "one-resnet20-subset": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 40, "batch_size": 128,
+    "one-resnet20-subset": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 30, "batch_size": 128,
                             "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
-                            "augment": True, "limit_train": 2500,
-                            "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
+                            "augment": True, "limit_train": 2000,
+                            "variants": ["plain", "one-m3", "one-m3-copy"]},
     "one-resnet32": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 30, "batch_size": 128,
                      "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True, "augment": True,
                      "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
@@ -254,29 +254,6 @@ def format_table(rows: list[dict[str, Any]], kind: str) -> str:
     return markdown_table(header, body)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        n = min(len(c) for c in r["curves"])
-        epochs = list(range(1, n + 1))
-        cols = list(zip(*(c[:n] for c in r["curves"])))
-        mean = [sum(v) / len(v) for v in cols]
-        ax.plot(epochs, mean, label=r["reported"], marker="o" if n < 5 else None)
-        ax.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols], alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def main() -> None:
     args = parse_args()
     setup = dict(PROTOCOLS[args.protocol])
@@ -353,8 +330,10 @@ def main() -> None:
     print(f"\nwrote {out}")
     title = (f"{what}\nmean, band: min-max over seeds; {desc}, {date}"
              + ("\nSMOKE RUN: the accuracies are meaningless" if args.smoke else ""))
-    if plot(rows, out.with_suffix(".png"), title):
+    if plot_curves({r["reported"]: r["curves"] for r in rows}, out.with_suffix(".png"), title):
         print(f"wrote {out.with_suffix('.png')}")
+    else:
+        print("matplotlib is not installed: no PNG")
 
 
 if __name__ == "__main__":

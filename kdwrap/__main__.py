@@ -39,19 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--dataset", default="auto", choices=["auto", "cifar10-pack", "fashion-mnist", "digits"],
                       help="auto (default): the CIFAR-10 JPEG pack shipped with kdwrap (data/cifar10-jpeg.npz), "
-                      "LeNet-5 on 10,000 images, about 8 minutes with 3 seeds; fashion-mnist: Debian's "
-                      "dataset-fashion-mnist files, small_cnn on 10,000 images, about 6 minutes; digits: "
-                      "scikit-learn's 8x8 digits, under a minute, too small to show distillation (the fallback when "
-                      "the pack cannot be read)")
+                      "LeNet-5 on 10,000 images, about DEMO_MINUTES minutes with 3 seeds; fashion-mnist: Debian's "
+                      "dataset-fashion-mnist files, small_cnn on 10,000 images; digits: scikit-learn's 8x8 digits, "
+                      "too small to show distillation (the fallback when the pack cannot be read)")
     demo.add_argument("--data", metavar="PATH", default=None,
                       help=f"CIFAR-10 pack file or Fashion-MNIST folder (default: the shipped pack, or ${CIFAR10_PACK_ENV}"
                       "; Debian's folder for Fashion-MNIST)")
     demo.add_argument("--model", default=None,
                       help="timm model name, pretrained=False (default: lenet5 for CIFAR-10, small_cnn for grey "
-                      "images); a cifar_resnet20 takes about 60x lenet5's time per epoch on a CPU")
+                      "images); per image, a cifar_resnet20 training step takes about 30x lenet5's on a CPU")
     demo.add_argument("--epochs", type=_positive_int, default=None,
-                      help="default: 30 cifar10-pack (about 15 s per epoch for all 9 trainings), 10 fashion-mnist, "
-                      "20 digits")
+                      help="default: 20 cifar10-pack (about EPOCH_SECONDS s per epoch for all 9 trainings), "
+                      "10 fashion-mnist, 20 digits")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                       help="seeds (default 0 1 2); each adds a third of the time; one seed gives no interval")
     demo.add_argument("--batch-size", type=_positive_int, default=None, help="default: 64")

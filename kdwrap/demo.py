@@ -24,7 +24,7 @@ from torch import nn
 
 from . import api
 from .data import Dataset, batches, channel_stats, load_dataset, normalize, random_crop_flip
-from .seeds import paired_difference, spread
+from .seeds import paired_difference, plot_curves, spread
 
 __all__ = ["DEMO_DEFAULTS", "METHODS", "DemoRow", "DemoResult", "resolve_dataset", "create_model", "format_table",
            "run_demo"]
@@ -312,30 +312,6 @@ def _verdicts(rows: list[DemoRow]) -> list[str]:
     return lines
 
 
-def _plot(curves: dict[str, list[list[float]]], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, per_seed in curves.items():
-        cols = list(zip(*per_seed))
-        epochs = range(1, len(cols) + 1)
-        ax.plot(epochs, [sum(c) / len(c) for c in cols], label=method)
-        ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def run_demo(
     dataset: str = "auto", data: str | None = None, model: str | None = None, epochs: int | None = None,
     batch_size: int | None = None, lr: float | None = None, weight_decay: float = 5e-4, device: str = "auto",
@@ -414,7 +390,7 @@ def run_demo(
     if out_dir is not None:
         title = (f"kdwrap demo: {model} on {name} ({n_train:,} training images), {epochs} epochs, seeds {seeds}\n"
                  "test accuracy of the deployed model; mean, band: min-max over seeds")
-        if _plot(curves, out_dir / CURVES_FILE, title):
+        if plot_curves(curves, out_dir / CURVES_FILE, title):
             log(f"Curves: {out_dir / CURVES_FILE}")
         else:
             log("No curves plot: matplotlib is not installed (pip install matplotlib)")

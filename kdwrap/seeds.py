@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
-__all__ = ["T_975", "Spread", "Difference", "spread", "paired_difference", "t_975", "verdict"]
+__all__ = ["T_975", "Spread", "Difference", "spread", "paired_difference", "t_975", "verdict", "plot_curves"]
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (the usual table); larger df use the normal 1.96.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -89,3 +90,31 @@ def verdict(diff: Difference) -> str:
     if not diff.beyond_noise:
         return "within noise"
     return "gain beyond noise" if diff.mean > 0 else "loss beyond noise"
+
+
+def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Path, title: str,
+                ylabel: str = "test accuracy (%)") -> bool:
+    """Save a PNG of per-epoch curves: for each label, the mean over seeds and a min-max band (seeds cut to the
+    shortest curve). Returns False, writing nothing, when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, per_seed in curves.items():
+        n = min(len(c) for c in per_seed)
+        cols = list(zip(*(c[:n] for c in per_seed)))
+        epochs = range(1, n + 1)
+        ax.plot(epochs, [sum(c) / len(c) for c in cols], label=label, marker="o" if n < 5 else None)
+        ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=ylabel)
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from kdwrap.seeds import T_975, paired_difference, spread, t_975, verdict
+from kdwrap.seeds import T_975, paired_difference, plot_curves, spread, t_975, verdict
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -51,3 +51,11 @@ def test_verdicts() -> None:
     assert "no interval" in str(one)
     with pytest.raises(ValueError, match="one value per seed"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_plot_curves_writes_a_png_of_unequal_runs(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "curves.png"
+    # an unfinished seed (2 epochs of 3) is cut to the shortest curve rather than failing
+    assert plot_curves({"plain": [[50.0, 60.0, 61.0], [51.0, 59.0]], "ONE": [[52.0, 62.0, 63.0]]}, path, "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
