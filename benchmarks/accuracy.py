@@ -76,7 +76,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "one-resnet20-subset": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 30, "batch_size": 128,
                             "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
                             "augment": True, "limit_train": 2000,
-                            "variants": ["plain", "one-m3", "one-m3-copy"]},
+                            "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
     "one-resnet32": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 30, "batch_size": 128,
                      "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True, "augment": True,
                      "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
