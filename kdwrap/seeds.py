@@ -9,6 +9,7 @@ there is no interval and nothing can be called beyond noise.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -111,7 +112,7 @@ def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Pat
         ax.plot(epochs, [sum(c) / len(c) for c in cols], label=label, marker="o" if n < 5 else None)
         ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2)
     ax.set(xlabel="epoch", ylabel=ylabel)
-    ax.set_title(title, fontsize=8)
+    ax.set_title("\n".join(textwrap.fill(line, 110) for line in title.splitlines()), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
