@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "dataset-fashion-mnist files, small_cnn on 10,000 images; digits: scikit-learn's 8x8 digits, "
                       "too small to show distillation (the fallback when the pack cannot be read)")
     demo.add_argument("--data", metavar="PATH", default=None,
-                      help=f"CIFAR-10 pack file or Fashion-MNIST folder (default: the shipped pack, or ${CIFAR10_PACK_ENV}"
+                      help="CIFAR-10 pack file or Fashion-MNIST folder (default: the shipped pack, or "
+                      f"${CIFAR10_PACK_ENV}"
                       "; Debian's folder for Fashion-MNIST)")
     demo.add_argument("--model", default=None,
                       help="timm model name, pretrained=False (default: lenet5 for CIFAR-10, small_cnn for grey "

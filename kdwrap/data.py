@@ -260,8 +260,9 @@ def load_cifar10_pack(
     """CIFAR-10 from the JPEG pack (``cifar10-jpeg.npz``: ``classes``, ``{train,test}_jpeg``,
     ``{train,test}_offsets``, ``y_{train,test}``): images ``N x 3 x 32 x 32`` **uint8**, labels int64.
 
-    ``path``: default :func:`cifar10_pack_path`. Decoding takes a few seconds, so the decoded arrays are cached in ``cache_root`` (default :func:`cache_dir`),
-    keyed by the pack's path, size and modification time; ``cache=False`` always decodes. Samples keep the pack's
+    ``path``: default :func:`cifar10_pack_path`. Decoding takes a few seconds, so the decoded arrays are cached in
+    ``cache_root`` (default :func:`cache_dir`), keyed by the pack's path, size and modification time;
+    ``cache=False`` always decodes. Samples keep the pack's
     order (sorted by class): shuffle before splitting. Use :func:`to_float` and :func:`normalize` before training.
     """
     path = Path(path) if path is not None else cifar10_pack_path()

@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -188,11 +188,11 @@ def _train_job(job: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     _, ds = _load(job["dataset"], job["data"], lambda s: None)
     ds = ds.subset_train(job["limit_train"], seed=0)  # one subset for every seed: seeds vary the training only
-    mean, std = channel_stats(ds.x_train)
+    mean, std = (t.to(dev) for t in channel_stats(ds.x_train))
     ds = Dataset(ds.x_train.to(dev), ds.y_train.to(dev), ds.x_test.to(dev), ds.y_test.to(dev), ds.classes)
 
     def prep(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, mean.to(x.device), std.to(x.device))
+        return normalize(x, mean, std)
 
     torch.manual_seed(job["seed"])  # every method starts from the same weights for a seed
     net = create_model(job["model"], ds.input_size[0], ds.num_classes, ds.input_size).to(dev)

@@ -195,7 +195,9 @@ class LeNet5(_CfgMixin, nn.Module):
     conv 16 5x5 -> ReLU -> max-pool 2, fc 120 -> ReLU -> fc 84 -> ReLU -> fc num_classes. On a 32x32 input the
     second pooling leaves 16 x 5 x 5; other sizes of at least 16x16 are pooled adaptively to 5x5."""
 
-    def __init__(self, in_chans: int = 3, num_classes: int = 10, input_size: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self, in_chans: int = 3, num_classes: int = 10, input_size: tuple[int, int, int] | None = None
+    ) -> None:
         super().__init__()
         if num_classes < 1 or in_chans < 1:
             raise ValueError(f"num_classes and in_chans must be >= 1, got {num_classes} and {in_chans}")

@@ -373,8 +373,6 @@ def test_stochastic_depth_is_traced_per_mode():
 
 def test_deep_copy_keeps_modes_and_outputs(tiny_net):
     """An EMA / best-model copy of an eval-mode wrapper must stay in eval mode (fx re-inits on deepcopy)."""
-    import copy
-
     model, _ = kdwrap.one(tiny_net)
     model.eval()
     twin = copy.deepcopy(model)
