@@ -62,6 +62,15 @@ class _CfgMixin:
     def default_cfg(self, cfg: dict[str, Any]) -> None:
         self.pretrained_cfg = cfg
 
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (timm convention)."""
+        return self.fc  # type: ignore[attr-defined]
+
+
+def _check_sizes(num_classes: int, in_chans: int) -> None:
+    if num_classes < 1 or in_chans < 1:
+        raise ValueError(f"num_classes and in_chans must be >= 1, got {num_classes} and {in_chans}")
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with a residual connection; a 1x1 conv + BN projection when the shape changes."""
@@ -103,8 +112,7 @@ class CifarResNet(_CfgMixin, nn.Module):
                 f"CIFAR ResNet depth must be 6n+2 with n >= 1 (e.g. {', '.join(map(str, CIFAR_RESNET_DEPTHS))}), "
                 f"got {depth!r}"
             )
-        if num_classes < 1 or in_chans < 1:
-            raise ValueError(f"num_classes and in_chans must be >= 1, got {num_classes} and {in_chans}")
+        _check_sizes(num_classes, in_chans)
         n = (depth - 2) // 6
         self.depth = depth
         self.drop_rate = drop_rate
@@ -137,10 +145,6 @@ class CifarResNet(_CfgMixin, nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (timm convention)."""
-        return self.fc
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map before pooling: B x 64 x H/4 x W/4."""
         x = self.relu(self.bn1(self.conv1(x)))
@@ -168,8 +172,7 @@ class SmallCNN(_CfgMixin, nn.Module):
         input_size: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1 or in_chans < 1:
-            raise ValueError(f"num_classes and in_chans must be >= 1, got {num_classes} and {in_chans}")
+        _check_sizes(num_classes, in_chans)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = hidden
@@ -180,10 +183,6 @@ class SmallCNN(_CfgMixin, nn.Module):
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden, num_classes)
         self.pretrained_cfg = _cfg(input_size or (in_chans, 28, 28), num_classes, architecture="small_cnn")
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (timm convention)."""
-        return self.fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.conv2(self.conv1(x)))
@@ -199,23 +198,18 @@ class LeNet5(_CfgMixin, nn.Module):
         self, in_chans: int = 3, num_classes: int = 10, input_size: tuple[int, int, int] | None = None
     ) -> None:
         super().__init__()
-        if num_classes < 1 or in_chans < 1:
-            raise ValueError(f"num_classes and in_chans must be >= 1, got {num_classes} and {in_chans}")
+        _check_sizes(num_classes, in_chans)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = 84
         self.conv1 = nn.Sequential(nn.Conv2d(in_chans, 6, 5), nn.ReLU(), nn.MaxPool2d(2))
         self.conv2 = nn.Sequential(nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
-        # An identity on 32x32 inputs (the paper's size); lets 28x28 or larger images through unchanged in layout.
+        # An identity on 32x32 inputs (the paper's size); other sizes from 16x16 up are brought to 5x5.
         self.pool = nn.AdaptiveMaxPool2d(5)
         self.fc1 = nn.Sequential(nn.Flatten(1), nn.Linear(16 * 5 * 5, 120), nn.ReLU())
         self.fc2 = nn.Sequential(nn.Linear(120, 84), nn.ReLU())
         self.fc = nn.Linear(84, num_classes)
         self.pretrained_cfg = _cfg(input_size or (in_chans, 32, 32), num_classes, architecture="lenet5")
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (timm convention)."""
-        return self.fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.conv2(self.conv1(x)))
