@@ -10,6 +10,8 @@ loop), with data on the device. The CIFAR-10 JPEG pack ships with the repository
     python benchmarks/accuracy.py --protocol osakd-fmnist --seeds 0 1 2
     # ONE on a residual network at CPU scale: CIFAR ResNet-20 on a class-balanced subset, the ONE protocol
     python benchmarks/accuracy.py --protocol one-resnet20-subset --seeds 0 1
+    # The same, long enough to fit: 80 epochs of a 1,000-image subset; plain, ONE, OSAKD, ONE with the reference ramp-up
+    python benchmarks/accuracy.py --protocol one-resnet20-fit --seeds 0 1
     # ONE's protocol on the whole set, CIFAR ResNet-32, 30 epochs (a GPU job)
     python benchmarks/accuracy.py --protocol one-resnet32 --seeds 0 1
     # plumbing check on a CPU: 1 epoch on 512 training / 256 test images (accuracies meaningless)
@@ -56,10 +58,13 @@ VARIANTS: dict[str, list[str]] = {
     "one-m2": ["--method", "one", "--branches", "2"],
     "one-m3": ["--method", "one", "--branches", "3"],
     "one-m3-copy": ["--method", "one", "--branches", "3", "--branch-init", "copy"],
+    # The reference code's ramp-up: the KL weight rises over 80 of its 300 epochs; here the same share of the run.
+    "one-m3-ramp": ["--method", "one", "--branches", "3", "--rampup-epochs", "{reference_rampup_epochs}"],
 }
+REFERENCE_RAMPUP_SHARE = 80 / 300
 LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN",
           "osakd-k8-inbatch": "OSAKD 8-NN in-batch", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
-          "one-m3-copy": "ONE m=3 copied branches"}
+          "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up"}
 
 # Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -77,6 +82,11 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                             "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
                             "augment": True, "limit_train": 2000, "limit_test": 2000,
                             "variants": ["plain", "one-m3", "one-m3-copy"]},
+    # The same on half the images, four times the steps: long enough for the network to fit its training set.
+    "one-resnet20-fit": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 80, "batch_size": 128,
+                         "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
+                         "augment": True, "limit_train": 1000, "limit_test": 2000,
+                         "variants": ["plain", "one-m3", "osakd-k8", "one-m3-ramp"]},
     "one-resnet32": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 30, "batch_size": 128,
                      "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True, "augment": True,
                      "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
@@ -139,7 +149,8 @@ def run_command(args: argparse.Namespace, setup: dict[str, Any], variant: str, s
     cmd += ["--augment" if setup["augment"] else "--no-augment", "--nesterov" if setup["nesterov"] else "--no-nesterov"]
     if args.data:
         cmd += ["--data", args.data]
-    return cmd + VARIANTS[variant] + args.train_args.split()
+    fill = {"reference_rampup_epochs": f"{REFERENCE_RAMPUP_SHARE * setup['epochs']:g}"}
+    return cmd + [a.format(**fill) for a in VARIANTS[variant]] + args.train_args.split()
 
 
 def launch_all(runs: list[dict[str, Any]], jobs: int, threads: int, total_epochs: int) -> None:
@@ -271,7 +282,7 @@ def main() -> None:
 
     if setup["dataset"] == "cifar10-pack" and not args.report_only:
         # Decode the pack once here: the runs then read kdwrap's cache instead of each decoding 60,000 JPEGs.
-        from kdwrap.data import load_cifar10_pack
+        from kdwrap.demo.data import load_cifar10_pack
 
         load_cifar10_pack(args.data)
 

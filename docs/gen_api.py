@@ -25,20 +25,23 @@ OUT = Path(__file__).resolve().parent / "api.md"
 SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Entry points", "Wrap a model, export the deployable model, describe a wrapper. Usage is always "
      "`model, loss_fn = kdwrap.one(net)` (or `osakd`, `wrap`), then `loss = loss_fn(model(x), y)`.",
-     ["kdwrap.wrap", "kdwrap.one", "kdwrap.osakd", "kdwrap.export", "kdwrap.summary", "kdwrap.METHODS"]),
+     ["kdwrap.wrap", "kdwrap.one", "kdwrap.osakd", "kdwrap.export", "kdwrap.summary", "kdwrap.METHODS",
+      "kdwrap.register_method"]),
+    ("Errors", "Raised on purpose, with a message that names the problem and the fix; all importable from `kdwrap`.",
+     ["kdwrap.errors"]),
     ("Base classes", "What every method's model and loss share.", ["kdwrap.KDModel", "kdwrap.KDLoss"]),
     ("ONE", "On-the-fly Native Ensemble; see [one.md](one.md).",
      ["kdwrap.methods.one.build_one", "kdwrap.methods.one.ONEModel", "kdwrap.methods.one.ONELoss",
       "kdwrap.methods.one.ONEEnsemble", "kdwrap.methods.one.ONEGate", "kdwrap.methods.one.ramp_weight"]),
     ("Fused branches (`kdwrap.fused`)", "ONE's branches as one graph; see [one.md](one.md#how-the-branches-run).",
-     ["kdwrap.fused.fuse_branches", "kdwrap.fused.FusedBranches", "kdwrap.fused.FusionError"]),
+     ["kdwrap.fused.fuse_branches", "kdwrap.fused.FusedBranches"]),
     ("OSAKD", "Online Self-Acquired Knowledge Distillation; see [osakd.md](osakd.md).",
      ["kdwrap.methods.osakd.build_osakd", "kdwrap.methods.osakd.OSAKDModel", "kdwrap.methods.osakd.OSAKDLoss",
       "kdwrap.memory_bank.MemoryBank", "kdwrap.knn.knn_soft_labels", "kdwrap.knn.knn_search"]),
     ("Models (`kdwrap.models`)", "Reference classifiers; importing the module registers them with timm.",
      ["kdwrap.models"]),
-    ("Data (`kdwrap.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",
-     ["kdwrap.data"]),
+    ("Data (`kdwrap.demo.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",
+     ["kdwrap.demo.data"]),
     ("Comparing over seeds (`kdwrap.seeds`)", "The statistics the demo and `benchmarks/accuracy.py` report; see "
      "[results.md](results.md).", ["kdwrap.seeds"]),
 ]

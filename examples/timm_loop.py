@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import kdwrap
 import kdwrap.models  # noqa: F401  (registers kdwrap's cifar_resnet* and small_cnn with timm)
-from kdwrap.data import batches, load_digits
+from kdwrap.demo.data import batches, load_digits
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from torch import nn
 
 import kdwrap
 import kdwrap.models  # noqa: F401  (registers cifar_resnet20/32/44/56/110 and small_cnn with timm)
-from kdwrap.data import Dataset, channel_stats, load_cifar10_pack, load_fashion_mnist, normalize, random_crop_flip
+from kdwrap.demo.data import Dataset, channel_stats, load_cifar10_pack, load_fashion_mnist, normalize, random_crop_flip
 
 DATASETS = ("cifar10-pack", "torchvision-cifar10", "torchvision-cifar100", "fashion-mnist")
 

@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from .errors import KDWrapError
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -20,7 +22,7 @@ def _split_arg(text: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kdwrap`` argument parser (sub-commands ``demo`` and ``summary``)."""
-    from .data import CIFAR10_PACK_ENV
+    from .demo.data import CIFAR10_PACK_ENV
 
     parser = argparse.ArgumentParser(
         prog="kdwrap",
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Wrap an untrained timm model (or kdwrap's small_cnn / cifar_resnet*) and "
                           "print kdwrap.summary: the split, parameter counts and FLOP shares.")
     summ.add_argument("model", metavar="MODEL_NAME", help="timm model name, e.g. resnet18 or cifar_resnet32")
-    summ.add_argument("--method", default="one", choices=["one", "osakd"])
+    summ.add_argument("--method", default="one", choices=["one", "osakd"],
+                      help="one (default: the split, branches and gate) or osakd")
     summ.add_argument("--split", type=_split_arg, default=None, help="ONE split point (module name); default: auto")
     summ.add_argument("--branches", type=_positive_int, default=3)
     summ.add_argument("--num-classes", type=_positive_int, default=None, help="default: the model's own")
@@ -115,7 +118,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(
         dataset=args.dataset, data=args.data, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
@@ -136,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return {"demo": _demo, "summary": _summary}[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (KDWrapError, ValueError, FileNotFoundError, ImportError) as e:
         if os.environ.get("KDWRAP_DEBUG"):
             raise
         print(f"kdwrap {args.command}: error: {e}\n(set KDWRAP_DEBUG=1 for the traceback)", file=sys.stderr)

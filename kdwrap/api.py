@@ -1,15 +1,47 @@
 """The public entry points: wrap a model for a method, export the deployable model, summarise a wrapper."""
 from __future__ import annotations
 
-from typing import Any
+import difflib
+import inspect
+from typing import Any, Callable
 
 from torch import nn
 
 from .base import KDLoss, KDModel, unwrap
+from .errors import OptionError
 
-__all__ = ["METHODS", "wrap", "one", "osakd", "export", "summary"]
+__all__ = ["METHODS", "register_method", "wrap", "one", "osakd", "export", "summary"]
 
-METHODS = ("one", "osakd")
+Wrapper = Callable[..., "tuple[KDModel, KDLoss]"]
+# Method name -> its entry point (``kdwrap.one``, ...): what ``wrap(net, method=name)`` calls. Filled by
+# register_method, so a method is declared once, where it is defined.
+METHODS: dict[str, Wrapper] = {}
+
+
+def register_method(name: str) -> Callable[[Wrapper], Wrapper]:
+    """Register ``fn(net, **options) -> (model, loss_fn)`` as ``kdwrap.wrap(net, method=name)``."""
+    def add(fn: Wrapper) -> Wrapper:
+        if name in METHODS:
+            raise ValueError(f"kdwrap method {name!r} is already registered (by {METHODS[name].__qualname__})")
+        METHODS[name] = fn
+        return fn
+
+    return add
+
+
+def check_options(method: str, builder: Callable, options: dict[str, Any]) -> None:
+    """Raise :class:`OptionError` naming each option ``builder`` does not take, with the valid ones."""
+    valid = [n for n, p in inspect.signature(builder).parameters.items()
+             if n != "net" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in valid]
+    if not unknown:
+        return
+    hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, valid, n=1)) else repr(k)
+             for k in unknown]
+    raise OptionError(
+        f"kdwrap {method}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+        f"valid options: {', '.join(valid)}"
+    )
 
 
 def _check_net(net: nn.Module) -> None:
@@ -27,6 +59,7 @@ def _check_net(net: nn.Module) -> None:
         )
 
 
+@register_method("one")
 def one(net: nn.Module, branches: int = 3, **kwargs: Any) -> tuple[KDModel, KDLoss]:
     """Wrap ``net`` for ONE (On-the-fly Native Ensemble). Returns ``(model, loss_fn)``.
 
@@ -35,9 +68,11 @@ def one(net: nn.Module, branches: int = 3, **kwargs: Any) -> tuple[KDModel, KDLo
     from .methods.one import build_one
 
     _check_net(net)
+    check_options("one", build_one, kwargs)
     return build_one(net, branches=branches, **kwargs)
 
 
+@register_method("osakd")
 def osakd(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
     """Wrap ``net`` for OSAKD (Online Self-Acquired KD). Returns ``(model, loss_fn)``.
 
@@ -46,15 +81,15 @@ def osakd(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
     from .methods.osakd import build_osakd
 
     _check_net(net)
+    check_options("osakd", build_osakd, kwargs)
     return build_osakd(net, **kwargs)
 
 
 def wrap(net: nn.Module, method: str = "one", **kwargs: Any) -> tuple[KDModel, KDLoss]:
-    """Wrap ``net`` for online KD with ``method`` (one of :data:`METHODS`). Returns ``(model, loss_fn)``."""
-    builders = {"one": one, "osakd": osakd}
-    if method not in builders:
+    """Wrap ``net`` for online KD with ``method`` (a name in :data:`METHODS`). Returns ``(model, loss_fn)``."""
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    return builders[method](net, **kwargs)
+    return METHODS[method](net, **kwargs)
 
 
 def _kd_model(model: nn.Module) -> KDModel:

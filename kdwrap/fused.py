@@ -26,7 +26,7 @@ Rules (``S`` shared, ``F`` fused; an ``S`` input is repeated ``m`` times along a
 * ``Conv1d/2d/3d`` (and ``F.conv*d``, timm ``Conv2dSame``): weights concatenated along out-channels. ``S`` input
   with ``groups == 1``: one dense conv, groups unchanged; ``F`` input (or grouped conv on ``S``): ``groups * m``
   (``conv_mode="grouped"``), or ``m`` dense convs on the channel slices, concatenated (``"split"``; ``"auto"`` picks
-  it on CPU, where oneDNN's grouped-conv backward is about 2x slower than dense ones). Output ``F``.
+  it on CPU, where oneDNN's grouped-conv backward is slower than dense ones). Output ``F``.
 * ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, timm ``BatchNormAct2d``/``SyncBatchNormAct``/``FrozenBatchNormAct2d``,
   torchvision ``FrozenBatchNorm2d``, ``F.batch_norm``: per-channel, so weights, biases and running statistics are
   concatenated over ``m*C``. In training the updated statistics are copied back into each branch's buffers (one
@@ -76,11 +76,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .errors import FusionError
+
 __all__ = ["FusionError", "FusedBranches", "fuse_branches"]
-
-
-class FusionError(Exception):
-    """The branches cannot be run as one fused graph; the message names the node and op and says why."""
 
 
 # Value kinds (see the module docstring).

@@ -8,12 +8,9 @@ One interface, two backends:
 * ``"faiss"``: ``faiss.IndexFlatL2`` / ``IndexFlatIP`` on CPU tensors; faiss's GPU brute force when faiss was built
   with GPU support and the tensors are on CUDA (otherwise CUDA tensors are copied to the CPU). Imported lazily:
   ``pip install kdwrap[faiss]``.
-* ``"auto"`` is ``"torch"``. Measured on the shared 2-core x86_64 CPU (2026-11-22, ``python
-  benchmarks/knn_speed.py --device cpu``, k=16, median of 9; figures in docs/osakd.md): the torch backend was faster
-  than faiss or at most 1.3x slower everywhere (e.g. 65,536 x 100 bank, 128 queries: torch 123 ms, faiss
-  146 ms; 65,536 x 1000: torch 782 ms, faiss 1,408 ms with 2 threads, 612 vs 550 ms with 1 thread), except a small
-  4,096-entry bank under two contended threads. On GPU the torch brute force runs on the device with no host copy.
-  Pass ``backend="faiss"`` explicitly to use faiss.
+* ``"auto"`` is ``"torch"``: on the CPUs measured it was faster than faiss or close to it for the banks OSAKD
+  uses (figures in docs/osakd.md), and on GPU it runs on the device with no host copy. Pass ``backend="faiss"``
+  explicitly to use faiss.
 
 Distances: ``"l2"`` returns *squared* Euclidean distances (same neighbours as Euclidean, as faiss does);
 ``"cosine"`` returns ``1 - cos(q, r)``. Among exactly tied distances the two backends may pick different
@@ -70,7 +67,7 @@ def _faiss_has_gpu(faiss: Any) -> bool:
 
 def resolve_backend(backend: str) -> str:
     """The concrete backend (``"torch"`` or ``"faiss"``) that ``backend`` means; ``"auto"`` is always ``"torch"``
-    (faster in every configuration measured, see the module docstring)."""
+    (see the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown k-NN backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "faiss":

@@ -93,6 +93,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two 3x3 conv-BN layers plus the shortcut, then ReLU."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -151,6 +152,7 @@ class CifarResNet(_CfgMixin, nn.Module):
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of images ``(B, 3, H, W)``."""
         x = torch.flatten(self.avgpool(self.forward_features(x)), 1)
         if self.drop_rate > 0:
             x = F.dropout(x, self.drop_rate, self.training)
@@ -185,6 +187,7 @@ class SmallCNN(_CfgMixin, nn.Module):
         self.pretrained_cfg = _cfg(input_size or (in_chans, 28, 28), num_classes, architecture="small_cnn")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of images ``(B, C, H, W)``."""
         x = self.pool(self.conv2(self.conv1(x)))
         return self.fc(self.dropout(self.fc1(x)))
 
@@ -212,6 +215,7 @@ class LeNet5(_CfgMixin, nn.Module):
         self.pretrained_cfg = _cfg(input_size or (in_chans, 32, 32), num_classes, architecture="lenet5")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of images ``(B, C, H, W)``."""
         x = self.pool(self.conv2(self.conv1(x)))
         return self.fc(self.fc2(self.fc1(x)))
 

@@ -16,15 +16,9 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule, NodePathTracer
 
+from .errors import SplitError, TraceError
+
 __all__ = ["SplitError", "TraceError", "SplitResult", "trace", "select_output", "auto_split", "split_model", "example_input"]
-
-
-class SplitError(ValueError):
-    """The requested split point cannot cut the model into a trunk and a tail."""
-
-
-class TraceError(RuntimeError):
-    """torch.fx could not trace the model."""
 
 
 # Ops through which a channel count read off a module upstream may no longer hold.

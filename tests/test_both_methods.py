@@ -6,7 +6,7 @@ from torch import nn
 
 import kdwrap
 from conftest import TinyNet
-from kdwrap.surgery import SplitError
+from kdwrap import SplitError
 
 METHODS = {"one": dict(branches=3), "osakd": dict(k=2, bank_size=16)}
 

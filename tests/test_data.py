@@ -1,4 +1,4 @@
-"""kdwrap.data: offline loaders (digits, Fashion-MNIST idx files, CIFAR-10 JPEG pack) and tensor helpers."""
+"""kdwrap.demo.data: offline loaders (digits, Fashion-MNIST idx files, CIFAR-10 JPEG pack) and tensor helpers."""
 from __future__ import annotations
 
 import gzip
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdwrap import data
+from kdwrap.demo import data
 
 
 # --- digits ---------------------------------------------------------------------------------------------------------
@@ -82,6 +82,15 @@ def test_fashion_mnist_loader_on_synthetic_idx(tmp_path: Path, compress: bool) -
     assert ds.y_train.tolist() == y_tr.tolist() and ds.y_test.tolist() == y_te.tolist()
     assert len(ds.classes) == 10 and ds.classes[9] == "Ankle boot"
     assert data.load_dataset("fashion-mnist", tmp_path).y_test.tolist() == y_te.tolist()
+
+
+def test_fashion_mnist_folder_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, _, y_te = _fake_fashion(tmp_path)
+    monkeypatch.setenv(data.FASHION_MNIST_ENV, str(tmp_path))
+    assert data.load_fashion_mnist().y_test.tolist() == y_te.tolist()
+    monkeypatch.setenv(data.FASHION_MNIST_ENV, str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="absent"):
+        data.load_fashion_mnist()
 
 
 def test_fashion_mnist_missing_files_names_the_package(tmp_path: Path) -> None:
@@ -191,7 +200,7 @@ def test_pack_path_is_the_shipped_copy_or_the_environment_variable(monkeypatch: 
                                                                    tmp_path: Path) -> None:
     monkeypatch.delenv(data.CIFAR10_PACK_ENV, raising=False)
     shipped = data.cifar10_pack_path()
-    assert shipped == Path(data.__file__).resolve().parents[1] / "data" / "cifar10-jpeg.npz"
+    assert shipped == Path(__file__).resolve().parents[1] / "data" / "cifar10-jpeg.npz"  # the repository's data/
     assert shipped.is_file(), "the repository ships the CIFAR-10 pack in data/"
     _fake_pack(tmp_path / "mine.npz")
     monkeypatch.setenv(data.CIFAR10_PACK_ENV, str(tmp_path / "mine.npz"))

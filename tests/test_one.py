@@ -10,7 +10,7 @@ from torch import nn
 import kdwrap
 import kdwrap.models  # noqa: F401  (cifar_resnet20)
 from kdwrap.methods.one import ONEEnsemble, ramp_weight
-from kdwrap.surgery import SplitError, TraceError
+from kdwrap import SplitError, TraceError
 
 from conftest import TinyNet
 

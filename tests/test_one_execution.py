@@ -10,7 +10,7 @@ from torch import nn
 import kdwrap
 import kdwrap.models  # noqa: F401  (registers cifar_resnet* with timm)
 from conftest import TinyNet
-from kdwrap.fused import FusionError
+from kdwrap import FusionError
 from kdwrap.methods import one as one_module
 from kdwrap.methods.one import FUSE_MAX_GFLOP
 from test_fused import ResLike

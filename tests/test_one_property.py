@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kdwrap
-from kdwrap.surgery import SplitError
+from kdwrap import SplitError
 
 
 @st.composite

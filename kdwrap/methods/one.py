@@ -31,13 +31,13 @@ EXECUTIONS = ("auto", "sequential", "fused")
 # execution="auto" times both executions instead of guessing, as cudnn.benchmark does for convolution algorithms:
 # at the first training forward of each input signature (device, shape, dtype, autocast, memory format) it runs the
 # tail forward + backward both ways on that very input and keeps the faster. Which one wins depends on the GPU, the
-# model, the batch and the precision: on an H100 (issue 6, bf16, batch 128, 3 branches) fusing made CIFAR
-# ResNet-32's step 1.39x the plain step against 1.86x sequential, and resnet50's 1.40x against 1.20x.
+# model, the batch and the precision: in the prototypes behind this design, fusing won for CIFAR ResNet-32 and lost
+# for resnet50 on the same GPU (docs/one.md quotes them).
 MEASURE_DEVICES = ("cuda",)
 # Where auto cannot time (the CPU, inside torch.compile, under deterministic algorithms, without autograd) it
 # follows a rule: fused on CUDA while one branch's forward work per step (batch x FLOPs per sample) is at most this
-# many GFLOP. It lies between the two H100 points above (~5.8 and ~210 GFLOP per step), on a log scale. On the CPU
-# both executions cost the same (docs/results.md), so auto stays sequential there: no timing noise in the choice.
+# many GFLOP, between those two models' per-step work on a log scale. On the CPU
+# fusion saves no measurable time (docs/results.md), so auto stays sequential there: no timing noise in the choice.
 FUSE_MAX_GFLOP = 32.0
 _MEASURE_REPEATS = 3  # timed runs per execution, after one untimed run (cudnn autotuning, allocation)
 
@@ -63,6 +63,7 @@ class ONEGate(nn.Module):
         self.bn = nn.BatchNorm1d(branches)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """Softmax gate weights ``(B, m)`` from the globally pooled trunk output ``f``."""
         pooled = global_pool(f, self.channels_dim)
         if pooled.shape[-1] != self.channels:
             raise RuntimeError(
@@ -108,6 +109,7 @@ class ONEModel(KDModel):
     def __init__(
         self,
         net: nn.Module,
+        *,
         branches: int = 3,
         split: str | None = None,
         reinit_branches: bool = True,
@@ -157,6 +159,8 @@ class ONEModel(KDModel):
         return {k: given[k] for k in self._tail_inputs if k in given}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Training: run every branch, capture their logits and the gate for the loss, return branch
+        ``branch``'s logits. Eval: run only that branch (the deployed model's computation)."""
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
@@ -443,6 +447,7 @@ class ONEEnsemble(nn.Module):
         self.gate = copy.deepcopy(model.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate-weighted sum of every branch's logits (ONE-E), a plain tensor."""
         f = self.trunk(x)
         return ensemble_logits([b(f) for b in self.branches], self.gate(f))
 
@@ -466,6 +471,7 @@ class ONELoss(KDLoss):
     def __init__(
         self,
         model: ONEModel,
+        *,
         temperature: float = 3.0,
         rampup_steps: int = 0,
         accumulation_steps: int = 1,
@@ -483,6 +489,8 @@ class ONELoss(KDLoss):
         # self.step (KDLoss) counts training-mode calls; the ramp clock is step // accumulation_steps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The ONE loss of the preceding training forward (``logits`` is what it returned); cross-entropy after
+        an eval forward."""
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"kdwrap one: expected the model's logits of shape (B, C), got {what}")
@@ -592,6 +600,7 @@ def reinitialise_like(net: nn.Module, tails: Sequence[nn.Module]) -> None:
 
 def build_one(
     net: nn.Module,
+    *,
     branches: int = 3,
     split: str | None = None,
     temperature: float = 3.0,
@@ -639,7 +648,10 @@ def build_one(
             runs one branch either way.
     """
     model = ONEModel(
-        net, branches, split, reinit_branches, branch, input_size, gate_channels, gate_channels_dim,
-        leaf_modules, autowrap_functions, output, execution,
+        net, branches=branches, split=split, reinit_branches=reinit_branches, branch=branch, input_size=input_size,
+        gate_channels=gate_channels, gate_channels_dim=gate_channels_dim, leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions, output=output, execution=execution,
     )
-    return model, ONELoss(model, temperature, rampup_steps, accumulation_steps, check_finite)
+    loss_fn = ONELoss(model, temperature=temperature, rampup_steps=rampup_steps,
+                      accumulation_steps=accumulation_steps, check_finite=check_finite)
+    return model, loss_fn

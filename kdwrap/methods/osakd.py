@@ -64,13 +64,14 @@ class OSAKDModel(KDModel):
 
     method = "osakd"
 
-    def __init__(self, net: nn.Module, output: int | str | None = None) -> None:
+    def __init__(self, net: nn.Module, *, output: int | str | None = None) -> None:
         super().__init__()
         self.model = net
         self.output = output
         self.config: dict[str, Any] = {}  # filled by build_osakd, for summary()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Exactly what the wrapped net returns; in training mode it also records a capture for the loss."""
         out = self.model(*args, **kwargs)
         if self.training:
             self._put_capture(tuple(select_logits(out, self.output).shape))
@@ -136,6 +137,7 @@ class OSAKDLoss(KDLoss):
     def __init__(
         self,
         model: OSAKDModel,
+        *,
         k: int = 8,
         alpha: float = 0.9,
         bank_size: int = 16384,
@@ -161,6 +163,8 @@ class OSAKDLoss(KDLoss):
         )
 
     def forward(self, outputs: Any, target: torch.Tensor) -> torch.Tensor:
+        """The OSAKD loss of the preceding training forward (soft labels from the bank and the batch, then the
+        bank is updated); cross-entropy after an eval forward."""
         model = self.model
         logits = select_logits(outputs, model.output)
         if logits.dim() != 2:
@@ -244,6 +248,7 @@ def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
 
 def build_osakd(
     net: nn.Module,
+    *,
     k: int = 8,
     alpha: float = 0.9,
     bank_size: int = 16384,

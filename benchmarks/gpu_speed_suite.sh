@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Issue 6's GPU measurements (ONE's branch executions) in one device call that stays under its 10-minute limit:
+# ONE's GPU speed measurements (branch executions, compile, CUDA graphs) in one device call that stays under its
+# 10-minute limit:
 #
-#   bash benchmarks/device_issue6.sh [STEP ...]      # STEPs: eager models compile cudagraphs (default: all four)
+#   bash benchmarks/gpu_speed_suite.sh [STEP ...]      # STEPs: eager models compile cudagraphs (default: all four)
 #
 # Needs only what the GPU machine's image has (torch, timm, matplotlib) and this checkout; kdwrap is imported
 # through PYTHONPATH. Each step has its own time limit, so a slow one cannot eat the others' time; their sum
 # (570 s) leaves the call room inside 600 s. The limits are estimates from the prototypes' timings: a step that
-# runs over prints so, and can be run alone in a call of its own (`bash benchmarks/device_issue6.sh compile`).
+# runs over prints so, and can be run alone in a call of its own (`bash benchmarks/gpu_speed_suite.sh compile`).
 # Results go to $OUT (or benchmarks/results/device/), packed after every step into one archive, since a device
 # call returns at most 8 files:
-#   $OUT/issue6.tgz   speed_<step>.json / .png / .log, and speed_eager_profile.txt
+#   $OUT/speed.tgz   speed_<step>.json / .png / .log, and speed_eager_profile.txt
 #   $OUT/gpu.txt      the GPU, driver, torch and timm versions
-#   $OUT/targets.txt  benchmarks/issue6_targets.py's verdicts on the targets (also targets.json in the archive)
-# Unpack here with `tar xzf issue6.tgz -C benchmarks/results/` and quote the tables in docs/results.md.
+#   $OUT/targets.txt  benchmarks/speed_targets.py's verdicts on the targets (also targets.json in the archive)
+# Unpack here with `tar xzf speed.tgz -C benchmarks/results/` and quote the tables in docs/results.md.
 #
-# What each step answers (targets in issue 6):
+# What each step answers (targets in benchmarks/speed_targets.py):
 #   eager       CIFAR ResNet-32 and timm resnet50, batch 128, bf16 + channels_last: plain, ONE m=2/3/4 in each
 #               execution (auto, sequential, fused), OSAKD; peak memory; kernel profile of plain and ONE m=3
 #   models      auto vs sequential vs fused (m=3) on the fusible models of the ONE list (batch 128, 224 px)
@@ -47,7 +48,7 @@ speed() {  # NAME LIMIT_S ARGS...: one benchmarks/speed.py run, logged, packed
     if [ "$rc" -eq 124 ]; then echo "   over its limit"; else echo "   exit $rc:"; tail -n 5 "$work/speed_$name.log"; fi
   fi
   sed -n '/^| model/,/^$/p' "$work/speed_$name.log"
-  tar czf "$OUT/issue6.tgz" -C "$work" .
+  tar czf "$OUT/speed.tgz" -C "$work" .
 }
 
 for step in "${steps[@]}"; do
@@ -62,8 +63,8 @@ for step in "${steps[@]}"; do
   esac
 done
 if ls "$work"/speed_*.json >/dev/null 2>&1; then  # the verdicts; a missed target is a result, not a failed call
-  echo "== issue 6 targets"
-  "$PY" benchmarks/issue6_targets.py "$work" --out "$work/targets.json" | tee "$OUT/targets.txt"
-  tar czf "$OUT/issue6.tgz" -C "$work" .
+  echo "== speed targets"
+  "$PY" benchmarks/speed_targets.py "$work" --out "$work/targets.json" | tee "$OUT/targets.txt"
+  tar czf "$OUT/speed.tgz" -C "$work" .
 fi
 exit $failed

@@ -1,19 +1,20 @@
-"""Issue 6's speed targets, checked against the JSON that benchmarks/speed.py writes.
+"""ONE's speed targets (step ratio to plain, `auto` against sequential, peak memory), checked against the JSON
+that benchmarks/speed.py writes.
 
-    python benchmarks/issue6_targets.py benchmarks/results/device/              # every speed_*.json in a folder
-    python benchmarks/issue6_targets.py speed_eager.json speed_models.json
+    python benchmarks/speed_targets.py benchmarks/results/device/              # every speed_*.json in a folder
+    python benchmarks/speed_targets.py speed_eager.json speed_models.json
 
 For each model, number of branches and compile setting found in the files, one row per target:
 
 * **step ratio**: ONE as a user runs it (the ``auto`` row) against the plain step, at most 1.25x for CIFAR
-  ResNet-32 and 1.20x for timm resnet50 with 3 branches (the issue's table). Other models get no ratio target.
+  ResNet-32 and 1.20x for timm resnet50 with 3 branches. Other models get no ratio target.
 * **auto vs sequential**: ``auto`` is never slower than sequential by more than the run-to-run spread (the larger
   interquartile range of the two rows).
 * **peak memory**: ``auto`` and fused at most sequential's peak plus 10 %. Rows without a peak (CPU) say n/a.
 
 The ratio targets are for eager steps; compiled rows get the other two checks. Prints a markdown table and exits
 1 if a target is missed or its plain row is missing, 0 otherwise. ``not run`` marks a check whose ``auto`` row the
-run left out (``speed.py --variants``; the compile steps of device_issue6.sh do), ``n/a`` a memory check on a
+run left out (``speed.py --variants``; the compile steps of gpu_speed_suite.sh do), ``n/a`` a memory check on a
 device that reports no peak memory: neither counts as met. ``--out FILE`` also writes the verdicts as JSON.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Iterable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table  # noqa: E402
 
-# (model, branches) -> the largest ONE/plain step ratio allowed (issue 6, "Targets")
+# (model, branches) -> the largest ONE/plain step ratio allowed, measured on eager steps
 RATIO_TARGETS = {("cifar_resnet32", 3): 1.25, ("resnet50", 3): 1.20}
 MEMORY_SLACK = 1.10
 
@@ -79,7 +80,7 @@ def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         where = {"model": model, "branches": m, "compiled": compiled, "file": file}
         auto, seq, fused = ex.get("auto"), ex.get("sequential"), ex.get("fused")
         plain = plains.get((model, file, compiled))
-        limit = None if compiled else RATIO_TARGETS.get((model, m))  # the issue's targets are eager steps
+        limit = None if compiled else RATIO_TARGETS.get((model, m))  # the targets are for eager steps
         if limit is not None:
             if auto is None or plain is None:
                 verdict = "missing" if plain is None else "not run"

@@ -1,4 +1,4 @@
-"""benchmarks/issue6_targets.py: the issue-6 verdicts drawn from speed.py's JSON."""
+"""benchmarks/speed_targets.py: the verdicts on the speed targets drawn from speed.py's JSON."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import issue6_targets  # noqa: E402
+import speed_targets  # noqa: E402
 
 
 def _row(model: str, variant: str, ms: float, iqr: float = 0.5, peak: float | None = 2.0,
@@ -24,7 +24,7 @@ def _write(tmp_path: Path, name: str, rows: list[dict]) -> Path:
 
 
 def _verdicts(tmp_path: Path, rows: list[dict]) -> dict[tuple[str, int, str], str]:
-    out = issue6_targets.check(issue6_targets.load_rows([_write(tmp_path, "speed_x.json", rows)]))
+    out = speed_targets.check(speed_targets.load_rows([_write(tmp_path, "speed_x.json", rows)]))
     return {(v["model"], v["branches"], v["target"]): v["verdict"] for v in out}
 
 
@@ -54,22 +54,22 @@ def test_absent_rows_are_never_met_and_the_exit_code_says_so(tmp_path: Path, cap
     assert v[("cifar_resnet32", 3, "auto <= sequential + spread")] == "not run"
     no_plain = [_row("resnet50", "ONE m=3 auto", 12.0, plan="sequential"), _row("resnet50", "ONE m=3 sequential", 12.0)]
     assert _verdicts(tmp_path, no_plain)[("resnet50", 3, "auto <= 1.20x plain")] == "missing"
-    assert issue6_targets.main([str(_write(tmp_path, "speed_a.json", no_plain))]) == 1
+    assert speed_targets.main([str(_write(tmp_path, "speed_a.json", no_plain))]) == 1
     good = [_row("cifar_resnet32", "plain", 10.0), _row("cifar_resnet32", "ONE m=3 auto", 11.0, plan="fused"),
             _row("cifar_resnet32", "ONE m=3 sequential", 11.2)]
     folder = tmp_path / "run"
     folder.mkdir()
     _write(folder, "speed_eager.json", good)
-    assert issue6_targets.main([str(folder)]) == 0
+    assert speed_targets.main([str(folder)]) == 0
     assert "auto ran fused" in capsys.readouterr().out
 
 
 def test_bad_paths_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no such file"):
-        issue6_targets.main([str(tmp_path / "absent.json")])
+        speed_targets.main([str(tmp_path / "absent.json")])
     with pytest.raises(SystemExit, match="no speed_"):
-        issue6_targets.main([str(tmp_path)])
+        speed_targets.main([str(tmp_path)])
     other = tmp_path / "other.json"
     other.write_text("{}")
     with pytest.raises(SystemExit, match="not a benchmarks/speed.py result"):
-        issue6_targets.main([str(other)])
+        speed_targets.main([str(other)])

@@ -25,6 +25,7 @@ __all__ = [
     "Dataset",
     "DATASETS",
     "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_ENV",
     "CIFAR10_PACK_ENV",
     "cifar10_pack_path",
     "load_digits",
@@ -39,11 +40,13 @@ __all__ = [
     "batches",
 ]
 
+# Where Debian's dataset-fashion-mnist package installs the files; the environment variable points elsewhere.
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "KDWRAP_FASHION_MNIST"
 # The pack ships with the repository (data/cifar10-jpeg.npz beside the kdwrap package of a clone or editable
 # install); the environment variable points elsewhere, e.g. for a wheel install.
 CIFAR10_PACK_ENV = "KDWRAP_CIFAR10_PACK"
-_SHIPPED_PACK = Path(__file__).resolve().parents[1] / "data" / "cifar10-jpeg.npz"
+_SHIPPED_PACK = Path(__file__).resolve().parents[2] / "data" / "cifar10-jpeg.npz"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -159,20 +162,22 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=offset).reshape(shape)
 
 
-def load_fashion_mnist(root: str | os.PathLike[str] = FASHION_MNIST_ROOT) -> Dataset:
+def load_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Dataset:
     """Fashion-MNIST from the four official idx files in ``root`` (gzipped or not): 60,000 / 10,000 images,
     ``N x 1 x 28 x 28`` float32 in [0, 1], 10 classes.
 
-    The default ``root`` is where Debian's ``dataset-fashion-mnist`` package installs them.
+    The default ``root`` is ``$KDWRAP_FASHION_MNIST``, else where Debian's ``dataset-fashion-mnist`` package
+    installs them (:data:`FASHION_MNIST_ROOT`).
     """
-    root = Path(root)
+    root = Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_ROOT)
     paths = {key: _find_idx_file(root, stem) for key, stem in _FASHION_FILES.items()}
     missing = [_FASHION_FILES[k] + ".gz" for k, p in paths.items() if p is None]
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST files not found in {root}: missing {', '.join(missing)}. Install them with "
             "`apt-get update && apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu; files go to "
-            f"{FASHION_MNIST_ROOT}), or pass the folder that holds the four official idx(.gz) files"
+            f"{FASHION_MNIST_ROOT}), or pass the folder that holds the four official idx(.gz) files (or set "
+            f"{FASHION_MNIST_ENV}=FOLDER)"
         )
     arrays = {k: _read_idx(p) for k, p in paths.items()}  # type: ignore[arg-type]
     for split in ("train", "test"):

@@ -1,6 +1,6 @@
 """Fused vs sequential execution of ONE's branches, training forward + backward of the branches only.
 
-    python benchmarks/fused_cpu_probe.py [--threads 2] [--repeats 15] [--cases cifar32,resnet50] [--device cpu]
+    python benchmarks/fused_probe.py [--threads 2] [--repeats 15] [--cases cifar32,resnet50] [--device cpu]
         [--cifar-batches 32,128] [--resnet50-batches 8,32] [--resnet50-px 64] [--channels-last]
 
 For each case: the wrapper's trunk output ``f`` is computed once (detached); one timed step is

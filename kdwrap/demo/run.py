@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import api
+from .. import api
 from .data import Dataset, batches, channel_stats, load_dataset, normalize, random_crop_flip
-from .seeds import paired_difference, plot_curves, spread
+from ..seeds import paired_difference, plot_curves, spread
 
 __all__ = ["DEMO_DEFAULTS", "METHODS", "DemoRow", "DemoResult", "resolve_dataset", "create_model", "format_table",
            "run_demo"]
@@ -106,7 +106,7 @@ def create_model(
     """A timm model by name (kdwrap's ``lenet5``, ``small_cnn`` and ``cifar_resnet*`` included), untrained."""
     import timm
 
-    from . import models as _models  # noqa: F401  (registers kdwrap's models with timm)
+    from .. import models as _models  # noqa: F401  (registers kdwrap's models with timm)
 
     if not timm.is_model(name):
         raise ValueError(

@@ -1,0 +1,63 @@
+"""The public surface: the errors a user may catch, the method registry, and options checked by name."""
+import pytest
+import torch
+
+import kdwrap
+from conftest import TinyNet
+from kdwrap import FusionError, KDWrapError, OptionError, SplitError, TraceError
+
+
+def test_errors_are_importable_and_share_a_base():
+    for err in (SplitError, TraceError, FusionError, OptionError):
+        assert issubclass(err, KDWrapError)
+    # The built-in type a caller would expect without kdwrap still catches them.
+    assert issubclass(SplitError, ValueError) and issubclass(TraceError, RuntimeError)
+    assert issubclass(OptionError, TypeError)
+
+
+def test_a_bad_split_raises_the_public_split_error():
+    with pytest.raises(KDWrapError, match="no_such_layer"):
+        kdwrap.one(TinyNet(), split="no_such_layer")
+
+
+@pytest.mark.parametrize("method, option, hint", [
+    ("one", "temprature", "did you mean 'temperature'"),
+    ("osakd", "bank", "did you mean 'bank_size'"),
+    ("osakd", "branches", "valid options: k, alpha, bank_size"),
+])
+def test_an_unknown_option_names_itself_and_the_valid_ones(method, option, hint):
+    with pytest.raises(OptionError, match=hint) as info:
+        kdwrap.wrap(TinyNet(), method=method, **{option: 1})
+    assert repr(option) in str(info.value)
+
+
+def test_wrap_dispatches_through_the_registry():
+    assert set(kdwrap.METHODS) == {"one", "osakd"}
+    assert kdwrap.METHODS["one"] is kdwrap.one
+
+    calls = []
+
+    @kdwrap.register_method("tiny-test-method")
+    def tiny(net, scale=1.0):
+        calls.append(scale)
+        return kdwrap.osakd(net)
+
+    try:
+        model, loss_fn = kdwrap.wrap(TinyNet(), method="tiny-test-method", scale=2.0)
+        assert calls == [2.0] and model.method == "osakd"
+        with pytest.raises(ValueError, match="already registered"):
+            kdwrap.register_method("tiny-test-method")(tiny)
+    finally:
+        del kdwrap.METHODS["tiny-test-method"]
+    with pytest.raises(ValueError, match="valid methods: one, osakd"):
+        kdwrap.wrap(TinyNet(), method="tiny-test-method")
+
+
+def test_builders_take_options_by_keyword_only():
+    from kdwrap.methods.one import build_one
+
+    with pytest.raises(TypeError):
+        build_one(TinyNet(), 3)  # a positional option would silently bind to the wrong name if order changed
+    model, _ = build_one(TinyNet(), branches=2)
+    assert model.num_branches == 2
+    assert model(torch.randn(2, 3, 16, 16)).shape[0] == 2
