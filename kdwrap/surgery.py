@@ -18,7 +18,9 @@ from torchvision.models.feature_extraction import DualGraphModule, NodePathTrace
 
 from .errors import SplitError, TraceError
 
-__all__ = ["SplitError", "TraceError", "SplitResult", "trace", "select_output", "auto_split", "split_model", "example_input"]
+__all__ = [
+    "SplitError", "TraceError", "SplitResult", "trace", "select_output", "auto_split", "split_model", "example_input",
+]
 
 
 # Ops through which a channel count read off a module upstream may no longer hold.
@@ -518,7 +520,9 @@ def split_model(
         dim = 1
     if gate_channels_dim is not None:
         if gate_channels_dim not in (1, -1):
-            raise ValueError(f"gate_channels_dim must be 1 (channels first) or -1 (channels last), got {gate_channels_dim}")
+            raise ValueError(
+                f"gate_channels_dim must be 1 (channels first) or -1 (channels last), got {gate_channels_dim}"
+            )
         dim = gate_channels_dim
     input_names = [n.name for n in cut_eval.trunk.nodes if n.op == "placeholder"]
     tail_inputs = sorted(set(cut_train.tail_inputs) | set(cut_eval.tail_inputs), key=input_names.index)
