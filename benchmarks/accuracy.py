@@ -82,7 +82,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                             "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
                             "augment": True, "limit_train": 2000, "limit_test": 2000,
                             "variants": ["plain", "one-m3", "one-m3-copy"]},
-    # The same on half the images, four times the steps: long enough for the network to fit its training set.
+    # The same on half the images for four times the epochs: long enough for the network to fit its training set.
     "one-resnet20-fit": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 80, "batch_size": 128,
                          "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
                          "augment": True, "limit_train": 1000, "limit_test": 2000,

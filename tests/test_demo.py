@@ -58,7 +58,7 @@ def test_demo_table_over_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_demo_parallel_processes_give_the_in_process_results() -> None:
-    from kdwrap.demo import run_demo
+    from kdwrap.demo.run import run_demo
 
     kw = dict(dataset="digits", epochs=1, limit_train=128, batch_size=32, seeds=[3, 4], threads=1, progress=False,
               save_dir=None, log=lambda s: None)
@@ -68,7 +68,7 @@ def test_demo_parallel_processes_give_the_in_process_results() -> None:
 
 
 def test_one_seed_never_claims_a_difference() -> None:
-    from kdwrap.demo import run_demo
+    from kdwrap.demo.run import run_demo
 
     res = run_demo(dataset="digits", epochs=1, limit_train=128, batch_size=32, seeds=[0], jobs=1, progress=False,
                    save_dir=None, log=lambda s: None)
@@ -77,7 +77,7 @@ def test_one_seed_never_claims_a_difference() -> None:
 
 
 def test_unreadable_pack_falls_back_to_digits_with_a_warning(tmp_path: Path) -> None:
-    from kdwrap.demo import run_demo
+    from kdwrap.demo.run import run_demo
 
     lines: list[str] = []
     with pytest.warns(UserWarning, match="could not be read.*missing.npz"):
@@ -88,7 +88,7 @@ def test_unreadable_pack_falls_back_to_digits_with_a_warning(tmp_path: Path) -> 
 
 
 def test_resolve_dataset(tmp_path: Path) -> None:
-    from kdwrap.demo import resolve_dataset
+    from kdwrap.demo.run import resolve_dataset
 
     assert resolve_dataset("digits", None) == "digits"
     assert resolve_dataset("auto", str(tmp_path / "pack.npz")) == "cifar10-pack"

@@ -288,9 +288,6 @@ class Builder:
         args = (first.ref, *self.shared(node.args[1:]))
         return Val(kind, self.g.create_node(node.op, node.target, args, self.shared(node.kwargs)))
 
-    def is_inplace(self, node: fx.Node) -> bool:
-        return _is_inplace_call(node)
-
     def data_input(self, node: fx.Node) -> fx.Node:
         """The first argument as a fused value, the others being shared."""
         return self.fused(self.val(node.args[0]))

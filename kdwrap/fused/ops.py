@@ -18,7 +18,7 @@ from torch import fx
 
 from .catalog import (
     _CAST_METHODS, _DIM_FUNCS, _DIM_METHODS, _EW_FUNCS, _EW_INPLACE_FUNCS, _EW_METHODS, _RANDOM_FUNCS,
-    _RANDOM_METHODS, _SHAPE_ATTRS, _SPATIAL_FUNCS, _SPATIAL_INDEXED_FUNCS, _describe,
+    _RANDOM_METHODS, _SHAPE_ATTRS, _SPATIAL_FUNCS, _SPATIAL_INDEXED_FUNCS, _describe, _is_inplace_call,
 )
 from .layers import _bn_f, _conv_f, _group_norm_f, _linear_f
 from .layout import (
@@ -156,7 +156,7 @@ def _cast(b: Builder, node: fx.Node) -> Val:
 
 
 def _elementwise(b: Builder, node: fx.Node) -> Val:
-    inplace = b.is_inplace(node)
+    inplace = _is_inplace_call(node)
     vals = [b.val(a) for a in node.args]
     for k, a in node.kwargs.items():
         if isinstance(a, fx.Node) and b.env[a].kind != _S:
