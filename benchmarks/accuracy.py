@@ -55,6 +55,8 @@ VARIANTS: dict[str, list[str]] = {
     "osakd-k8": ["--method", "osakd", "--k", "8"],
     "osakd-k16": ["--method", "osakd", "--k", "16"],
     "osakd-k8-inbatch": ["--method", "osakd", "--k", "8", "--bank-size", "0"],
+    "osakd-k8-alpha0.5": ["--method", "osakd", "--k", "8", "--alpha", "0.5"],
+    "osakd-k8-kl": ["--method", "osakd", "--k", "8", "--distill", "kl"],
     "one-m2": ["--method", "one", "--branches", "2"],
     "one-m3": ["--method", "one", "--branches", "3"],
     "one-m3-copy": ["--method", "one", "--branches", "3", "--branch-init", "copy"],
@@ -63,7 +65,8 @@ VARIANTS: dict[str, list[str]] = {
 }
 REFERENCE_RAMPUP_SHARE = 80 / 300
 LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN",
-          "osakd-k8-inbatch": "OSAKD 8-NN in-batch", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
+          "osakd-k8-inbatch": "OSAKD 8-NN in-batch",
+          "osakd-k8-alpha0.5": "OSAKD 8-NN alpha 0.5", "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
           "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up"}
 
 # Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.
@@ -114,6 +117,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="run folders (default runs/accuracy-<protocol>[-smoke])")
     p.add_argument("--report-only", action="store_true",
                    help="summarise the runs already in --out (finished or not) without training")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="earlier results of the same protocol (benchmarks/results/accuracy_*.json): their seeds join "
+                   "this run's in the tables, so a table grows by seeds across sessions")
     p.add_argument("--train-args", default="", help="extra arguments for train_cifar.py, e.g. \"--channels-last\"")
     args = p.parse_args()
     args.variants = args.variants or PROTOCOLS[args.protocol]["variants"]
@@ -204,9 +210,10 @@ def reported_models(variant: str) -> list[tuple[str, str]]:
     return [(label, "")]
 
 
-def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
-    """One row per reported model, with its seeds' values and its paired difference to plain (seeds that finished
-    for both)."""
+def summarise(runs: list[dict[str, Any]], variants: list[str],
+              earlier: tuple[list[dict[str, Any]], ...] = ()) -> list[dict[str, Any]]:
+    """One row per reported model, with its seeds' values (those of ``runs`` and of the ``earlier`` rows of other
+    runs of the same setup, see :func:`merge_rows`) and its paired difference to plain (seeds that both have)."""
     def history(r: dict[str, Any]) -> dict[str, Any] | None:
         try:
             h = json.loads((r["out"] / "history.json").read_text())
@@ -216,35 +223,61 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
 
     done = {(r["variant"], r["seed"]): h for r in runs if (h := history(r))}
     rows = []
-    base = {seed: h for (v, seed), h in done.items() if v == "plain"}
     for variant in variants:
         hists = {seed: h for (v, seed), h in sorted(done.items()) if v == variant}
         if not hists:
             continue
         for label, suffix in reported_models(variant):
-            def best(h: dict[str, Any], key: str = f"test_acc{suffix}") -> float:
-                return max(e[key] for e in h["epochs"])
-
-            def last(h: dict[str, Any], key: str = f"test_acc{suffix}") -> float:
-                return h["epochs"][-1][key]
-
-            paired = [seed for seed in hists if seed in base]
-            row: dict[str, Any] = {
+            key = f"test_acc{suffix}"
+            rows.append({
                 "reported": label, "variant": variant, "seeds": list(hists),
                 "epochs_done": [len(h["epochs"]) for h in hists.values()],
-                "best": [best(h) for h in hists.values()], "last": [last(h) for h in hists.values()],
+                "best": [max(e[key] for e in h["epochs"]) for h in hists.values()],
+                "last": [h["epochs"][-1][key] for h in hists.values()],
                 "train_acc_last": [h["epochs"][-1].get("train_acc") for h in hists.values()],
                 "epoch_seconds_median": statistics.median(e["seconds"] for h in hists.values() for e in h["epochs"]),
-                "curves": [[e[f"test_acc{suffix}"] for e in h["epochs"]] for h in hists.values()],
-            }
-            for kind, fn in (("best", best), ("last", last)):
-                sp = spread(row[kind])
-                row[f"{kind}_mean"], row[f"{kind}_std"] = sp.mean, sp.std
-                if variant != "plain" and paired:
-                    d = paired_difference([fn(hists[s]) for s in paired], [fn(base[s], "test_acc") for s in paired])
-                    row[f"{kind}_diff"] = {"mean": d.mean, "low": d.low, "high": d.high, "seeds": paired,
-                                           "verdict": d.verdict, "text": str(d)}
-            rows.append(row)
+                "curves": [[e[key] for e in h["epochs"]] for h in hists.values()],
+            })
+    for old in earlier:
+        rows = merge_rows(rows, old)
+    return add_statistics(rows)
+
+
+PER_SEED = ("epochs_done", "best", "last", "train_acc_last", "curves")
+
+
+def merge_rows(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the seeds of ``earlier`` rows (from an earlier JSON of the same protocol) added; a seed in both
+    keeps this run's values. Rows only in ``earlier`` are kept too."""
+    raw = ("reported", "variant", "epoch_seconds_median", "seeds", *PER_SEED)
+    merged = {r["reported"]: {k: (list(r[k]) if isinstance(r[k], list) else r[k]) for k in raw} for r in rows}
+    for old in earlier:
+        row = merged.setdefault(old["reported"], {k: old[k] for k in raw[:3]} | {k: [] for k in raw[3:]})
+        for i, seed in enumerate(old["seeds"]):
+            if seed not in row["seeds"]:
+                row["seeds"].append(seed)
+                for k in PER_SEED:
+                    row[k].append(old[k][i])
+        order = sorted(range(len(row["seeds"])), key=row["seeds"].__getitem__)
+        for k in ("seeds", *PER_SEED):
+            row[k] = [row[k][i] for i in order]
+    return list(merged.values())
+
+
+def add_statistics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per row, and each row's paired difference to plain over the seeds both have."""
+    base = next((r for r in rows if r["variant"] == "plain"), None)
+    for row in rows:
+        for kind in ("best", "last"):
+            sp = spread(row[kind])
+            row[f"{kind}_mean"], row[f"{kind}_std"] = sp.mean, sp.std
+            paired = [s for s in row["seeds"] if base is not None and s in base["seeds"]]
+            if row["variant"] != "plain" and paired:
+                mine = [row[kind][row["seeds"].index(s)] for s in paired]
+                plain = [base[kind][base["seeds"].index(s)] for s in paired]
+                d = paired_difference(mine, plain)
+                row[f"{kind}_diff"] = {"mean": d.mean, "low": d.low, "high": d.high, "seeds": paired,
+                                       "verdict": d.verdict, "text": str(d)}
     return rows
 
 
@@ -304,7 +337,14 @@ def main() -> None:
         launch_all(runs, jobs, threads, len(runs) * setup["epochs"])
         wall = time.time() - t0
 
-    rows = summarise(runs, args.variants)
+    earlier = []
+    for path in args.merge:
+        old = json.loads(Path(path).read_text())
+        if old["meta"]["protocol"] != args.protocol or old["meta"]["setup"] != setup:
+            raise SystemExit(f"--merge {path}: its protocol or setup differs from this run's; only runs of the same "
+                             f"setup can share a table (it: {old['meta']['protocol']} {old['meta']['setup']})")
+        earlier.append(old["results"])
+    rows = summarise(runs, args.variants, tuple(earlier))
     if not rows:
         raise SystemExit(f"no finished epoch in {out_root}")
     date = datetime.date.today().isoformat()
@@ -312,7 +352,7 @@ def main() -> None:
     what = (f"{setup['model']} on {setup['dataset']}{subset}, {setup['epochs']} epoch(s), batch {setup['batch_size']}, "
             f"SGD {'Nesterov ' if setup['nesterov'] else ''}momentum 0.9, lr {setup['lr']} {setup['schedule']}, "
             f"wd {setup['weight_decay']}, {'pad-4 crop + flip' if setup['augment'] else 'no augmentation'}, "
-            f"seeds {args.seeds}")
+            f"seeds {sorted({s for r in rows for s in r['seeds']})}")
     print(f"\nTest accuracy (%), {what}; {desc}" + (f"; wall time {wall:.0f} s" if wall else ""))
     unfinished = [r["name"] for r in runs if count_epochs(r["out"]) < setup["epochs"]]
     if unfinished:
@@ -330,7 +370,7 @@ def main() -> None:
               "show that the plumbing works).")
 
     meta = {"date": date, "device": desc, "protocol": args.protocol, "setup": setup, "seeds": args.seeds,
-            "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
+            "merged": args.merge, "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
             "wall_seconds": round(wall, 1), "unfinished": unfinished,
             "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
             "train_command_example": " ".join(runs[0]["cmd"][1:])}

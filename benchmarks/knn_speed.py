@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import pyplot  # noqa: E402
 from kdwrap.knn import faiss_available, knn_search  # noqa: E402
-from kdwrap.timing import elapsed_ms  # noqa: E402
+from kdwrap._timing import elapsed_ms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [(4096, 100), (65536, 100), (65536, 1000)]

@@ -55,7 +55,7 @@ import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers cifar_resnet* with timm)
 from kdwrap.base import unwrap  # noqa: E402
 from kdwrap.fused import FusionError  # noqa: E402
-from kdwrap.timing import elapsed_ms  # noqa: E402
+from kdwrap._timing import elapsed_ms  # noqa: E402
 from kdwrap.methods.one import EXECUTIONS  # noqa: E402
 from common import markdown_table, pyplot  # noqa: E402
 

@@ -45,7 +45,7 @@ DATASETS = ("cifar10-pack", "torchvision-cifar10", "torchvision-cifar100", "fash
 RUN_KEYS = (
     "method", "dataset", "model", "epochs", "batch_size", "lr", "weight_decay", "augment", "seed", "limit_train",
     "limit_test", "branches", "split", "branch_init", "temperature", "rampup_epochs", "k", "alpha", "bank_size",
-    "knn_backend", "schedule", "nesterov",
+    "knn_backend", "distill", "schedule", "nesterov",
 )
 
 
@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--k", type=int, default=8, help="OSAKD: neighbours per soft label (default 8)")
     g.add_argument("--alpha", type=float, default=0.9, help="OSAKD: weight of cross-entropy (default 0.9)")
     g.add_argument("--bank-size", type=int, default=16384, help="OSAKD: memory bank entries (default 16384)")
+    g.add_argument("--distill", default="mse", choices=["mse", "kl"],
+                   help="OSAKD: distance of the output to its soft label (default mse, the paper's)")
     g.add_argument("--knn-backend", default="auto", choices=["auto", "torch", "faiss"], help="OSAKD: k-NN backend")
 
     g = p.add_argument_group("optimisation")
@@ -165,7 +167,7 @@ def build_model(
                                     reinit_branches=args.branch_init == "reinit")
     else:
         model, loss_fn = kdwrap.osakd(net, k=args.k, alpha=args.alpha, bank_size=args.bank_size,
-                                      backend=args.knn_backend)
+                                      backend=args.knn_backend, distill=args.distill)
     return net, model, loss_fn
 
 

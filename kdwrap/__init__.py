@@ -1,4 +1,9 @@
-"""kdwrap: online knowledge distillation (ONE, OSAKD) as a two-line change to any PyTorch image classifier."""
+"""kdwrap: online knowledge distillation (ONE, OSAKD) as a two-line change to any PyTorch image classifier.
+
+The public surface is what this package exports, plus the modules ``kdwrap.methods``, ``kdwrap.surgery``,
+``kdwrap.knn``, ``kdwrap.memory_bank``, ``kdwrap.fused``, ``kdwrap.models`` and ``kdwrap.seeds``. Modules named with
+a leading underscore are internal: they may change between versions.
+"""
 from .api import METHODS, export, one, osakd, register_method, summary, wrap
 from .base import KDLoss, KDModel
 from .errors import FusionError, KDWrapError, OptionError, SplitError, TraceError

@@ -1,14 +1,11 @@
 """The public entry points: wrap a model for a method, export the deployable model, summarise a wrapper."""
 from __future__ import annotations
 
-import difflib
-import inspect
 from typing import Any, Callable
 
 from torch import nn
 
 from .base import KDLoss, KDModel, unwrap
-from .errors import OptionError
 
 __all__ = ["METHODS", "register_method", "wrap", "one", "osakd", "export", "summary"]
 
@@ -27,21 +24,6 @@ def register_method(name: str) -> Callable[[Wrapper], Wrapper]:
         return fn
 
     return add
-
-
-def check_options(method: str, builder: Callable, options: dict[str, Any]) -> None:
-    """Raise :class:`OptionError` naming each option ``builder`` does not take, with the valid ones."""
-    valid = [n for n, p in inspect.signature(builder).parameters.items()
-             if n != "net" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = [k for k in options if k not in valid]
-    if not unknown:
-        return
-    hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, valid, n=1)) else repr(k)
-             for k in unknown]
-    raise OptionError(
-        f"kdwrap {method}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
-        f"valid options: {', '.join(valid)}"
-    )
 
 
 def _check_net(net: nn.Module) -> None:
@@ -63,12 +45,12 @@ def _check_net(net: nn.Module) -> None:
 def one(net: nn.Module, branches: int = 3, **kwargs: Any) -> tuple[KDModel, KDLoss]:
     """Wrap ``net`` for ONE (On-the-fly Native Ensemble). Returns ``(model, loss_fn)``.
 
-    See :func:`kdwrap.methods.one.build_one` for every option (``split``, ``temperature``, ``rampup_steps``, ...).
+    Options (``split``, ``temperature``, ``rampup_steps``, ...): see :class:`kdwrap.methods.one.ONEModel` and
+    :class:`kdwrap.methods.one.ONELoss`; an unknown one raises :class:`OptionError` listing the valid ones.
     """
     from .methods.one import build_one
 
     _check_net(net)
-    check_options("one", build_one, kwargs)
     return build_one(net, branches=branches, **kwargs)
 
 
@@ -76,12 +58,12 @@ def one(net: nn.Module, branches: int = 3, **kwargs: Any) -> tuple[KDModel, KDLo
 def osakd(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
     """Wrap ``net`` for OSAKD (Online Self-Acquired KD). Returns ``(model, loss_fn)``.
 
-    See :func:`kdwrap.methods.osakd.build_osakd` for every option (``k``, ``alpha``, ``bank_size``, ``backend``, ...).
+    Options (``k``, ``alpha``, ``bank_size``, ``backend``, ...): see :class:`kdwrap.methods.osakd.OSAKDLoss`; an
+    unknown one raises :class:`OptionError` listing the valid ones.
     """
     from .methods.osakd import build_osakd
 
     _check_net(net)
-    check_options("osakd", build_osakd, kwargs)
     return build_osakd(net, **kwargs)
 
 

@@ -2,12 +2,16 @@
 the loss needs, and a loss that consumes exactly one capture per forward (as NVIDIA ModelOpt's distillation does)."""
 from __future__ import annotations
 
-from typing import Any
+import difflib
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["KDModel", "KDLoss", "check_target", "unwrap"]
+from .errors import OptionError
+
+__all__ = ["KDModel", "KDLoss", "check_target", "route_options", "unwrap"]
 
 
 class KDModel(nn.Module):
@@ -122,3 +126,25 @@ def unwrap(model: nn.Module) -> nn.Module:
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
     return model
+
+
+def option_names(target: Callable) -> list[str]:
+    """The keyword-only parameters of ``target`` (a method's constructor): the options it owns."""
+    return [n for n, p in inspect.signature(target).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+
+def route_options(method: str, options: dict[str, Any], *targets: Callable) -> list[dict[str, Any]]:
+    """Split ``options`` into one dict per target (by the keyword-only parameters each declares), so each option
+    is declared, defaulted and documented once, by the class that uses it. An option no target takes raises
+    :class:`OptionError` naming it, the closest valid name, and every valid option."""
+    names = [option_names(t) for t in targets]
+    valid = [n for group in names for n in group]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, valid, n=1))
+                 else repr(k) for k in unknown]
+        raise OptionError(
+            f"kdwrap {method}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+            f"valid options: {', '.join(valid)}"
+        )
+    return [{k: v for k, v in options.items() if k in group} for group in names]

@@ -8,6 +8,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _keeps_torch_thread_count():
+    """A test that changes torch's global thread count must give it back: later tests compare losses bit for bit
+    with fresh processes, which start with torch's default."""
+    threads = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == threads, f"the test left torch's thread count at {torch.get_num_threads()}"
+
+
 class TinyNet(nn.Module):
     """A small CNN with a stem, two stages and a head: the ONE split lands at `stage2`."""
 

@@ -15,6 +15,7 @@ SCRIPT = textwrap.dedent(
     import kdwrap
     from conftest import TinyNet
     from {module} import _batch
+    torch.set_num_threads({threads})  # the uninterrupted run's: float sums depend on how the work is split
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     model, loss_fn = {build}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -35,7 +36,8 @@ def resume_in_fresh_process(path: Path, build: str, module: str, start: int, sto
     """Build the wrapper with the expression ``build``, load checkpoint ``path`` (keys model/opt/loss), run steps
     ``start..stop-1`` on ``module._batch(step)`` with SGD(lr=0.1, momentum=0.9); return (losses, loss_fn.step)."""
     script = SCRIPT.format(
-        tests=str(Path(__file__).parent), module=module, build=build, path=str(path), start=start, stop=stop
+        tests=str(Path(__file__).parent), module=module, threads=torch.get_num_threads(), build=build, path=str(path),
+        start=start, stop=stop,
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return eval(out.stdout.strip().splitlines()[-1])

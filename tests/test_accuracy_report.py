@@ -70,3 +70,21 @@ def test_every_protocol_names_known_variants_and_plain_first() -> None:
         assert proto["variants"][0] == "plain", name
         assert set(proto["variants"]) <= set(accuracy.VARIANTS), name
     assert set(accuracy.VARIANTS) == set(accuracy.LABELS)
+
+
+def test_seeds_of_an_earlier_run_join_the_table_as_if_run_together(tmp_path: Path) -> None:
+    for d in ("all", "first", "later", "p"):
+        (tmp_path / d).mkdir()
+    together = accuracy.summarise(_runs(tmp_path / "all"), ["plain", "one-m3"])
+    first = {k: v for k, v in CURVES.items() if k[1] < 2}
+    later = {k: v for k, v in CURVES.items() if k[1] == 2}
+    earlier = json.loads(json.dumps(accuracy.summarise(_runs(tmp_path / "first", first), ["plain", "one-m3"])))
+    merged = accuracy.summarise(_runs(tmp_path / "later", later), ["plain", "one-m3"], (earlier,))
+    assert [r["reported"] for r in merged] == [r["reported"] for r in together]
+    for a, b in zip(merged, together):
+        assert a["seeds"] == [0, 1, 2] and a["best"] == b["best"] and a["curves"] == b["curves"]
+        assert a["last_mean"] == pytest.approx(b["last_mean"]) and a.get("last_diff") == b.get("last_diff")
+    # a row only the earlier run has stays, compared with plain on the seeds both have
+    only_old = [dict(earlier[1], reported="ONE m=2 (branch 0)", variant="one-m2")]
+    rows = {r["reported"]: r for r in accuracy.summarise(_runs(tmp_path / "p", later), ["plain"], (only_old,))}
+    assert rows["ONE m=2 (branch 0)"]["seeds"] == [0, 1] and "last_diff" not in rows["ONE m=2 (branch 0)"]

@@ -52,20 +52,26 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
     # Inductor takes minutes to compile on a small CPU; the eager backend still traces the wrapper with dynamo.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     namespace = {"__name__": "__doc_snippet__", **placeholders()}
-    for i, code in enumerate(blocks(page), 1):
-        where = f"{page.relative_to(ROOT)}, Python block {i}"
-        torchrun = _TORCHRUN.match(code)
-        if torchrun:
-            script = tmp_path / f"block{i}.py"
-            script.write_text(code)
-            out = subprocess.run(
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                 torchrun.group(1), str(script)],
-                capture_output=True, text=True, timeout=600, cwd=tmp_path,
-            )
-            assert out.returncode == 0, f"{where} failed under torchrun:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-            continue
-        try:
-            exec(compile(code, where, "exec"), namespace)
-        except Exception as err:
-            raise AssertionError(f"{where} raised {type(err).__name__}: {err}\n---\n{code}") from err
+    # A snippet may set torch's global thread count, as a user's script does; later tests must not inherit it
+    # (losses that must be bit-exact across processes depend on it).
+    threads = torch.get_num_threads()
+    try:
+        for i, code in enumerate(blocks(page), 1):
+            where = f"{page.relative_to(ROOT)}, Python block {i}"
+            torchrun = _TORCHRUN.match(code)
+            if torchrun:
+                script = tmp_path / f"block{i}.py"
+                script.write_text(code)
+                out = subprocess.run(
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                     torchrun.group(1), str(script)],
+                    capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                )
+                assert out.returncode == 0, f"{where} failed under torchrun:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+                continue
+            try:
+                exec(compile(code, where, "exec"), namespace)
+            except Exception as err:
+                raise AssertionError(f"{where} raised {type(err).__name__}: {err}\n---\n{code}") from err
+    finally:
+        torch.set_num_threads(threads)

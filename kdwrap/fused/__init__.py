@@ -69,8 +69,10 @@ time on fake tensors.
 Where the rules live. :mod:`.modules` keeps the rules for modules in a registry keyed by class
 (:func:`register_module_rule` adds one for a module of your own, e.g. a custom activation), :mod:`.ops` those for
 functions and tensor methods keyed by a normalised op name (``torch.flatten`` and ``Tensor.flatten`` share one).
-:mod:`.builder` walks the graph and asks them; :mod:`.layout` and :mod:`.layers` are the helpers the generated graph
-calls at run time; :mod:`.catalog` says what each torch op does to a layout (elementwise, random, along a dim...).
+:mod:`._builder` walks the graph and asks them; :mod:`._layout` and :mod:`._layers` are the helpers the generated graph
+calls at run time; :mod:`._catalog` says what each torch op does to a layout (elementwise, random, along a dim...).
+Modules named with a leading underscore are internal (their contents may change between versions); the public names
+are the ones this package exports.
 """
 from ..errors import FusionError
 from .branches import FusedBranches, fuse_branches

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import FusionError
-from .builder import Builder
-from .catalog import _get_path
+from ._builder import Builder
+from ._catalog import _get_path
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public API

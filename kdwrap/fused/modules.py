@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch.nn.functional as F
 from torch import nn
 
-from .catalog import _ACTIVATIONS, _RANDOM_MODULES, _SOFTMAX_MODULES, _SPATIAL_MODULES
-from .layers import _bn, _conv, _frozen_bn, _group_norm, _linear, _prelu
-from .layout import _F, _K, _L, _S, Val, _dim_op, _flatten, _fn_key, _spatial, _unflatten
+from ._catalog import _ACTIVATIONS, _RANDOM_MODULES, _SOFTMAX_MODULES, _SPATIAL_MODULES
+from ._layers import _bn, _conv, _frozen_bn, _group_norm, _linear, _prelu
+from ._layout import _F, _K, _L, _S, Val, _dim_op, _flatten, _fn_key, _spatial, _unflatten
 
 if TYPE_CHECKING:
-    from .builder import Builder
+    from ._builder import Builder
 
 __all__ = ["ModuleRule", "MODULE_RULES", "RULE_KINDS", "register_module_rule", "find_module_rule"]
 

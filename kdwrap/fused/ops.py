@@ -16,19 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .catalog import (
+from ._catalog import (
     _CAST_METHODS, _DIM_FUNCS, _DIM_METHODS, _EW_FUNCS, _EW_INPLACE_FUNCS, _EW_METHODS, _RANDOM_FUNCS,
     _RANDOM_METHODS, _SHAPE_ATTRS, _SPATIAL_FUNCS, _SPATIAL_INDEXED_FUNCS, _describe, _is_inplace_call,
 )
-from .layers import _bn_f, _conv_f, _group_norm_f, _linear_f
-from .layout import (
+from ._layers import _bn_f, _conv_f, _group_norm_f, _linear_f
+from ._layout import (
     _F, _K, _L, _S, Val, _branch_numel, _branch_shape, _branch_size, _dim_op, _ew, _flatten, _fn_key, _getitem,
     _new_fused, _pad, _permute, _reshape, _reshape_as, _spatial, _squeeze, _stochastic_depth, _transpose,
     _unflatten, _unsqueeze,
 )
 
 if TYPE_CHECKING:
-    from .builder import Builder
+    from ._builder import Builder
 
 __all__ = ["OpRule", "OP_RULES", "HINTS", "register_op_rule", "find_op_rule", "op_name"]
 

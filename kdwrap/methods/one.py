@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import KDLoss, KDModel, check_target
-from ..deploy import rebuild_original
+from ..base import KDLoss, KDModel, check_target, route_options
+from .._deploy import rebuild_original
 from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops, split_model
-from ..timing import elapsed_ms
+from .._timing import elapsed_ms
 
 __all__ = [
     "EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one",
@@ -102,6 +102,28 @@ class ONEModel(KDModel):
 
     In training mode every branch runs and the branch logits and gate weights are captured for :class:`ONELoss`;
     in eval mode only the kept branch runs, so eval accuracy is the deployed model's accuracy.
+
+    Args:
+        branches: number of branches ``m`` (>= 2).
+        split: dotted name of the first module of the tail (``"layer4"``, ``"stages.3"``, ``"blocks.9"``);
+            default :func:`kdwrap.surgery.auto_split` (start of the last stage; last quarter of ViT blocks).
+        reinit_branches: branches 1..m-1 start from their own random initialisation, made the way the model
+            initialises itself (:func:`reinitialise_like`), as in the reference code (default). ``False``: they
+            start as copies of the tail's weights, the choice for fine-tuning a pretrained model.
+        branch: the branch ``forward`` returns and :func:`kdwrap.export` keeps.
+        input_size: (C, H, W) of an input, used when the gate's channel count or FLOPs need a trial forward.
+        gate_channels, gate_channels_dim: override the inferred channels (and their axis, 1 or -1) of the trunk
+            output that the gate pools.
+        leaf_modules, autowrap_functions: passed to the fx tracer for code fx cannot trace into.
+        output: index, key or field of the logits when ``net`` returns a tuple, dict or namedtuple (``model(x)``
+            then returns the logits tensor; ``export`` returns the original model, outputs and all).
+        execution: how the training forward runs the branches: ``"sequential"`` (one after the other),
+            ``"fused"`` (one graph whose convolutions are ``m`` times wider and grouped; same values and
+            gradients, fewer kernel launches; an error if the tail has an op that cannot be fused) or ``"auto"``
+            (on CUDA, the faster of the two, timed at the first training step of each input shape, see
+            :attr:`ONEModel.execution_timings`; a rule where it cannot time, see :meth:`ONEModel.execution_plan`;
+            sequential where fusion is not possible, with the reason in ``summary()``). Eval-mode ``model(x)``
+            runs one branch either way.
     """
 
     method = "one"
@@ -466,6 +488,14 @@ class ONELoss(KDLoss):
     Call it once per training forward with the forward's output and the labels. ``step`` counts training calls
     (the ramp-up clock). After an eval-mode forward it returns plain cross-entropy of the given logits, so
     validation loops that reuse the criterion keep working. ``parts`` holds the detached terms of the last call.
+
+    Args:
+        temperature: ``T`` of the KL term.
+        rampup_steps: optimizer steps of the sigmoid ramp-up of the KL weight (0: full weight from the start).
+        accumulation_steps: loss calls per optimizer step under gradient accumulation (the ramp clock counts
+            optimizer steps).
+        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in the branch
+            logits or gate (one host sync per step).
     """
 
     def __init__(
@@ -598,60 +628,15 @@ def reinitialise_like(net: nn.Module, tails: Sequence[nn.Module]) -> None:
         tail.load_state_dict({k: state[k] for k in mine})
 
 
-def build_one(
-    net: nn.Module,
-    *,
-    branches: int = 3,
-    split: str | None = None,
-    temperature: float = 3.0,
-    rampup_steps: int = 0,
-    accumulation_steps: int = 1,
-    reinit_branches: bool = True,
-    branch: int = 0,
-    input_size: Sequence[int] | None = None,
-    gate_channels: int | None = None,
-    gate_channels_dim: int | None = None,
-    leaf_modules: Sequence[type] = (),
-    autowrap_functions: Sequence[Callable] = (),
-    output: int | str | None = None,
-    check_finite: bool = False,
-    execution: str = "auto",
-) -> tuple[ONEModel, ONELoss]:
+def build_one(net: nn.Module, **options: Any) -> tuple[ONEModel, ONELoss]:
     """Wrap ``net`` for ONE. Returns ``(model, loss_fn)``.
 
-    Args:
-        branches: number of branches ``m`` (>= 2).
-        split: dotted name of the first module of the tail (``"layer4"``, ``"stages.3"``, ``"blocks.9"``);
-            default :func:`kdwrap.surgery.auto_split` (start of the last stage; last quarter of ViT blocks).
-        temperature: ``T`` of the KL term.
-        rampup_steps: optimizer steps of the sigmoid ramp-up of the KL weight (0: full weight from the start).
-        accumulation_steps: loss calls per optimizer step under gradient accumulation (the ramp clock counts
-            optimizer steps).
-        reinit_branches: branches 1..m-1 start from their own random initialisation, made the way the model
-            initialises itself (:func:`reinitialise_like`), as in the reference code (default). ``False``: they
-            start as copies of the tail's weights, the choice for fine-tuning a pretrained model.
-        branch: the branch ``forward`` returns and :func:`kdwrap.export` keeps.
-        input_size: (C, H, W) of an input, used when the gate's channel count or FLOPs need a trial forward.
-        gate_channels, gate_channels_dim: override the inferred channels (and their axis, 1 or -1) of the trunk
-            output that the gate pools.
-        leaf_modules, autowrap_functions: passed to the fx tracer for code fx cannot trace into.
-        output: index, key or field of the logits when ``net`` returns a tuple, dict or namedtuple (``model(x)``
-            then returns the logits tensor; ``export`` returns the original model, outputs and all).
-        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in the branch
-            logits or gate (one host sync per step).
-        execution: how the training forward runs the branches: ``"sequential"`` (one after the other),
-            ``"fused"`` (one graph whose convolutions are ``m`` times wider and grouped; same values and
-            gradients, fewer kernel launches; an error if the tail has an op that cannot be fused) or ``"auto"``
-            (on CUDA, the faster of the two, timed at the first training step of each input shape, see
-            :attr:`ONEModel.execution_timings`; a rule where it cannot time, see :meth:`ONEModel.execution_plan`;
-            sequential where fusion is not possible, with the reason in ``summary()``). Eval-mode ``model(x)``
-            runs one branch either way.
+    Each option goes, unchanged, to the class that owns it: the surgery and execution options (``branches``,
+    ``split``, ``reinit_branches``, ``branch``, ``input_size``, ``gate_channels``, ``gate_channels_dim``,
+    ``leaf_modules``, ``autowrap_functions``, ``output``, ``execution``) to :class:`ONEModel`, the loss options
+    (``temperature``, ``rampup_steps``, ``accumulation_steps``, ``check_finite``) to :class:`ONELoss`; their
+    docstrings document them. An unknown option raises :class:`kdwrap.OptionError` listing the valid ones.
     """
-    model = ONEModel(
-        net, branches=branches, split=split, reinit_branches=reinit_branches, branch=branch, input_size=input_size,
-        gate_channels=gate_channels, gate_channels_dim=gate_channels_dim, leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions, output=output, execution=execution,
-    )
-    loss_fn = ONELoss(model, temperature=temperature, rampup_steps=rampup_steps,
-                      accumulation_steps=accumulation_steps, check_finite=check_finite)
-    return model, loss_fn
+    model_options, loss_options = route_options("one", options, ONEModel, ONELoss)
+    model = ONEModel(net, **model_options)
+    return model, ONELoss(model, **loss_options)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import KDLoss, KDModel, check_target
+from ..base import KDLoss, KDModel, check_target, route_options
 from ..knn import BACKENDS, DISTANCES, knn_soft_labels, resolve_backend
 from ..memory_bank import MemoryBank
 
@@ -60,15 +60,21 @@ def select_logits(out: Any, output: int | str | None) -> torch.Tensor:
 
 class OSAKDModel(KDModel):
     """The user's net, unchanged (``self.model``). ``forward`` returns exactly what the net returns; in training
-    mode it also records a capture so the loss can check it is called once per forward."""
+    mode it also records a capture so the loss can check it is called once per forward.
+
+    Args:
+        output: index or key of the logits when ``net`` returns a tuple/dict (e.g. Inception's aux outputs).
+    """
 
     method = "osakd"
 
     def __init__(self, net: nn.Module, *, output: int | str | None = None) -> None:
         super().__init__()
+        if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
+            raise TypeError(f"kdwrap osakd: output must be an int index or a str key, got {type(output).__name__}")
         self.model = net
         self.output = output
-        self.config: dict[str, Any] = {}  # filled by build_osakd, for summary()
+        self.config: dict[str, Any] = {}  # the loss's options, set by build_osakd for summary()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Exactly what the wrapped net returns; in training mode it also records a capture for the loss."""
@@ -132,6 +138,17 @@ class OSAKDLoss(KDLoss):
     term uses them as probabilities and the k-NN labels of the batch (and the bank) are their argmax.
     ``parts``: detached ``"ce"``, ``"distill"``, ``"total"``, ``"bank_fill"`` (eval: no ``"distill"``).
     ``soft_labels``: the ``B x C`` soft labels ``s`` of the last training step (detached), for inspection.
+
+    Args:
+        k: neighbours per soft label (paper: 8, or 16 for Tiny-ImageNet).
+        alpha: weight of CE; ``1 - alpha`` weighs the distillation term (paper: 0.9; 0.99 for 200 classes).
+            ``alpha=1`` is exactly cross-entropy.
+        bank_size: entries of the memory bank of recent outputs (0: the paper's in-batch mode; else >= k).
+        backend: k-NN backend, ``"auto"`` (= ``"torch"``), ``"torch"`` or ``"faiss"`` (see :mod:`kdwrap.knn`).
+        distance: ``"l2"`` (Euclidean, the paper's) or ``"cosine"`` between probability vectors.
+        distill: ``"mse"`` (summed over classes, batch mean) or ``"kl"`` (``KL(s || p)``, batchmean).
+        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf logits (one host
+            sync per step). Off: a non-finite output never enters the bank as a neighbour, and the loss is NaN.
     """
 
     def __init__(
@@ -147,6 +164,26 @@ class OSAKDLoss(KDLoss):
         check_finite: bool = False,
     ) -> None:
         super().__init__(model, check_finite)
+        k = _check_int("k", k, 1, "use k >= 1 neighbours (the paper uses 8 or 16)")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+            raise TypeError(f"kdwrap osakd: alpha must be a float in [0, 1], got {type(alpha).__name__} {alpha!r}")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(
+                f"kdwrap osakd: alpha={alpha} is outside [0, 1]; it weighs CE against the distillation term "
+                "(the paper uses 0.9)"
+            )
+        bank_size = _check_int(
+            "bank_size", bank_size, 0, "use 0 for in-batch mode (no bank) or a positive size such as 16384"
+        )
+        if 0 < bank_size < k:
+            raise ValueError(
+                f"kdwrap osakd: bank_size={bank_size} is smaller than k={k}, so the bank could never supply k "
+                f"neighbours; use bank_size=0 (in-batch mode) or bank_size >= {k}"
+            )
+        _check_choice("backend", backend, BACKENDS)
+        _check_choice("distance", distance, DISTANCES)
+        _check_choice("distill", distill, DISTILL)
+        self.resolved_backend = resolve_backend(backend)  # raises the install hint now, not at the first step
         self.k = k
         self.alpha = float(alpha)
         self.backend = backend
@@ -155,6 +192,11 @@ class OSAKDLoss(KDLoss):
         self.chunk_size: int | None = None  # forwarded to the torch k-NN backend (None: from its memory budget)
         self.bank = MemoryBank(bank_size)
         self.soft_labels: torch.Tensor | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The options in force (and the backend ``"auto"`` resolved to), as ``summary()`` prints them."""
+        return {"k": self.k, "alpha": self.alpha, "bank_size": self.bank.size, "backend": self.backend,
+                "resolved_backend": self.resolved_backend, "distance": self.distance, "distill": self.distill}
 
     def extra_repr(self) -> str:
         return (
@@ -246,66 +288,15 @@ def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ValueError(f"kdwrap osakd: unknown {name} {value!r}; valid {name}s: {', '.join(valid)}")
 
 
-def build_osakd(
-    net: nn.Module,
-    *,
-    k: int = 8,
-    alpha: float = 0.9,
-    bank_size: int = 16384,
-    backend: str = "auto",
-    distance: str = "l2",
-    distill: str = "mse",
-    output: int | str | None = None,
-    check_finite: bool = False,
-) -> tuple[OSAKDModel, OSAKDLoss]:
+def build_osakd(net: nn.Module, **options: Any) -> tuple[OSAKDModel, OSAKDLoss]:
     """Wrap ``net`` for OSAKD. Returns ``(model, loss_fn)``; use ``loss = loss_fn(model(x), y)``.
 
-    Args:
-        k: neighbours per soft label (paper: 8, or 16 for Tiny-ImageNet).
-        alpha: weight of CE; ``1 - alpha`` weighs the distillation term (paper: 0.9; 0.99 for 200 classes).
-            ``alpha=1`` is exactly cross-entropy.
-        bank_size: entries of the memory bank of recent outputs (0: the paper's in-batch mode; else >= k).
-        backend: k-NN backend, ``"auto"`` (= ``"torch"``), ``"torch"`` or ``"faiss"`` (see :mod:`kdwrap.knn`).
-        distance: ``"l2"`` (Euclidean, the paper's) or ``"cosine"`` between probability vectors.
-        distill: ``"mse"`` (summed over classes, batch mean) or ``"kl"`` (``KL(s || p)``, batchmean).
-        output: index or key of the logits when ``net`` returns a tuple/dict (e.g. Inception's aux outputs).
-        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf logits (one host
-            sync per step). Off: a non-finite output never enters the bank as a neighbour, and the loss is NaN.
+    Each option goes, unchanged, to the class that owns it: ``k``, ``alpha``, ``bank_size``, ``backend``,
+    ``distance``, ``distill`` and ``check_finite`` to :class:`OSAKDLoss`, ``output`` to :class:`OSAKDModel`; their
+    docstrings document them. An unknown option raises :class:`kdwrap.OptionError` listing the valid ones.
     """
-    k = _check_int("k", k, 1, "use k >= 1 neighbours (the paper uses 8 or 16)")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"kdwrap osakd: alpha must be a float in [0, 1], got {type(alpha).__name__} {alpha!r}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(
-            f"kdwrap osakd: alpha={alpha} is outside [0, 1]; it weighs CE against the distillation term "
-            "(the paper uses 0.9)"
-        )
-    bank_size = _check_int(
-        "bank_size", bank_size, 0, "use 0 for in-batch mode (no bank) or a positive size such as 16384"
-    )
-    if 0 < bank_size < k:
-        raise ValueError(
-            f"kdwrap osakd: bank_size={bank_size} is smaller than k={k}, so the bank could never supply k "
-            f"neighbours; use bank_size=0 (in-batch mode) or bank_size >= {k}"
-        )
-    _check_choice("backend", backend, BACKENDS)
-    _check_choice("distance", distance, DISTANCES)
-    _check_choice("distill", distill, DISTILL)
-    if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
-        raise TypeError(f"kdwrap osakd: output must be an int index or a str key, got {type(output).__name__}")
-    resolved = resolve_backend(backend)  # raises the install hint now, not at the first step
-    model = OSAKDModel(net, output=output)
-    loss_fn = OSAKDLoss(
-        model, k=k, alpha=alpha, bank_size=bank_size, backend=backend, distance=distance, distill=distill,
-        check_finite=check_finite,
-    )
-    model.config = {
-        "k": k,
-        "alpha": float(alpha),
-        "bank_size": bank_size,
-        "backend": backend,
-        "resolved_backend": resolved,
-        "distance": distance,
-        "distill": distill,
-    }
+    loss_options, model_options = route_options("osakd", options, OSAKDLoss, OSAKDModel)
+    model = OSAKDModel(net, **model_options)
+    loss_fn = OSAKDLoss(model, **loss_options)
+    model.config = loss_fn.config()
     return model, loss_fn

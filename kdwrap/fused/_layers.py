@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import _F, _S, _cat_opt, _fail, _per_branch, _to_fused
+from ._layout import _F, _S, _cat_opt, _fail, _per_branch, _to_fused
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

@@ -11,11 +11,11 @@ from typing import Any, Sequence
 from torch import Tensor, fx, nn
 
 from ..errors import FusionError
-from .catalog import (
+from ._catalog import (
     _RANDOM_FACTORIES, _describe, _get_path, _is_inplace_call, _is_random_call, _is_shape_query, _near,
 )
-from .layers import _bn_epilogue, _split_fused, _split_stacked
-from .layout import _F, _K, _L, _S, Val, _list_to_fused, _new_fused, _pack, _stacked_to_fused, _to_fused
+from ._layers import _bn_epilogue, _split_fused, _split_stacked
+from ._layout import _F, _K, _L, _S, Val, _list_to_fused, _new_fused, _pack, _stacked_to_fused, _to_fused
 from .modules import find_module_rule
 from .ops import fail_without_rule, find_op_rule
 
