@@ -94,7 +94,6 @@ def main() -> None:
             row["ms"] = {name: round(ms, 3) for name, ms in timeit(fns, args.repeats, device).items()}
             rows.append(row)
             print(f"{n:>10,} x {c:<5} {b:>7} " + " ".join(f"{row['ms'][x]:>11.2f}" for x in backends))
-        del bank
 
     meta = {
         "date": datetime.date.today().isoformat(),

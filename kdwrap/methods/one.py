@@ -7,7 +7,6 @@ The maths follows ``METHODS.md``; each default is a keyword argument.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import statistics
 from typing import Any, Callable, Sequence
@@ -16,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import KDLoss, KDModel, check_target, route_options
 from .._deploy import rebuild_original
+from .._timing import elapsed_ms
+from ..base import KDLoss, KDModel, check_target, route_options
 from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops, split_model
-from .._timing import elapsed_ms
+from .branch_init import reinitialise_like
 
 __all__ = [
     "EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one",
@@ -108,7 +108,7 @@ class ONEModel(KDModel):
         split: dotted name of the first module of the tail (``"layer4"``, ``"stages.3"``, ``"blocks.9"``);
             default :func:`kdwrap.surgery.auto_split` (start of the last stage; last quarter of ViT blocks).
         reinit_branches: branches 1..m-1 start from their own random initialisation, made the way the model
-            initialises itself (:func:`reinitialise_like`), as in the reference code (default). ``False``: they
+            initialises itself (:func:`kdwrap.methods.branch_init.reinitialise_like`), as in the reference code (default). ``False``: they
             start as copies of the tail's weights, the choice for fine-tuning a pretrained model.
         branch: the branch ``forward`` returns and :func:`kdwrap.export` keeps.
         input_size: (C, H, W) of an input, used when the gate's channel count or FLOPs need a trial forward.
@@ -578,54 +578,6 @@ def _cross_entropy_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     if target.is_floating_point():
         return -(logp * target).sum(-1).mean(-1)
     return -logp.gather(-1, target.expand(logp.shape[0], -1).unsqueeze(-1)).mean((1, 2))
-
-
-def _reset_parameters(module: nn.Module) -> None:
-    for m in module.modules():
-        if m is not module and hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-
-
-# Whole-model initialisers, tried in order after every module's reset_parameters(): timm models expose
-# init_weights(), kdwrap's and many hand-written models _init_weights(). Only one callable without arguments is used
-# (timm's per-module _init_weights(m) takes one and is skipped).
-MODEL_INITIALISERS = ("init_weights", "_init_weights")
-
-
-def _own_initialiser(net: nn.Module) -> Callable[[], Any] | None:
-    for name in MODEL_INITIALISERS:
-        fn = getattr(net, name, None)
-        if not callable(fn):
-            continue
-        try:
-            params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):
-            continue
-        if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-            return fn
-    return None
-
-
-def reinitialise_like(net: nn.Module, tails: Sequence[nn.Module]) -> None:
-    """Give each of ``tails`` (copies of a piece of ``net``, keyed as ``net`` is) the values a fresh initialisation
-    of ``net`` gives those modules: every module's ``reset_parameters()``, then the model's own initialiser
-    (:data:`MODEL_INITIALISERS`) where it has one, so branches start as the reference code's separately built
-    branches do (a CIFAR ResNet's He fan-out convs, timm's zero-initialised last BN of each block, ...)."""
-    fresh = copy.deepcopy(net)
-    init = _own_initialiser(fresh)
-    for tail in tails:
-        with torch.no_grad():
-            _reset_parameters(fresh)
-            if init is not None:
-                init()
-        state = fresh.state_dict()
-        mine = tail.state_dict()
-        unknown = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
-        if unknown:
-            # A tail whose keys are not the model's (a custom piece): each module's own default is all there is.
-            _reset_parameters(tail)
-            continue
-        tail.load_state_dict({k: state[k] for k in mine})
 
 
 def build_one(net: nn.Module, **options: Any) -> tuple[ONEModel, ONELoss]:
