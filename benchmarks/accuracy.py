@@ -373,7 +373,8 @@ def main() -> None:
             "merged": args.merge, "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
             "wall_seconds": round(wall, 1), "unfinished": unfinished,
             "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
-            "train_command_example": " ".join(runs[0]["cmd"][1:])}
+            # relative to the repository: a record names no path of the machine it ran on
+            "train_command_example": " ".join(runs[0]["cmd"][1:]).replace(f"{ROOT}{os.sep}", "")}
     stem = f"accuracy_{args.protocol}{'_smoke' if args.smoke else ''}_{tag}_{date}"
     out = RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
