@@ -1,14 +1,16 @@
-"""Time kdwrap's k-NN backends on bank sizes like OSAKD's (probability vectors, k=16).
+"""Time kdwrap's k-NN backends on the banks OSAKD meets (probability vectors, k=8), against the floor: one matmul
+pass over the bank (``queries @ bank.T``), which any exact search must at least match.
 
-    python benchmarks/knn_speed.py --device cpu            # 4,096 x 100, 65,536 x 100, 65,536 x 1000
-    python benchmarks/knn_speed.py --device cpu --quick    # drop 65,536 x 1000
-    python benchmarks/knn_speed.py --device cuda --full    # adds 1,281,167 x 1000 (ImageNet-1k train set)
+    python benchmarks/knn_speed.py --device cpu --threads 1   # (16,384 x 10, 64), (65,536 x 100, 128), (65,536 x 1000, 256)
+    python benchmarks/knn_speed.py --device cpu --quick       # drop 65,536 x 1000
+    python benchmarks/knn_speed.py --device cuda --full       # adds 1,281,167 x 1000, 256 queries (ImageNet-1k)
 
-Backends timed: ``torch`` (kdwrap's chunked brute force), ``faiss`` (when installed), and ``cdist`` (a plain
-``torch.cdist(q, bank).topk`` reference). Median of ``--repeats`` rounds after one warm-up, the backends taking
-turns within a round (so a load change on a shared machine hits all alike); CUDA events on GPU. ``--threads N``
-sets the CPU threads of torch and faiss. Prints a table and writes ``benchmarks/results/knn_speed_<device>.json``
-(with the machine's load average) and a PNG bar plot when matplotlib is installed.
+Backends timed: ``torch`` (kdwrap's chunked brute force with blocked selection), ``faiss`` (when installed),
+``cdist`` (a plain ``torch.cdist(q, bank).topk`` reference) and ``matmul`` (the floor). Median of ``--repeats``
+rounds after one warm-up, the backends taking turns within a round (so a load change on a shared machine hits all
+alike); CUDA events on GPU. ``--threads N`` sets the CPU threads of torch and faiss. Prints a table with each
+backend's ratio to the floor and writes ``benchmarks/results/knn_speed_<device>.json`` (with the machine's load
+average) and a PNG bar plot when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ from kdwrap.knn import faiss_available, knn_search  # noqa: E402
 from kdwrap._timing import elapsed_ms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZES = [(4096, 100), (65536, 100), (65536, 1000)]
-FULL = (1281167, 1000)
+# (bank entries, classes, queries): a CIFAR-10 bank with OSAKD's batch of 64, a CIFAR-100-sized and an
+# ImageNet-class-count bank.
+SHAPES = [(16384, 10, 64), (65536, 100, 128), (65536, 1000, 256)]
+FULL = (1281167, 1000, 256)
 
 
 def timeit(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
@@ -56,10 +60,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--full", action="store_true", help="add the 1,281,167 x 1000 bank (meant for GPU)")
     ap.add_argument("--quick", action="store_true", help="skip the 65,536 x 1000 bank")
-    ap.add_argument("--queries", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--k", type=int, default=8, help="neighbours (default 8, OSAKD's)")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--backends", nargs="+", default=["torch", "faiss", "cdist"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "faiss", "cdist", "matmul"])
     ap.add_argument("--threads", type=int, default=None, help="torch/faiss CPU threads (default: library default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/knn_speed_<device>.json)")
     args = ap.parse_args()
@@ -75,25 +78,31 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     backends = [b for b in args.backends if b != "faiss" or faiss_available()]
-    sizes = [s for s in SIZES if not (args.quick and s == (65536, 1000))] + ([FULL] if args.full else [])
+    shapes = [s for s in SHAPES if not (args.quick and s[1] == 1000)] + ([FULL] if args.full else [])
     gen = torch.Generator().manual_seed(0)
 
     rows = []
-    print(f"{'bank N x C':>18} {'queries':>7} " + " ".join(f"{b + ' ms':>11}" for b in backends))
-    for n, c in sizes:
+    others = [b for b in backends if b != "matmul"]
+    print(f"{'bank N x C':>18} {'queries':>7} " + " ".join(f"{b + ' ms':>11}" for b in backends)
+          + "".join(f"{b + ' / matmul':>17}" for b in others if "matmul" in backends))
+    for n, c, b in shapes:
         bank = probabilities(n, c, device, gen)
-        for b in args.queries:
-            q = probabilities(b, c, device, gen)
-            row = {"bank": n, "classes": c, "queries": b, "k": args.k}
-            fns = {}
-            for backend in backends:
-                if backend == "cdist":
-                    fns[backend] = lambda: torch.cdist(q, bank).topk(args.k, dim=1, largest=False)  # noqa: E731
-                else:
-                    fns[backend] = lambda backend=backend: knn_search(q, bank, args.k, backend=backend)  # noqa: E731
-            row["ms"] = {name: round(ms, 3) for name, ms in timeit(fns, args.repeats, device).items()}
-            rows.append(row)
-            print(f"{n:>10,} x {c:<5} {b:>7} " + " ".join(f"{row['ms'][x]:>11.2f}" for x in backends))
+        q = probabilities(b, c, device, gen)
+        row = {"bank": n, "classes": c, "queries": b, "k": args.k}
+        fns = {}
+        for backend in backends:
+            if backend == "cdist":
+                fns[backend] = lambda: torch.cdist(q, bank).topk(args.k, dim=1, largest=False)  # noqa: E731
+            elif backend == "matmul":
+                fns[backend] = lambda: q @ bank.T  # noqa: E731
+            else:
+                fns[backend] = lambda backend=backend: knn_search(q, bank, args.k, backend=backend)  # noqa: E731
+        row["ms"] = {name: round(ms, 3) for name, ms in timeit(fns, args.repeats, device).items()}
+        if "matmul" in backends:
+            row["ratio_to_matmul"] = {x: round(row["ms"][x] / row["ms"]["matmul"], 2) for x in others}
+        rows.append(row)
+        print(f"{n:>10,} x {c:<5} {b:>7} " + " ".join(f"{row['ms'][x]:>11.2f}" for x in backends)
+              + "".join(f"{row['ratio_to_matmul'][x]:>16.2f}x" for x in others if "matmul" in backends))
 
     meta = {
         "date": datetime.date.today().isoformat(),

@@ -63,13 +63,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (batch, pixels, classes) per device kind.
 CONFIGS = {
     "cuda": {"cifar_resnet32": (128, 32, 10), "resnet50": (128, 224, 1000)},
-    "cpu": {"cifar_resnet32": (32, 32, 10), "resnet50": (8, 64, 1000)},
+    "cpu": {"cifar_resnet32": (32, 32, 10), "resnet50": (8, 64, 1000), "lenet5": (64, 32, 10)},
 }
 def variant_specs(executions: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD with two bank sizes."""
+    """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD with its default bank
+    (16,384 entries) and a small and a large one."""
     one = [(f"ONE m={m} {e}", "one", {"branches": m, "execution": e}) for m in (2, 3, 4) for e in executions]
-    return [("plain", "plain", {}), *one, ("OSAKD bank 4,096", "osakd", {"bank_size": 4096}),
-            ("OSAKD bank 65,536", "osakd", {"bank_size": 65536})]
+    osakd = [(f"OSAKD bank {n:,}", "osakd", {"bank_size": n}) for n in (4096, 16384, 65536)]
+    return [("plain", "plain", {}), *one, *osakd]
 
 
 GiB = 2**30

@@ -93,6 +93,82 @@ def _exclude_self(d: torch.Tensor, start: int, self_offset: int | None) -> None:
         d[rows, rows + (self_offset - start)] = float("inf")
 
 
+# Group width of the blocked selection, per device type; None: torch.topk. On the CPU, topk over a wide row costs
+# several times the matmul that made it, while one min-reduction over groups plus a topk over k groups' members
+# is near one pass over the row; CUDA's topk is already a single fast kernel.
+SELECTION_GROUP: dict[str, int | None] = {"cpu": 64}
+
+
+def _smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest entries of each row of ``d`` and their columns, in no particular order.
+
+    Blocked selection where it pays: the columns in groups of ``G``; the ``k`` groups with the smallest minima
+    hold every one of the ``k`` smallest entries (an entry outside them has ``k`` smaller group minima, hence
+    ``k`` smaller entries), so a topk over those ``k * G`` candidates is exact, ties aside."""
+    b, n = d.shape
+    group = SELECTION_GROUP.get(d.device.type)
+    if group is None or n < 4 * k * group:
+        return d.topk(k, dim=1, largest=False, sorted=False)
+    whole = n // group * group
+    blocks = d[:, :whole].view(b, whole // group, group)
+    _, best_groups = blocks.amin(2).topk(k, dim=1, largest=False, sorted=False)
+    cand = blocks[torch.arange(b, device=d.device).unsqueeze(1), best_groups].view(b, k * group)
+    cols = (best_groups.unsqueeze(2) * group + torch.arange(group, device=d.device)).view(b, k * group)
+    if whole < n:  # the ragged last group joins the candidates whole
+        cand = torch.cat([cand, d[:, whole:]], 1)
+        cols = torch.cat([cols, torch.arange(whole, n, device=d.device).expand(b, -1)], 1)
+    vals, sel = cand.topk(k, dim=1, largest=False, sorted=False)
+    return vals, cols.gather(1, sel)
+
+
+def _torch_candidates(
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    k: int,
+    distance: str,
+    self_offset: int | None,
+    chunk_size: int | None,
+    memory_budget: int,
+    reference_sq_norms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest reference rows of each query, unsorted, with *partial* distances: ``||r||^2 - 2 q.r``
+    for l2 (the query's own ``||q||^2`` left out: it ranks nothing), ``-cos`` for cosine. Queries and reference
+    are expected normalised already for cosine."""
+    b, n = queries.shape[0], reference.shape[0]
+    if distance == "l2" and reference_sq_norms is None:
+        reference_sq_norms = (reference * reference).sum(1)
+    if chunk_size is None:
+        # Three B x chunk float32 temporaries live at once (product, selection workspace, merge).
+        chunk_size = max(k, memory_budget // max(1, 12 * b))
+    best_d = queries.new_empty((b, 0))
+    best_i = torch.empty((b, 0), dtype=torch.long, device=queries.device)
+    for start in range(0, n, chunk_size):
+        ref = reference[start : start + chunk_size]
+        if distance == "l2":
+            # ||r||^2 - 2 q.r in one matmul call; ||q||^2 is the same for every reference of a query, so it is
+            # added to the k winners only, at the end.
+            d = torch.addmm(reference_sq_norms[start : start + chunk_size], queries, ref.T, alpha=-2)
+        else:
+            d = (queries @ ref.T).neg_()
+        _exclude_self(d, start, self_offset)
+        cd, ci = _smallest(d, min(k, d.shape[1]))
+        if best_d.shape[1]:
+            cd, ci = torch.cat([best_d, cd], 1), torch.cat([best_i, ci + start], 1)
+            cd, sel = cd.topk(min(k, cd.shape[1]), dim=1, largest=False, sorted=False)
+            ci = ci.gather(1, sel)
+        else:
+            ci = ci + start
+        best_d, best_i = cd, ci
+    return best_d, best_i
+
+
+def _complete(partial: torch.Tensor, queries: torch.Tensor, distance: str) -> torch.Tensor:
+    """Partial distances (see :func:`_torch_candidates`) made whole: squared l2, or ``1 - cos``."""
+    if distance == "l2":
+        return (partial + (queries * queries).sum(1, keepdim=True)).clamp_min_(0)
+    return partial + 1
+
+
 def _torch_search(
     queries: torch.Tensor,
     reference: torch.Tensor,
@@ -101,39 +177,14 @@ def _torch_search(
     self_offset: int | None,
     chunk_size: int | None,
     memory_budget: int,
+    reference_sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n = queries.shape[0], reference.shape[0]
     if distance == "cosine":
         queries, reference = F.normalize(queries, dim=1), F.normalize(reference, dim=1)
-    if chunk_size is None:
-        # Three B x chunk float32 temporaries live at once (product, top-k workspace, merge).
-        chunk_size = max(k, memory_budget // max(1, 12 * b))
-    best_d = queries.new_empty((b, 0))
-    best_i = torch.empty((b, 0), dtype=torch.long, device=queries.device)
-    for start in range(0, n, chunk_size):
-        ref = reference[start : start + chunk_size]
-        d = queries @ ref.T
-        if distance == "l2":
-            # ||q||^2 is the same for every reference of a query: added to the k winners only, at the end.
-            d.mul_(-2).add_((ref * ref).sum(1))
-        else:
-            d.neg_()
-        _exclude_self(d, start, self_offset)
-        cd, ci = d.topk(min(k, d.shape[1]), dim=1, largest=False, sorted=False)
-        if best_d.shape[1]:
-            cd, ci = torch.cat([best_d, cd], 1), torch.cat([best_i, ci + start], 1)
-            cd, sel = cd.topk(min(k, cd.shape[1]), dim=1, largest=False, sorted=False)
-            ci = ci.gather(1, sel)
-        else:
-            ci = ci + start
-        best_d, best_i = cd, ci
-    best_d, order = best_d.sort(dim=1)
-    best_i = best_i.gather(1, order)
-    if distance == "l2":
-        best_d = (best_d + (queries * queries).sum(1, keepdim=True)).clamp_min_(0)
-    else:
-        best_d = best_d + 1
-    return best_d, best_i
+    d, i = _torch_candidates(queries, reference, k, distance, self_offset, chunk_size, memory_budget,
+                             reference_sq_norms)
+    d, order = d.sort(dim=1)
+    return _complete(d, queries, distance), i.gather(1, order)
 
 
 _GPU_RESOURCES: dict[int, Any] = {}
@@ -185,6 +236,7 @@ def knn_search(
     self_offset: int | None = None,
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    reference_sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest reference points of each query: ``(distances, indices)``, each ``B x k'``, nearest first.
 
@@ -196,6 +248,8 @@ def knn_search(
         self_offset: when the queries are themselves rows ``self_offset .. self_offset + B - 1`` of
             ``reference``, query ``i`` never gets reference row ``self_offset + i`` as a neighbour.
         chunk_size: reference rows per chunk for the torch backend (default: from ``memory_budget`` bytes).
+        reference_sq_norms: ``(reference ** 2).sum(1)`` when the caller keeps it up to date (a memory bank does),
+            so the torch backend's l2 search does not recompute it.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -219,7 +273,8 @@ def knn_search(
         queries, reference = queries.float(), reference.float()
         if resolve_backend(backend) == "faiss":
             return _faiss_search(queries, reference, k_eff, distance, self_offset)
-        return _torch_search(queries, reference, k_eff, distance, self_offset, chunk_size, memory_budget)
+        norms = None if reference_sq_norms is None else reference_sq_norms.float()
+        return _torch_search(queries, reference, k_eff, distance, self_offset, chunk_size, memory_budget, norms)
 
 
 @torch.no_grad()
@@ -236,6 +291,7 @@ def knn_soft_labels(
     empty: str = "self",
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    bank_sq_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """k-NN estimate of the class posterior of each query (Duda & Hart): ``s_c = k_c / k'``.
 
@@ -246,7 +302,8 @@ def knn_soft_labels(
     With no reference point at all (one query, empty bank) the row is, by ``empty``:
     ``"self"`` (default) the query vector itself, which for OSAKD's queries ``p`` makes the distillation term
     ``MSE(p, p)`` / ``KL(p || p)`` exactly zero with zero gradient (needs ``D == num_classes``); ``"onehot"`` the
-    one-hot of the query's own label; ``"uniform"`` ``1 / num_classes``.
+    one-hot of the query's own label; ``"uniform"`` ``1 / num_classes``. ``bank_sq_norms``: the bank rows'
+    squared norms, when the caller keeps them (:meth:`kdwrap.memory_bank.MemoryBank.squared_norms`).
 
     Returns a float32 ``B x num_classes`` tensor with no gradient.
     """
@@ -254,36 +311,72 @@ def knn_soft_labels(
         raise ValueError(f"unknown empty rule {empty!r}; valid: {', '.join(EMPTY_RULES)}")
     if (bank is None) != (bank_labels is None):
         raise ValueError("pass both bank and bank_labels, or neither")
-    queries = queries.detach()
+    queries = queries.detach().float()
     b = queries.shape[0]
-    if bank is not None and bank.shape[0] > 0:
-        reference = torch.cat([bank.to(queries.dtype), queries])
-        ref_labels = torch.cat([bank_labels.to(labels.device, torch.long), labels.long()])
-        offset = bank.shape[0]
+    n = 0 if bank is None else bank.shape[0]
+    used = min(k, n + b - 1)
+    if b == 0:
+        return queries.new_zeros((0, num_classes))
+    if used <= 0:
+        return _empty_soft_labels(queries, labels, num_classes, empty)
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        d, neighbour_labels = _reference_candidates(
+            queries, labels, k, bank, bank_labels, bank_sq_norms, backend, distance, chunk_size, memory_budget
+        )
+    pick = d.topk(used, dim=1, largest=False, sorted=False).indices
+    votes = neighbour_labels.gather(1, pick)
+    # scatter_add rather than one_hot: one_hot reads the labels' range on the host, a sync on a GPU.
+    counts = queries.new_zeros((b, num_classes)).scatter_add_(1, votes, queries.new_ones(()).expand(votes.shape))
+    return counts.div_(used)
+
+
+def _reference_candidates(
+    queries: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    bank: torch.Tensor | None,
+    bank_labels: torch.Tensor | None,
+    bank_sq_norms: torch.Tensor | None,
+    backend: str,
+    distance: str,
+    chunk_size: int | None,
+    memory_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate neighbours of each query, as (distances, labels), ``B x (k' + B)``: the bank's ``k`` nearest
+    (searched where the bank lies, never joined to the batch by a copy) and every other query of the batch (a
+    ``B x B`` block; a query's own entry is +inf). The ``k`` smallest of a row are its ``k`` nearest neighbours."""
+    labels = labels.long()
+    if distance == "cosine":
+        queries = F.normalize(queries, dim=1)
+    # Partial distances (the query's own ||q||^2 left out, as in the torch search) within the batch.
+    if distance == "l2":
+        batch_d = torch.addmm((queries * queries).sum(1), queries, queries.T, alpha=-2)
     else:
-        reference, ref_labels, offset = queries, labels.long(), 0
-    _, idx = knn_search(
-        queries,
-        reference,
-        k,
-        backend=backend,
-        distance=distance,
-        self_offset=offset,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-    )
-    used = idx.shape[1]
-    if used == 0:
-        if empty == "self":
-            if queries.shape[1] != num_classes:
-                raise ValueError(
-                    f"empty='self' needs queries of dimension num_classes={num_classes}, got {queries.shape[1]}"
-                )
-            return queries.float().clone()
-        if empty == "onehot":
-            return F.one_hot(labels.long(), num_classes).float()
-        return queries.new_full((b, num_classes), 1.0 / num_classes, dtype=torch.float32)
-    neighbour_labels = ref_labels[idx]
-    counts = torch.zeros((b, num_classes), dtype=torch.float32, device=queries.device)
-    counts.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels, dtype=torch.float32))
-    return counts / used
+        batch_d = (queries @ queries.T).neg_()
+    batch_d.fill_diagonal_(float("inf"))
+    batch_labels = labels.expand(queries.shape[0], -1)
+    if bank is None or bank.shape[0] == 0:
+        return batch_d, batch_labels
+    bank = bank.float()
+    if resolve_backend(backend) == "faiss":
+        d_bank, i_bank = _faiss_search(queries, bank, min(k, bank.shape[0]), distance, None)
+        batch_d = _complete(batch_d, queries, distance)  # faiss's distances are whole
+    else:
+        if distance == "cosine":
+            bank = F.normalize(bank, dim=1)
+        d_bank, i_bank = _torch_candidates(queries, bank, min(k, bank.shape[0]), distance, None, chunk_size,
+                                           memory_budget, bank_sq_norms)
+    return torch.cat([d_bank, batch_d], 1), torch.cat([bank_labels.to(labels.device).long()[i_bank], batch_labels], 1)
+
+
+def _empty_soft_labels(queries: torch.Tensor, labels: torch.Tensor, num_classes: int, empty: str) -> torch.Tensor:
+    """The soft labels of queries with no reference point at all (see :func:`knn_soft_labels`'s ``empty``)."""
+    if empty == "self":
+        if queries.shape[1] != num_classes:
+            raise ValueError(
+                f"empty='self' needs queries of dimension num_classes={num_classes}, got {queries.shape[1]}"
+            )
+        return queries.float().clone()
+    if empty == "onehot":
+        return F.one_hot(labels.long(), num_classes).float()
+    return queries.new_full((queries.shape[0], num_classes), 1.0 / num_classes, dtype=torch.float32)

@@ -27,7 +27,9 @@ class MemoryBank(nn.Module):
 
     Buffers (all in ``state_dict``): ``vectors`` (``size x D``), ``labels`` (``size``), ``ptr`` (next slot to
     write) and ``count`` (filled slots). ``vectors``/``labels`` are empty until the first ``add``; loading a
-    state dict into an empty bank materialises it from the checkpoint's shapes.
+    state dict into an empty bank materialises it from the checkpoint's shapes. :meth:`squared_norms` keeps each
+    entry's squared norm (a k-NN search's ``||r||^2`` term) up to date as entries are added, so a search does not
+    recompute it over the whole bank at every step; it is derived state, outside ``state_dict``.
     """
 
     vectors: torch.Tensor
@@ -46,9 +48,11 @@ class MemoryBank(nn.Module):
         self.register_buffer("labels", torch.empty(0, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("sq_norms", torch.empty(0), persistent=False)
         # Host-side mirrors of ptr/count: reading the buffers would force a device sync at every step.
         self._ptr = 0
         self._count = 0
+        self._norms_version = -1  # vectors._version when sq_norms was last in step with it
 
     # ----------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -78,6 +82,16 @@ class MemoryBank(nn.Module):
         if not self.materialised:
             return self.vectors.new_empty((0, 0)), self.labels.new_empty((0,))
         return self.vectors[: self._count], self.labels[: self._count]
+
+    def squared_norms(self) -> torch.Tensor:
+        """``(vectors[:n] ** 2).sum(1)`` in float32 for the filled entries, kept up to date by :meth:`add`
+        (recomputed once after a ``load_state_dict`` or a direct write to ``vectors``)."""
+        if not self.materialised:
+            return self.vectors.new_empty((0,), dtype=torch.float32)
+        if self.sq_norms.shape != self.vectors.shape[:1] or self._norms_version != self.vectors._version:
+            self.sq_norms = self.vectors.float().pow(2).sum(1)
+            self._norms_version = self.vectors._version
+        return self.sq_norms[: self._count]
 
     def reset(self) -> None:
         """Forget every entry (storage is kept)."""
@@ -117,19 +131,26 @@ class MemoryBank(nn.Module):
         n = vectors.shape[0]
         if n == 0:
             return
+        in_step = self.sq_norms.shape == self.vectors.shape[:1] and self._norms_version == self.vectors._version
         if n >= self.size:
             self.vectors.copy_(vectors[-self.size :])
             self.labels.copy_(labels[-self.size :])
             self._set_pointers(0, self.size)
-            return
-        # Slice copies (at most two) rather than index_copy_ with a modulo index: no index tensor per step.
-        first = min(n, self.size - self._ptr)
-        self.vectors[self._ptr : self._ptr + first] = vectors[:first]
-        self.labels[self._ptr : self._ptr + first] = labels[:first]
-        if first < n:
-            self.vectors[: n - first] = vectors[first:]
-            self.labels[: n - first] = labels[first:]
-        self._set_pointers((self._ptr + n) % self.size, min(self._count + n, self.size))
+        else:
+            # Slice copies (at most two) rather than index_copy_ with a modulo index: no index tensor per step.
+            first = min(n, self.size - self._ptr)
+            self.vectors[self._ptr : self._ptr + first] = vectors[:first]
+            self.labels[self._ptr : self._ptr + first] = labels[:first]
+            if first < n:
+                self.vectors[: n - first] = vectors[first:]
+                self.labels[: n - first] = labels[first:]
+            if in_step:  # the new entries' norms only: B x D work instead of size x D
+                norms = vectors.float().pow(2).sum(1)
+                self.sq_norms[self._ptr : self._ptr + first] = norms[:first]
+                if first < n:
+                    self.sq_norms[: n - first] = norms[first:]
+                self._norms_version = self.vectors._version
+            self._set_pointers((self._ptr + n) % self.size, min(self._count + n, self.size))
 
     # ----------------------------------------------------------------------------------------------------------
     def _set_pointers(self, ptr: int, count: int) -> None:

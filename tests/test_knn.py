@@ -220,3 +220,33 @@ def test_missing_faiss_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install kdwrap\[faiss\]"):
         knn_search(torch.rand(3, 2), torch.rand(5, 2), 2, backend="faiss")
     assert knn_search(torch.rand(3, 2), torch.rand(5, 2), 2, backend="auto")[1].shape == (3, 2)
+
+
+@pytest.mark.parametrize("n, k", [(2048, 8), (5003, 8), (9000, 16), (4100, 1)])
+@pytest.mark.parametrize("self_offset", [None, 300])
+def test_blocked_selection_on_wide_rows_matches_brute_force(n, k, self_offset):
+    # Wide enough that the CPU search selects through group minima (kdwrap.knn.SELECTION_GROUP); a ragged
+    # last group when n is not a multiple of the group width.
+    g = torch.Generator().manual_seed(n + k)
+    ref = (torch.randn(n, 10, generator=g) * 3).softmax(1)
+    q = ref[300:364] if self_offset is not None else (torch.randn(64, 10, generator=g) * 3).softmax(1)
+    d, i = knn_search(q, ref, k, self_offset=self_offset)
+    assert torch.equal(i.sort(1).values, brute_force_neighbours(q, ref, k, self_offset).sort(1).values)
+    ref_d = torch.cdist(q.double(), ref.double()) ** 2
+    torch.testing.assert_close(d.double(), ref_d.gather(1, i), atol=1e-5, rtol=1e-5)
+    assert (d[:, 1:] >= d[:, :-1]).all()
+
+
+def test_soft_labels_with_a_large_bank_and_its_kept_norms_match_brute_force():
+    from kdwrap.memory_bank import MemoryBank
+
+    g = torch.Generator().manual_seed(7)
+    bank = MemoryBank(3000)
+    for _ in range(5):  # wraps around the ring: the kept norms follow every write
+        bank.add((torch.randn(700, 5, generator=g) * 2).softmax(1), torch.randint(0, 5, (700,), generator=g))
+    q, y = (torch.randn(48, 5, generator=g) * 2).softmax(1), torch.randint(0, 5, (48,), generator=g)
+    vectors, labels = bank.get()
+    torch.testing.assert_close(bank.squared_norms(), (vectors * vectors).sum(1))
+    kept = knn_soft_labels(q, y, 5, 8, vectors, labels, bank_sq_norms=bank.squared_norms())
+    torch.testing.assert_close(kept, knn_soft_labels(q, y, 5, 8, vectors, labels))
+    torch.testing.assert_close(kept, brute_force_soft_labels(q, y, 5, 8, vectors, labels))

@@ -180,3 +180,20 @@ def test_distributed_banks_are_identical_and_hold_all_ranks(tmp_path):
     bank.load_state_dict(s0)
     assert len(bank) == 12 and bank_ids(bank) == sorted(recent)
     assert {i // 1000 for i in recent} == {0, 1}
+
+
+def test_squared_norms_follow_adds_loads_and_direct_writes():
+    bank = MemoryBank(10)
+    assert bank.squared_norms().shape == (0,)
+    g = torch.Generator().manual_seed(0)
+    for n in (4, 3, 6, 12, 5):  # partial fills, a wrap-around, a batch larger than the bank
+        bank.add(torch.randn(n, 3, generator=g), torch.zeros(n, dtype=torch.long))
+        v, _ = bank.get()
+        torch.testing.assert_close(bank.squared_norms(), (v * v).sum(1))
+    fresh = MemoryBank(10)
+    fresh.load_state_dict(bank.state_dict())
+    assert "sq_norms" not in bank.state_dict()  # derived state: checkpoints keep their keys
+    torch.testing.assert_close(fresh.squared_norms(), bank.squared_norms())
+    with torch.no_grad():
+        fresh.vectors[0] = 10.0
+    assert fresh.squared_norms()[0].item() == pytest.approx(300.0)

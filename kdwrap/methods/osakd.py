@@ -240,15 +240,8 @@ class OSAKDLoss(KDLoss):
             use_bank = len(self.bank) >= self.k
             bank_v, bank_l = self.bank.get() if use_bank else (None, None)
             s = knn_soft_labels(
-                q,
-                labels,
-                c,
-                self.k,
-                bank_v,
-                bank_l,
-                backend=self.backend,
-                distance=self.distance,
-                chunk_size=self.chunk_size,
+                q, labels, c, self.k, bank_v, bank_l, backend=self.backend, distance=self.distance,
+                chunk_size=self.chunk_size, bank_sq_norms=self.bank.squared_norms() if use_bank else None,
             )
             self.soft_labels = s
             if self.distill == "mse":
