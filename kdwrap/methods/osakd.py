@@ -245,7 +245,7 @@ class OSAKDLoss(KDLoss):
             )
             self.soft_labels = s
             if self.distill == "mse":
-                distill = (p - s).pow(2).sum(1).mean()
+                distill = F.mse_loss(p, s, reduction="sum") / b  # summed over classes, mean over the batch
             else:
                 # kl_div treats 0 * log 0 as 0, so classes no neighbour voted for cost nothing.
                 distill = F.kl_div(F.log_softmax(z, 1), s, reduction="batchmean")
@@ -254,10 +254,10 @@ class OSAKDLoss(KDLoss):
             elif self.alpha == 0.0:
                 total = distill
             else:
-                total = self.alpha * ce + (1.0 - self.alpha) * distill
+                total = torch.add(self.alpha * ce, distill, alpha=1.0 - self.alpha)
         if self.bank.size:
-            finite = torch.isfinite(q).all(1, keepdim=True)
-            self.bank.add(torch.where(finite, q, q.new_full((), _FAR)), labels)
+            # One op: a non-finite logit makes its whole softmax row NaN, so the whole row becomes _FAR.
+            self.bank.add(torch.nan_to_num(q, nan=_FAR, posinf=_FAR, neginf=_FAR), labels)
         self.step += 1
         self.parts = {
             "ce": ce.detach(),
