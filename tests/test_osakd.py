@@ -437,3 +437,27 @@ def test_ddp_banks_identical_and_hold_both_ranks(tmp_path):
     torch.testing.assert_close(r0["bank"]["bank.vectors"][:30], expected_v)
     assert torch.equal(r0["bank"]["bank.labels"][:30], expected_y)
     assert set(expected_y.tolist()) >= {0, 2} and set(expected_y.tolist()) <= {0, 1, 2, 3}
+
+
+def test_auto_backend_times_torch_and_faiss_once_the_bank_is_full():
+    pytest.importorskip("faiss")
+    model, loss_fn = kdwrap.osakd(nn.Identity(), k=4, bank_size=32)
+    ref_model, reference = kdwrap.osakd(nn.Identity(), k=4, bank_size=32, backend="torch")
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        z, y = torch.randn(16, 5, generator=g) * 3, torch.randint(0, 5, (16,), generator=g)
+        loss_fn(model(z), y)
+        reference(ref_model(z), y)
+        # A filling bank changes shape every step: nothing is timed until it is full (after step 1).
+        assert list(loss_fn.backend_timings) == ([] if step < 2 else [(16, 5, 32)])
+        torch.testing.assert_close(loss_fn.soft_labels, reference.soft_labels)  # either backend: the same labels
+    assert set(loss_fn.backend_timings[(16, 5, 32)]) == {"torch", "faiss"}
+
+    fixed_model, fixed = kdwrap.osakd(nn.Identity(), k=4, bank_size=16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(3):
+            fixed(fixed_model(torch.randn(16, 5)), torch.randint(0, 5, (16,)))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert fixed.backend_timings == {}  # a timed choice could differ between runs

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 from typing import Any, Callable, Sequence
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._deploy import rebuild_original
-from .._timing import elapsed_ms
+from .._timing import median_ms, timing_may_decide
 from ..base import KDLoss, KDModel, check_target, route_options
 from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops, split_model
@@ -301,22 +300,17 @@ class ONEModel(KDModel):
             if inputs:
                 torch.autograd.grad(total, inputs, allow_unused=True)
 
-        times: dict[str, list[float]] = {name: [] for name in runs}
         devices = []  # CUDA RNGs to fork besides the CPU's
         if f.device.type == "cuda":
             devices = [f.device.index if f.device.index is not None else torch.cuda.current_device()]
         try:
             with torch.random.fork_rng(devices=devices):
-                for rep in range(_MEASURE_REPEATS + 1):
-                    for name, run in runs.items():  # alternating, so a change of clocks hits both alike
-                        ms = elapsed_ms(lambda: step(run), f.device)
-                        if rep:
-                            times[name].append(ms)
+                return median_ms({name: lambda run=run: step(run) for name, run in runs.items()}, f.device,
+                                 _MEASURE_REPEATS)
         finally:
             with torch.no_grad():
                 for b, v in zip(buffers, saved):
                     b.copy_(v)
-        return {name: statistics.median(t) for name, t in times.items()}
 
     def forward_ensemble(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """ONE-E: the gated ensemble's logits ``sum_i g_i z_i``."""
@@ -420,10 +414,7 @@ def _timing_allowed() -> bool:
     # Deterministic algorithms ask for runs that repeat exactly; a choice by timing may differ between runs (the
     # executions agree to float tolerance, not bit for bit), so the rule decides there. Without autograd there is
     # no backward to time.
-    return (
-        torch.is_grad_enabled() and not torch.are_deterministic_algorithms_enabled()
-        and not torch.backends.cudnn.deterministic
-    )
+    return torch.is_grad_enabled() and timing_may_decide()
 
 
 def _check_logits(z: Any) -> None:

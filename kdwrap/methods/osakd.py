@@ -11,14 +11,15 @@ from __future__ import annotations
 import copy
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._timing import median_ms, timing_may_decide
 from ..base import KDLoss, KDModel, check_target, route_options
-from ..knn import BACKENDS, DISTANCES, knn_soft_labels, resolve_backend
+from ..knn import BACKENDS, DISTANCES, faiss_available, knn_soft_labels, resolve_backend
 from ..memory_bank import MemoryBank
 
 __all__ = ["DISTILL", "OSAKDModel", "OSAKDLoss", "build_osakd", "select_logits"]
@@ -144,7 +145,9 @@ class OSAKDLoss(KDLoss):
         alpha: weight of CE; ``1 - alpha`` weighs the distillation term (paper: 0.9; 0.99 for 200 classes).
             ``alpha=1`` is exactly cross-entropy.
         bank_size: entries of the memory bank of recent outputs (0: the paper's in-batch mode; else >= k).
-        backend: k-NN backend, ``"auto"`` (= ``"torch"``), ``"torch"`` or ``"faiss"`` (see :mod:`kdwrap.knn`).
+        backend: k-NN backend, ``"torch"``, ``"faiss"`` (see :mod:`kdwrap.knn`) or ``"auto"`` (default): torch,
+            except on the CPU with faiss installed, where the faster of the two on the step's shapes is used, timed
+            once when the bank is full (see :attr:`backend_timings`).
         distance: ``"l2"`` (Euclidean, the paper's) or ``"cosine"`` between probability vectors.
         distill: ``"mse"`` (summed over classes, batch mean) or ``"kl"`` (``KL(s || p)``, batchmean).
         check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf logits (one host
@@ -183,15 +186,40 @@ class OSAKDLoss(KDLoss):
         _check_choice("backend", backend, BACKENDS)
         _check_choice("distance", distance, DISTANCES)
         _check_choice("distill", distill, DISTILL)
-        self.resolved_backend = resolve_backend(backend)  # raises the install hint now, not at the first step
+        resolve_backend(backend)  # raises the install hint now, not at the first step
+        self.resolved_backend = (
+            "torch; on the CPU with faiss installed, the faster of torch and faiss, timed once the bank is full"
+            if backend == "auto" else backend
+        )
         self.k = k
         self.alpha = float(alpha)
         self.backend = backend
         self.distance = distance
         self.distill = distill
         self.chunk_size: int | None = None  # forwarded to the torch k-NN backend (None: from its memory budget)
+        # backend="auto" on the CPU: (batch, classes, bank entries) -> median ms of each backend, timed once.
+        self.backend_timings: dict[tuple[int, int, int], dict[str, float]] = {}
         self.bank = MemoryBank(bank_size)
         self.soft_labels: torch.Tensor | None = None
+
+    def _step_backend(self, q: torch.Tensor, soft_labels: Callable[[str], torch.Tensor]) -> str:
+        """The k-NN backend of this step. ``"auto"``: torch, except on the CPU with faiss installed, where the
+        faster of the two on this step's shapes decides, timed once per (batch, classes) when the bank is full (a
+        filling bank changes shape every step). Never timed under deterministic algorithms or torch.compile."""
+        if self.backend != "auto":
+            return self.backend
+        if (
+            q.device.type != "cpu" or not self.bank.is_full or not faiss_available() or not timing_may_decide()
+            or torch.compiler.is_compiling()
+        ):
+            return "torch"
+        key = (q.shape[0], q.shape[1], len(self.bank))
+        if key not in self.backend_timings:
+            self.backend_timings[key] = median_ms(
+                {name: lambda name=name: soft_labels(name) for name in ("torch", "faiss")}, q.device
+            )
+        timing = self.backend_timings[key]
+        return min(timing, key=timing.__getitem__)
 
     def config(self) -> dict[str, Any]:
         """The options in force (and the backend ``"auto"`` resolved to), as ``summary()`` prints them."""
@@ -239,10 +267,13 @@ class OSAKDLoss(KDLoss):
                 self.bank.to(q.device)
             use_bank = len(self.bank) >= self.k
             bank_v, bank_l = self.bank.get() if use_bank else (None, None)
-            s = knn_soft_labels(
-                q, labels, c, self.k, bank_v, bank_l, backend=self.backend, distance=self.distance,
-                chunk_size=self.chunk_size, bank_sq_norms=self.bank.squared_norms() if use_bank else None,
-            )
+            norms = self.bank.squared_norms() if use_bank else None
+
+            def soft_labels(backend: str) -> torch.Tensor:
+                return knn_soft_labels(q, labels, c, self.k, bank_v, bank_l, backend=backend,
+                                       distance=self.distance, chunk_size=self.chunk_size, bank_sq_norms=norms)
+
+            s = soft_labels(self._step_backend(q, soft_labels))
             self.soft_labels = s
             if self.distill == "mse":
                 distill = F.mse_loss(p, s, reduction="sum") / b  # summed over classes, mean over the batch
