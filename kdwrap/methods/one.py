@@ -168,6 +168,8 @@ class ONEModel(KDModel):
         self.train(net.training)
         self.execution = execution
         self._plan_execution()
+        # A hook taking the module (not a bound method): deep copies (EMA, ONE-E export) check their own layout.
+        self.register_load_state_dict_pre_hook(ONEModel._check_checkpoint)
 
     @property
     def num_branches(self) -> int:
@@ -395,19 +397,40 @@ class ONEModel(KDModel):
     def extra_repr(self) -> str:
         return f"split={self.split!r}, branches={self.num_branches}, branch={self.branch}"
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"split": self.split, "branches": self.num_branches}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        # Runs before the children load: a checkpoint of another configuration fails here, by name, instead of
-        # as a list of mismatched keys (or, with strict=False, a silent partial load).
-        mine = self.get_extra_state()
-        if state != mine:
+    def _check_checkpoint(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Before the children load: a checkpoint of another configuration fails here, by name, instead of as a
+        list of mismatched keys (or, with ``strict=False``, a silent partial load). The configuration is read off
+        the checkpoint's keys, so the state_dict holds tensors only (EMA, safetensors and FSDP walk it as such)."""
+        legacy = state_dict.pop(prefix + "_extra_state", None)  # checkpoints of earlier versions carried it
+        mine = {"branches": self.num_branches, "split": self.split}
+        theirs = dict(legacy) if isinstance(legacy, dict) else _configuration_of(state_dict, prefix, self)
+        if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
             raise ValueError(
-                f"this checkpoint is of a ONE wrapper with {state}, but this wrapper has {mine}; build the wrapper "
-                f"with the checkpoint's settings: kdwrap.one(net, branches={state.get('branches')}, "
-                f"split={state.get('split')!r})"
+                f"this checkpoint is of a ONE wrapper with {theirs}, but this wrapper has {mine}; build the wrapper "
+                f"with the checkpoint's settings: kdwrap.one(net, branches={theirs.get('branches')}, "
+                f"split={theirs.get('split')!r})"
             )
+
+
+def _configuration_of(state_dict: dict[str, Any], prefix: str, model: "ONEModel") -> dict[str, Any] | None:
+    """``{"branches", "split"}`` of the ONE wrapper that saved ``state_dict``, from its keys; ``None`` when the
+    keys say nothing about it (a partial state dict)."""
+    branch_keys = [k[len(prefix) + len("branches."):] for k in state_dict if k.startswith(prefix + "branches.")]
+    if not branch_keys:
+        return None
+    branches = len({k.split(".", 1)[0] for k in branch_keys})
+    trunk_keys = {k[len(prefix) + len("trunk."):] for k in state_dict if k.startswith(prefix + "trunk.")}
+    mine = {k[len("trunk."):] for k in model.state_dict() if k.startswith("trunk.")}
+    if trunk_keys <= mine and {k.split(".", 1)[1] for k in branch_keys if k.startswith("0.")} <= set(
+        k.split(".", 2)[2] for k in model.state_dict() if k.startswith("branches.0.")
+    ):
+        return {"branches": branches, "split": model.split}
+    # Cut elsewhere: the split is the first module of the tail that is not a module of the trunk.
+    parts = next(k for k in branch_keys if k.startswith("0.")).split(".")[1:-1]
+    trunk_modules = {".".join(k.split(".")[:i]) for k in trunk_keys for i in range(1, k.count(".") + 1)}
+    split = next((".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in trunk_modules),
+                 ".".join(parts))
+    return {"branches": branches, "split": split}
 
 
 def _timing_allowed() -> bool:
