@@ -10,8 +10,8 @@
 Variants per model: plain; ONE with 2, 3 and 4 branches (default split), each with its branches run one after the
 other ("sequential"), as one fused graph ("fused"; skipped with the reason for a tail that cannot be fused) and as
 "auto" picks (its timings and choice are kept in the JSON, the "runs" column says which ran); --executions picks;
-OSAKD (k=8, alpha 0.9) with memory banks of 4,096 and 65,536 entries, pre-filled so that every timed step searches
-a full bank. --variants REGEX keeps only the matching rows (and plain).
+OSAKD (k=8, alpha 0.9) in-batch and with memory banks of 4,096, 16,384 (the default) and 65,536 entries, pre-filled
+so that every timed step searches a full bank. --variants REGEX keeps only the matching rows (and plain).
 
 A step is zero_grad, forward, loss, backward and an SGD (Nesterov, weight decay) update on a fixed random batch,
 under bf16 autocast with channels_last on GPU (fp32, contiguous on CPU). After --warmup steps each, the variants take
@@ -66,10 +66,11 @@ CONFIGS = {
     "cpu": {"cifar_resnet32": (32, 32, 10), "resnet50": (8, 64, 1000), "lenet5": (64, 32, 10)},
 }
 def variant_specs(executions: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD with its default bank
-    (16,384 entries) and a small and a large one."""
+    """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD in-batch (the paper's
+    mode), with its default bank (16,384 entries) and with a small and a large one."""
     one = [(f"ONE m={m} {e}", "one", {"branches": m, "execution": e}) for m in (2, 3, 4) for e in executions]
-    osakd = [(f"OSAKD bank {n:,}", "osakd", {"bank_size": n}) for n in (4096, 16384, 65536)]
+    osakd = [("OSAKD in-batch", "osakd", {"bank_size": 0})]
+    osakd += [(f"OSAKD bank {n:,}", "osakd", {"bank_size": n}) for n in (4096, 16384, 65536)]
     return [("plain", "plain", {}), *one, *osakd]
 
 
@@ -131,7 +132,7 @@ def fill_bank(loss_fn: Any, classes: int, device: torch.device) -> None:
     """Fill OSAKD's bank with peaked random probability vectors: every timed step then searches a full bank."""
     gen = torch.Generator(device=device).manual_seed(1)
     bank = loss_fn.bank
-    while not bank.is_full:
+    while bank.size and not bank.is_full:
         n = min(8192, bank.size - len(bank))
         p = (torch.randn(n, classes, device=device, generator=gen) * 3).softmax(1)
         bank.add(p, torch.randint(0, classes, (n,), device=device, generator=gen))
