@@ -121,6 +121,15 @@ def _smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, cols.gather(1, sel)
 
 
+def _partial_distances(queries: torch.Tensor, ref: torch.Tensor, distance: str,
+                       ref_sq_norms: torch.Tensor | None) -> torch.Tensor:
+    """``B x N`` partial distances (see :func:`_torch_candidates`): for l2, ``||r||^2 - 2 q.r`` in one matmul
+    call (``||q||^2`` is the same for every reference of a query, so it is added to the k winners only)."""
+    if distance == "l2":
+        return torch.addmm(ref_sq_norms, queries, ref.T, alpha=-2)
+    return (queries @ ref.T).neg_()
+
+
 def _torch_candidates(
     queries: torch.Tensor,
     reference: torch.Tensor,
@@ -143,13 +152,8 @@ def _torch_candidates(
     best_d = queries.new_empty((b, 0))
     best_i = torch.empty((b, 0), dtype=torch.long, device=queries.device)
     for start in range(0, n, chunk_size):
-        ref = reference[start : start + chunk_size]
-        if distance == "l2":
-            # ||r||^2 - 2 q.r in one matmul call; ||q||^2 is the same for every reference of a query, so it is
-            # added to the k winners only, at the end.
-            d = torch.addmm(reference_sq_norms[start : start + chunk_size], queries, ref.T, alpha=-2)
-        else:
-            d = (queries @ ref.T).neg_()
+        norms = None if reference_sq_norms is None else reference_sq_norms[start : start + chunk_size]
+        d = _partial_distances(queries, reference[start : start + chunk_size], distance, norms)
         _exclude_self(d, start, self_offset)
         cd, ci = _smallest(d, min(k, d.shape[1]))
         if best_d.shape[1]:
@@ -167,24 +171,6 @@ def _complete(partial: torch.Tensor, queries: torch.Tensor, distance: str) -> to
     if distance == "l2":
         return (partial + (queries * queries).sum(1, keepdim=True)).clamp_min_(0)
     return partial + 1
-
-
-def _torch_search(
-    queries: torch.Tensor,
-    reference: torch.Tensor,
-    k: int,
-    distance: str,
-    self_offset: int | None,
-    chunk_size: int | None,
-    memory_budget: int,
-    reference_sq_norms: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if distance == "cosine":
-        queries, reference = F.normalize(queries, dim=1), F.normalize(reference, dim=1)
-    d, i = _torch_candidates(queries, reference, k, distance, self_offset, chunk_size, memory_budget,
-                             reference_sq_norms)
-    d, order = d.sort(dim=1)
-    return _complete(d, queries, distance), i.gather(1, order)
 
 
 _GPU_RESOURCES: dict[int, Any] = {}
@@ -274,7 +260,11 @@ def knn_search(
         if resolve_backend(backend) == "faiss":
             return _faiss_search(queries, reference, k_eff, distance, self_offset)
         norms = None if reference_sq_norms is None else reference_sq_norms.float()
-        return _torch_search(queries, reference, k_eff, distance, self_offset, chunk_size, memory_budget, norms)
+        if distance == "cosine":
+            queries, reference = F.normalize(queries, dim=1), F.normalize(reference, dim=1)
+        d, i = _torch_candidates(queries, reference, k_eff, distance, self_offset, chunk_size, memory_budget, norms)
+        d, order = d.sort(dim=1)
+        return _complete(d, queries, distance), i.gather(1, order)
 
 
 @torch.no_grad()
@@ -349,10 +339,7 @@ def _reference_candidates(
     if distance == "cosine":
         queries = F.normalize(queries, dim=1)
     # Partial distances (the query's own ||q||^2 left out, as in the torch search) within the batch.
-    if distance == "l2":
-        batch_d = torch.addmm((queries * queries).sum(1), queries, queries.T, alpha=-2)
-    else:
-        batch_d = (queries @ queries.T).neg_()
+    batch_d = _partial_distances(queries, queries, distance, (queries * queries).sum(1) if distance == "l2" else None)
     batch_d.fill_diagonal_(float("inf"))
     batch_labels = labels.expand(queries.shape[0], -1)
     if bank is None or bank.shape[0] == 0:
