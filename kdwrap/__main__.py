@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--k", type=_positive_int, default=8, help="OSAKD neighbours (default 8)")
     demo.add_argument("--alpha", type=float, default=0.9, help="OSAKD weight of the hard-label loss (default 0.9)")
     demo.add_argument("--bank-size", type=int, default=16384, help="OSAKD memory bank (default 16384; 0 = in-batch)")
+    demo.add_argument("--methods", nargs="+", default=["plain", "one", "osakd"], type=str.lower,
+                      choices=["plain", "one", "osakd"], metavar="METHOD",
+                      help="which of plain, one, osakd to train (default: all three; plain, the baseline, always)")
     demo.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                       help="trainings at once, each its own process (default: one per CPU core; 1 on a GPU)")
     demo.add_argument("--threads", type=int, default=1, metavar="N",
@@ -126,6 +129,7 @@ def _demo(args: argparse.Namespace) -> int:
         limit_train=args.limit_train, branches=args.branches, k=args.k, alpha=args.alpha,
         bank_size=args.bank_size, save_dir=args.save_dir, jobs=args.jobs, threads=args.threads,
         progress=not args.no_progress,
+        methods=args.methods,
     )
     return 0
 

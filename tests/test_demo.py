@@ -57,6 +57,24 @@ def test_demo_table_over_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert (tmp_path / "curves.png").stat().st_size > 0 and f"Curves: {tmp_path / 'curves.png'}" in out
 
 
+def test_demo_trains_only_the_chosen_methods_and_always_plain(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", *TINY, "--seeds", "0", "--jobs", "1", "--save-dir", str(tmp_path),
+                 "--methods", "OSAKD", "--alpha", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert tuple(_table_rows(out)) == ("plain", "OSAKD"), out
+    assert "OSAKD (k=8, alpha=0.5)" in out and "2 trainings" in out
+    assert {p.name for p in tmp_path.glob("*.pt")} == {"plain.pt", "osakd.pt"}
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["methods"] == ["plain", "OSAKD"]
+
+
+def test_demo_rejects_an_unknown_method() -> None:
+    from kdwrap.demo.run import run_demo
+
+    with pytest.raises(ValueError, match=r"unknown demo method\(s\) \['dml'\]; valid: plain, ONE, OSAKD"):
+        run_demo(dataset="digits", methods=["dml"], save_dir=None)
+
+
 def test_demo_parallel_processes_give_the_in_process_results() -> None:
     from kdwrap.demo.run import run_demo
 

@@ -16,7 +16,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -262,14 +262,29 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, total_epochs: int, progr
     return results
 
 
+def _chosen_methods(names: Sequence[str]) -> list[str]:
+    """``names`` as keys of :data:`METHODS` in table order, plain first (the baseline every row is compared with)."""
+    known = {m.lower(): m for m in METHODS}
+    unknown = [n for n in names if n.lower() not in known]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; valid: {', '.join(METHODS)}")
+    chosen = {known[n.lower()] for n in names} | {"plain"}
+    return [m for m in METHODS if m in chosen]
+
+
+def _describe(methods: list[str], branches: int, k: int, alpha: float) -> str:
+    what = {"plain": "plain", "ONE": f"ONE ({branches} branches)", "OSAKD": f"OSAKD (k={k}, alpha={alpha})"}
+    return ", ".join(what[m] for m in methods)
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1024:,.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:,.2f} MiB"
 
 
-def _rows(results: list[dict[str, Any]], seeds: list[int]) -> list[DemoRow]:
+def _rows(results: list[dict[str, Any]], seeds: list[int], methods: list[str]) -> list[DemoRow]:
     by = {(r["method"], r["seed"]): r for r in results}
     rows = []
-    for method in METHODS:
+    for method in methods:
         runs = [by[(method, s)] for s in seeds]
         for name in runs[0]["models"]:
             m = [r["models"][name] for r in runs]
@@ -317,11 +332,14 @@ def run_demo(
     batch_size: int | None = None, lr: float | None = None, weight_decay: float = 5e-4, device: str = "auto",
     seeds: tuple[int, ...] | list[int] = (0, 1, 2), limit_train: int | None = None, branches: int = 3, k: int = 8,
     alpha: float = 0.9, bank_size: int = 16384, save_dir: str | None = "kdwrap-demo", jobs: int | None = None,
-    threads: int = 1, progress: bool = True, log: Callable[[str], None] = print,
+    threads: int = 1, progress: bool = True, methods: Sequence[str] = tuple(METHODS),
+    log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Train ``model`` plain, with ONE (``branches``) and with OSAKD (``k``, ``alpha``, ``bank_size``) for each of
     ``seeds`` (same initial weights and data order for every method of a seed); export each, evaluate the exported
     models, and return the table with each method's paired difference to plain and its verdict.
+
+    ``methods``: which of :data:`METHODS` to train (any case); plain, the baseline, always is.
 
     ``None`` settings take the dataset's :data:`DEMO_DEFAULTS`; ``limit_train=0`` uses the whole training set.
     ``jobs``: trainings at once, each a process (default: one per CPU core on a CPU, 1 on a GPU); ``threads``: CPU
@@ -331,6 +349,7 @@ def run_demo(
     name = resolve_dataset(dataset, data)
     if name not in DEMO_DEFAULTS:
         raise ValueError(f"unknown dataset {dataset!r}; valid: auto, {', '.join(DEMO_DEFAULTS)}")
+    methods = _chosen_methods(methods)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
@@ -345,17 +364,17 @@ def run_demo(
         raise ValueError(f"epochs and batch size must be >= 1, got {epochs} and {batch_size}")
     create_model(model, ds.input_size[0], ds.num_classes, ds.input_size)  # an unknown name fails here, at once
     dev = _pick_device(device)
-    workers = jobs or (min(len(seeds) * len(METHODS), os.cpu_count() or 1) if dev.type == "cpu" else 1)
+    workers = jobs or (min(len(seeds) * len(methods), os.cpu_count() or 1) if dev.type == "cpu" else 1)
     n_train = min(limit or len(ds.y_train), len(ds.y_train))
     settings = dict(dataset=name, model=model, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                     device=str(dev), seeds=seeds, train=n_train, test=len(ds.y_test), jobs=workers,
                     threads=threads if dev.type == "cpu" else None, augment=d["augment"], branches=branches, k=k,
-                    alpha=alpha, bank_size=bank_size)
+                    alpha=alpha, bank_size=bank_size, methods=methods)
     log(f"kdwrap demo: {name} ({n_train:,} train / {len(ds.y_test):,} test images, "
         f"{'x'.join(map(str, ds.input_size))}, {ds.num_classes} classes), model {model}, {epochs} epochs, batch "
         f"{batch_size}, SGD nesterov lr {lr} cosine, wd {weight_decay}"
-        f"{', pad-4 crop + flip' if d['augment'] else ', no augmentation'}; plain, ONE ({branches} branches) and "
-        f"OSAKD (k={k}) x seeds {seeds}: {len(seeds) * len(METHODS)} trainings, {workers} at a time on {dev}")
+        f"{', pad-4 crop + flip' if d['augment'] else ', no augmentation'}; {_describe(methods, branches, k, alpha)} "
+        f"x seeds {seeds}: {len(seeds) * len(methods)} trainings, {workers} at a time on {dev}")
     out_dir = Path(save_dir) if save_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +383,7 @@ def run_demo(
                      limit_train=limit, device=str(dev), threads=threads, first_seed=seeds[0],
                      save_dir=str(out_dir) if out_dir else None,
                      options=dict(branches=branches, k=k, alpha=alpha, bank_size=bank_size))
-                for m in START_ORDER for s in seeds]
+                for m in START_ORDER if m in methods for s in seeds]
     start = time.perf_counter()
     saved = torch.get_num_threads()  # the in-process path sets the thread count; give the caller theirs back
     try:
@@ -372,11 +391,11 @@ def run_demo(
     finally:
         torch.set_num_threads(saved)
     wall = time.perf_counter() - start
-    rows = _rows(results, seeds)
+    rows = _rows(results, seeds, methods)
     table = format_table(rows)
     verdicts = _verdicts(rows)
     curves = {m: [next(r["curve"] for r in results if r["method"] == m and r["seed"] == s) for s in seeds]
-              for m in METHODS}
+              for m in methods}
     log("")
     log(table)
     log("")
