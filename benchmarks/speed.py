@@ -25,8 +25,9 @@ torch.cuda.max_memory_allocated: what a process training that variant alone woul
 cache. FLOPs: torch.utils.flop_counter of one training-mode forward (matmuls and convolutions), and of forward plus
 loss (which adds OSAKD's k-NN distance computation).
 
---profile writes, for plain and for ONE m=3 in each execution, torch.profiler's operator table of one training step
-(top 25 by device time on GPU, CPU time on CPU) to <json stem>_profile.txt: where a variant's time goes.
+--profile writes, for plain, ONE m=3 in each execution and OSAKD (in-batch and the default bank), torch.profiler's
+operator table of 20 training steps (top 25 by device time on GPU, self CPU time on CPU) to
+<json stem>_profile.txt: where a variant's time goes.
 
 Prints a table and writes benchmarks/results/speed_<device>_<date>.json and .png.
 """
@@ -175,7 +176,8 @@ def peak_memory(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable
     return (resident_bytes(v) + torch.cuda.max_memory_allocated(device) - before) / GiB
 
 
-PROFILED = ("plain", "ONE m=3 sequential", "ONE m=3 fused", "ONE m=3 auto")
+PROFILED = ("plain", "ONE m=3 sequential", "ONE m=3 fused", "ONE m=3 auto", "OSAKD in-batch", "OSAKD bank 16,384")
+PROFILE_STEPS = 20  # one step's operators take microseconds on a CPU: a table over several steps is steadier
 
 
 def execution_used(v: Variant, batch: int, device: torch.device) -> dict[str, Any] | None:
@@ -194,20 +196,23 @@ def execution_used(v: Variant, batch: int, device: torch.device) -> dict[str, An
 
 def profile_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], Any],
                  device: torch.device) -> str:
-    """torch.profiler's operator table of one training step: where the variant's time goes."""
+    """torch.profiler's operator table of PROFILE_STEPS training steps: where the variant's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     train_step(v, x, y, autocast)
     with profile(activities=activities) as prof:
-        train_step(v, x, y, autocast)
+        for _ in range(PROFILE_STEPS):
+            train_step(v, x, y, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     events = prof.key_averages()
+    head = f"totals over {PROFILE_STEPS} steps (divide by {PROFILE_STEPS} for one step)\n\n"
     if device.type != "cuda":
-        return events.table(sort_by="cpu_time_total", row_limit=25) + "\n"
-    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return f"GPU kernels in the step: {kernels}\n\n" + events.table(sort_by="device_time_total", row_limit=25) + "\n"
+        return head + events.table(sort_by="self_cpu_time_total", row_limit=25) + "\n"
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / PROFILE_STEPS
+    return (f"GPU kernels per step: {kernels:g}\n" + head
+            + events.table(sort_by="device_time_total", row_limit=25) + "\n")
 
 
 def count_flops(v: Variant, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -365,7 +370,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None, metavar="REGEX",
                     help="time only the variants whose name matches, e.g. 'plain|ONE m=3' (plain is always kept)")
     ap.add_argument("--profile", action="store_true",
-                    help="write the operator profile of one step of plain and ONE m=3 to <out>_profile.txt")
+                    help="write the operator profiles (20 steps of plain, ONE m=3, OSAKD) to <out>_profile.txt")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/speed_<device>_<date>.json)")
     args = ap.parse_args()
