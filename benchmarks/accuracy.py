@@ -57,6 +57,7 @@ VARIANTS: dict[str, list[str]] = {
     "osakd-k8-inbatch": ["--method", "osakd", "--k", "8", "--bank-size", "0"],
     "osakd-k8-alpha0.5": ["--method", "osakd", "--k", "8", "--alpha", "0.5"],
     "osakd-k8-alpha0.3": ["--method", "osakd", "--k", "8", "--alpha", "0.3"],
+    "osakd-k8-alpha0.1": ["--method", "osakd", "--k", "8", "--alpha", "0.1"],
     "osakd-k8-kl": ["--method", "osakd", "--k", "8", "--distill", "kl"],
     "one-m2": ["--method", "one", "--branches", "2"],
     "one-m3": ["--method", "one", "--branches", "3"],
@@ -68,7 +69,8 @@ REFERENCE_RAMPUP_SHARE = 80 / 300
 LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN",
           "osakd-k8-inbatch": "OSAKD 8-NN in-batch",
           "osakd-k8-alpha0.5": "OSAKD 8-NN alpha 0.5",
-          "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
+          "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-alpha0.1": "OSAKD 8-NN alpha 0.1",
+          "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
           "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up"}
 
 # Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.

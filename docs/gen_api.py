@@ -24,9 +24,9 @@ OUT = Path(__file__).resolve().parent / "api.md"
 # (section title, intro, [dotted names]); a module name stands for everything in its __all__.
 SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Entry points", "Wrap a model, export the deployable model, describe a wrapper. Usage is always "
-     "`model, loss_fn = kdwrap.one(net)` (or `osakd`, `wrap`), then `loss = loss_fn(model(x), y)`.",
-     ["kdwrap.wrap", "kdwrap.one", "kdwrap.osakd", "kdwrap.export", "kdwrap.summary", "kdwrap.METHODS",
-      "kdwrap.register_method"]),
+     "`model, loss_fn = kdwrap.one(net)` (or `osakd`, `kd`, `dml`, `wrap`), then `loss = loss_fn(model(x), y)`.",
+     ["kdwrap.wrap", "kdwrap.one", "kdwrap.osakd", "kdwrap.kd", "kdwrap.dml", "kdwrap.export", "kdwrap.summary",
+      "kdwrap.METHODS", "kdwrap.register_method"]),
     ("Errors", "Raised on purpose, with a message that names the problem and the fix; all importable from `kdwrap`.",
      ["kdwrap.errors"]),
     ("Base classes", "What every method's model and loss share.", ["kdwrap.KDModel", "kdwrap.KDLoss"]),
@@ -40,6 +40,12 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("OSAKD", "Online Self-Acquired Knowledge Distillation; see [osakd.md](osakd.md).",
      ["kdwrap.methods.osakd.build_osakd", "kdwrap.methods.osakd.OSAKDModel", "kdwrap.methods.osakd.OSAKDLoss",
       "kdwrap.memory_bank.MemoryBank", "kdwrap.knn.knn_soft_labels", "kdwrap.knn.knn_search"]),
+    ("KD", "Knowledge distillation from a frozen teacher; see [methods.md](methods.md#kd-knowledge-distillation-from-a-"
+     "frozen-teacher).",
+     ["kdwrap.methods.kd.build_kd", "kdwrap.methods.kd.HintonKDModel", "kdwrap.methods.kd.HintonKDLoss",
+      "kdwrap.methods.soft_targets.softened_kl"]),
+    ("DML", "Deep Mutual Learning; see [methods.md](methods.md#dml-deep-mutual-learning).",
+     ["kdwrap.methods.dml.build_dml", "kdwrap.methods.dml.DMLModel", "kdwrap.methods.dml.DMLLoss"]),
     ("Models (`kdwrap.models`)", "Reference classifiers; importing the module registers them with timm.",
      ["kdwrap.models"]),
     ("Data (`kdwrap.demo.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",

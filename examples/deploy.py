@@ -11,7 +11,8 @@ artefact computes what the wrapper computes in eval mode (max abs difference pri
     python examples/deploy.py --checkpoint runs/one/deployed.pt --model cifar_resnet32   # its exported weights
     python examples/deploy.py --ensemble                        # also export ONE-E (trunk + all branches + gate)
 
-Written to --out: deployed.pt (state_dict of the exported model), model.pt2 (torch.export) and model.onnx.
+Written to --out: deployed.pt (state_dict of the exported model), model.pt2 (torch.export) and model.onnx, both
+with a dynamic batch axis (checked on a second batch size).
 """
 from __future__ import annotations
 
@@ -142,12 +143,25 @@ def main() -> None:
                 return module(x), how
         return run
 
+    # A second batch size, so the checks show that the saved programs are not tied to the traced one.
+    x_other = torch.randn(args.batch + 3, args.in_chans, args.input_size, args.input_size)
+
     def exported_program(module: torch.nn.Module, filename: str) -> Callable[[], tuple[torch.Tensor, str]]:
         def run() -> tuple[torch.Tensor, str]:
-            torch.export.save(torch.export.export(module, (x,)), out_dir / filename)
-            loaded = torch.export.load(out_dir / filename)  # check the saved file, not the in-memory program
+            # A dynamic batch axis (as for ONNX below): without it the program accepts only the traced batch size.
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, out_dir / filename)
+            loaded = torch.export.load(out_dir / filename).module()  # check the saved file, not the in-memory one
             with torch.no_grad():
-                return loaded.module()(x), f"torch.export.save/load -> {filename}"
+                return loaded(x), f"torch.export.save/load -> {filename}"
+        return run
+
+    def exported_program_other_batch(module: torch.nn.Module, filename: str) -> Callable[[], tuple[torch.Tensor, str]]:
+        def run() -> tuple[torch.Tensor, str]:
+            loaded = torch.export.load(out_dir / filename).module()  # saved by exported_program's check
+            with torch.no_grad():
+                return loaded(x_other), f"{filename} on a batch of {len(x_other)} (traced with {len(x)})"
         return run
 
     def onnx_file() -> tuple[torch.Tensor, str]:
@@ -161,6 +175,9 @@ def main() -> None:
 
     check("exported model (eager)", eager(deployed, "kdwrap.export(model)"), ref, rows)
     check("torch.export", exported_program(deployed, "model.pt2"), ref, rows)
+    with torch.no_grad():
+        ref_other = model(x_other)
+    check("torch.export, other batch", exported_program_other_batch(deployed, "model.pt2"), ref_other, rows)
     check("ONNX", onnx_file, ref, rows)
 
     if args.ensemble and method == "one":
@@ -169,6 +186,10 @@ def main() -> None:
         ensemble = kdwrap.export(model, ensemble=True).eval()
         check("ONE-E (eager)", eager(ensemble, "kdwrap.export(model, ensemble=True)"), ref_e, rows)
         check("ONE-E torch.export", exported_program(ensemble, "ensemble.pt2"), ref_e, rows)
+        with torch.no_grad():
+            ref_e_other = model.forward_ensemble(x_other)
+        check("ONE-E torch.export, other batch", exported_program_other_batch(ensemble, "ensemble.pt2"),
+              ref_e_other, rows)
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'artefact':<{width}}  max |diff| to the wrapper (eval)  how")

@@ -1,16 +1,18 @@
-"""kdwrap: online knowledge distillation (ONE, OSAKD) as a two-line change to any PyTorch image classifier.
+"""kdwrap: knowledge distillation (ONE, OSAKD, DML online; classic KD from a teacher) as a two-line change to any
+PyTorch image classifier.
 
 The public surface is what this package exports, plus the modules ``kdwrap.methods``, ``kdwrap.surgery``,
 ``kdwrap.knn``, ``kdwrap.memory_bank``, ``kdwrap.fused``, ``kdwrap.models`` and ``kdwrap.seeds``. Modules named with
 a leading underscore are internal: they may change between versions.
 """
-from .api import METHODS, export, one, osakd, register_method, summary, wrap
+from .api import METHODS, dml, export, kd, one, osakd, register_method, summary, wrap
 from .base import KDLoss, KDModel
 from .errors import FusionError, KDWrapError, OptionError, SplitError, TraceError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "KDLoss", "KDModel", "export", "one", "osakd", "register_method", "summary", "wrap", "__version__",
+    "METHODS", "KDLoss", "KDModel", "dml", "export", "kd", "one", "osakd", "register_method", "summary", "wrap",
+    "__version__",
     "KDWrapError", "SplitError", "TraceError", "FusionError", "OptionError",
 ]

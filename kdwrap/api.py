@@ -1,13 +1,13 @@
 """The public entry points: wrap a model for a method, export the deployable model, summarise a wrapper."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from .base import KDLoss, KDModel, unwrap
 
-__all__ = ["METHODS", "register_method", "wrap", "one", "osakd", "export", "summary"]
+__all__ = ["METHODS", "register_method", "wrap", "one", "osakd", "kd", "dml", "export", "summary"]
 
 Wrapper = Callable[..., "tuple[KDModel, KDLoss]"]
 # Method name -> its entry point (``kdwrap.one``, ...): what ``wrap(net, method=name)`` calls. Filled by
@@ -67,6 +67,43 @@ def osakd(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
     return build_osakd(net, **kwargs)
 
 
+@register_method("kd")
+def kd(student: nn.Module, teacher: nn.Module | None = None, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``student`` for KD (Hinton et al.) from a trained, frozen ``teacher``. Returns ``(model, loss_fn)``.
+
+    Options (``temperature``, ``alpha``, ...): see :class:`kdwrap.methods.kd.HintonKDLoss`; an unknown one raises
+    :class:`OptionError` listing the valid ones. The teacher is not in ``model.parameters()`` nor in
+    ``model.state_dict()``: to resume, rebuild the wrapper with the same teacher, then load the checkpoint.
+    """
+    from .methods.kd import build_kd
+
+    if teacher is None:
+        raise TypeError(
+            "kdwrap kd needs a trained teacher: kdwrap.kd(student, teacher) or kdwrap.wrap(student, method='kd', "
+            "teacher=teacher), the teacher loaded from its checkpoint"
+        )
+    _check_net(student)
+    return build_kd(student, teacher, **kwargs)
+
+
+@register_method("dml")
+def dml(
+    net: nn.Module | Sequence[nn.Module], peers: int | None = None, **kwargs: Any
+) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for DML (Deep Mutual Learning). Returns ``(model, loss_fn)``.
+
+    ``net`` is one network, copied into ``peers`` independently initialised peers (default 2), or a list of
+    networks (the peers, possibly of different architectures). Options (``reinit_peers``, ``peer``,
+    ``temperature``, ...): see :class:`kdwrap.methods.dml.DMLModel` and :class:`kdwrap.methods.dml.DMLLoss`; an
+    unknown one raises :class:`OptionError` listing the valid ones.
+    """
+    from .methods.dml import build_dml
+
+    for n in (net if isinstance(net, (list, tuple)) else [net]):
+        _check_net(n)
+    return build_dml(net, peers=peers, **kwargs)
+
+
 def wrap(net: nn.Module, method: str = "one", **kwargs: Any) -> tuple[KDModel, KDLoss]:
     """Wrap ``net`` for online KD with ``method`` (a name in :data:`METHODS`). Returns ``(model, loss_fn)``."""
     if method not in METHODS:
@@ -78,7 +115,7 @@ def _kd_model(model: nn.Module) -> KDModel:
     inner = unwrap(model)
     if not isinstance(inner, KDModel):
         raise TypeError(
-            f"expected a model returned by kdwrap.wrap/one/osakd (possibly inside DDP or torch.compile), "
+            f"expected a model returned by kdwrap.wrap/{'/'.join(METHODS)} (possibly inside DDP or torch.compile), "
             f"got {type(inner).__name__}"
         )
     return inner
@@ -88,7 +125,8 @@ def export(model: nn.Module, **kwargs: Any) -> nn.Module:
     """Return the deployable plain model of a kdwrap model (the original class, original ``state_dict`` keys).
 
     ONE: ``branch=i`` picks the branch kept (default: the one ``model(x)`` returns); ``ensemble=True`` returns the
-    gated ensemble (ONE-E) as a module with a plain Tensor output. OSAKD: the original model, with no hook.
+    gated ensemble (ONE-E) as a module with a plain Tensor output. OSAKD: the original model, with no hook. KD: the
+    student (never the teacher). DML: ``peer=i`` picks the peer kept (default: the one ``model(x)`` returns).
     """
     return _kd_model(model).export(**kwargs)
 

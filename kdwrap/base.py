@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import OptionError
 
-__all__ = ["KDModel", "KDLoss", "check_target", "route_options", "unwrap"]
+__all__ = ["KDModel", "KDLoss", "KeepReachable", "check_target", "route_options", "unwrap"]
 
 
 class KDModel(nn.Module):
@@ -80,6 +80,25 @@ class KDLoss(nn.Module):
                 f"{self.step + 1}); the run diverged: lower the learning rate, add gradient clipping, use "
                 "torch.amp.GradScaler with fp16, or check that batch's inputs (check_finite=False skips this check)"
             )
+
+
+class KeepReachable(torch.autograd.Function):
+    """Returns ``out`` unchanged, but with every other tensor as an autograd input (zero gradient).
+
+    DDP with ``find_unused_parameters=True`` marks parameters unreachable from the forward's output as unused;
+    what reaches the loss only through the capture (ONE's other branches and gate, DML's other peers) must hang
+    off the output.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        ctx.num_others = len(others)
+        return out.clone()  # a fresh tensor: in-place edits by the caller must not reach the capture
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # None is a zero gradient that costs no kernel; the edges stay in the graph, which is all DDP looks at.
+        return (grad, *([None] * ctx.num_others))
 
 
 def check_target(target: Any, b: int, c: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:

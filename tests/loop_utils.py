@@ -80,3 +80,36 @@ def assert_resume_is_bit_exact(tmp_path: Path, build: str, module: str, batch: C
         opt.step()
         losses.append(loss.item())
     assert resume_in_fresh_process(path, build, module, save_at, steps) == (losses[save_at:], steps)
+
+
+def assert_resume_in_process_is_exact(tmp_path: Path, build: Callable, batch: Callable, save_at: int, steps: int):
+    """Train ``steps`` steps of ``build()``, checkpoint before step ``save_at``; then build a wrapper from other
+    initial weights, load the checkpoint and continue: the same losses and step count, bit for bit. The in-process
+    form of :func:`assert_resume_is_bit_exact`, for methods without state beyond the state dicts (no RNG use)."""
+    torch.manual_seed(0)
+    model, loss_fn = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path, losses = tmp_path / "ckpt.pt", []
+    for step in range(steps):
+        if step == save_at:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
+        x, y = batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    model, loss_fn = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ckpt = torch.load(path)
+    model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), loss_fn.load_state_dict(ckpt["loss"])
+    resumed = []
+    for step in range(save_at, steps):
+        x, y = batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        resumed.append(loss.item())
+    assert (resumed, loss_fn.step) == (losses[save_at:], steps)

@@ -1,4 +1,4 @@
-"""Both methods alike: bad input gets a clear error or a documented behaviour; soft targets, NaN checks, fp16 AMP."""
+"""Every method alike: bad input gets a clear error or a documented behaviour; soft targets, NaN checks, fp16 AMP."""
 import pytest
 import torch
 import torchvision
@@ -8,11 +8,17 @@ import kdwrap
 from conftest import TinyNet
 from kdwrap import SplitError
 
-METHODS = {"one": dict(branches=3), "osakd": dict(k=2, bank_size=16)}
+# method -> its options, built afresh for each wrapper (KD's teacher is a model of its own)
+METHODS = {
+    "one": lambda: dict(branches=3),
+    "osakd": lambda: dict(k=2, bank_size=16),
+    "kd": lambda: dict(teacher=TinyNet()),
+    "dml": lambda: dict(peers=2),
+}
 
 
 def _wrap(method, net=None, **kwargs):
-    return kdwrap.wrap(net if net is not None else TinyNet(), method=method, **{**METHODS[method], **kwargs})
+    return kdwrap.wrap(net if net is not None else TinyNet(), method=method, **{**METHODS[method](), **kwargs})
 
 
 def _x(b=4):

@@ -43,5 +43,11 @@ def test_train_cifar_then_deploy(tmp_path):
     deployed.load_state_dict(torch.load(tmp_path / "run" / "deployed.pt"))  # the plain architecture loads it
     out = _run(tmp_path, "deploy.py", "--checkpoint", "run/last.pt", "--ensemble", "--out", "dep")
     assert "all checked outputs agree" in out and "could not run" not in out and (tmp_path / "dep").is_dir()
+    # The saved program has a dynamic batch axis: it runs on a batch size other than the traced one (4).
+    program = torch.export.load(tmp_path / "dep" / "model.pt2").module()
+    deployed.load_state_dict(torch.load(tmp_path / "dep" / "deployed.pt"))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), deployed.eval()(x))
     _run(tmp_path, "train_cifar.py", *common, "--method", "osakd", "--out", "run-osakd")
     assert (tmp_path / "run-osakd" / "deployed.pt").is_file()

@@ -14,7 +14,12 @@ AVERAGERS = {
     "timm ModelEmaV3": (lambda m: ModelEmaV3(m, decay=0.5), lambda avg, m, step: avg.update(m, step=step)),
     "torch AveragedModel": (lambda m: AveragedModel(m), lambda avg, m, step: avg.update_parameters(m)),
 }
-WRAPPERS = {"one": lambda: kdwrap.one(TinyNet(), branches=3), "osakd": lambda: kdwrap.osakd(TinyNet(), k=2)}
+WRAPPERS = {
+    "one": lambda: kdwrap.one(TinyNet(), branches=3),
+    "osakd": lambda: kdwrap.osakd(TinyNet(), k=2),
+    "kd": lambda: kdwrap.kd(TinyNet(), TinyNet()),
+    "dml": lambda: kdwrap.dml(TinyNet(), peers=2),
+}
 
 
 @pytest.mark.parametrize("method", list(WRAPPERS))

@@ -282,8 +282,8 @@ def test_summary_reports_split_parameters_and_flops(tiny_net):
 def test_wrap_dispatches_and_rejects_unknown_method(tiny_net):
     model, loss_fn = kdwrap.wrap(tiny_net, method="one", branches=2)
     assert model.num_branches == 2
-    with pytest.raises(ValueError, match="valid methods: one, osakd"):
-        kdwrap.wrap(TinyNet(), method="dml")
+    with pytest.raises(ValueError, match="unknown method 'fitnets'; valid methods: one, osakd, kd, dml"):
+        kdwrap.wrap(TinyNet(), method="fitnets")
 
 
 def test_wrapping_twice_is_an_error(tiny_net):

@@ -24,6 +24,7 @@ def test_a_bad_split_raises_the_public_split_error():
     ("one", "temprature", "did you mean 'temperature'"),
     ("osakd", "bank", "did you mean 'bank_size'"),
     ("osakd", "branches", "valid options: k, alpha, bank_size"),
+    ("dml", "temprature", "did you mean 'temperature'"),
 ])
 def test_an_unknown_option_names_itself_and_the_valid_ones(method, option, hint):
     with pytest.raises(OptionError, match=hint) as info:
@@ -32,8 +33,8 @@ def test_an_unknown_option_names_itself_and_the_valid_ones(method, option, hint)
 
 
 def test_wrap_dispatches_through_the_registry():
-    assert set(kdwrap.METHODS) == {"one", "osakd"}
-    assert kdwrap.METHODS["one"] is kdwrap.one
+    assert set(kdwrap.METHODS) == {"one", "osakd", "kd", "dml"}
+    assert kdwrap.METHODS["one"] is kdwrap.one and kdwrap.METHODS["kd"] is kdwrap.kd
 
     calls = []
 
@@ -49,7 +50,7 @@ def test_wrap_dispatches_through_the_registry():
             kdwrap.register_method("tiny-test-method")(tiny)
     finally:
         del kdwrap.METHODS["tiny-test-method"]
-    with pytest.raises(ValueError, match="valid methods: one, osakd"):
+    with pytest.raises(ValueError, match="valid methods: one, osakd, kd, dml"):
         kdwrap.wrap(TinyNet(), method="tiny-test-method")
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .._deploy import rebuild_original
 from .._timing import median_ms, timing_may_decide
-from ..base import KDLoss, KDModel, check_target, route_options
+from ..base import KDLoss, KDModel, KeepReachable, check_target, route_options
 from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops, split_model
 from .branch_init import reinitialise_like
@@ -76,24 +76,6 @@ class ONEGate(nn.Module):
                 "training; use drop_last=True in your DataLoader or a batch size > 1"
             )
         return F.softmax(F.relu(self.bn(self.fc(pooled))), dim=1)
-
-
-class _KeepReachable(torch.autograd.Function):
-    """Returns ``out`` unchanged, but with every other tensor as an autograd input (zero gradient).
-
-    DDP with ``find_unused_parameters=True`` marks parameters unreachable from the forward's output as unused;
-    the other branches and the gate only reach the loss through the capture, so they must hang off the output.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-        ctx.num_others = len(others)
-        return out.clone()  # a fresh tensor: in-place edits by the caller must not reach the capture
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        # None is a zero gradient that costs no kernel; the edges stay in the graph, which is all DDP looks at.
-        return (grad, *([None] * ctx.num_others))
 
 
 class ONEModel(KDModel):
@@ -194,7 +176,7 @@ class ONEModel(KDModel):
         gate = self.gate(f)
         self._put_capture((logits, gate))
         others = [z for i, z in enumerate(logits) if i != self.branch]
-        return _KeepReachable.apply(logits[self.branch], gate, *others)
+        return KeepReachable.apply(logits[self.branch], gate, *others)
 
     def forward_all(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every branch's logits and the gate weights, captured for no loss (evaluation, analysis)."""

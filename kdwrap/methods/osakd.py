@@ -75,7 +75,8 @@ class OSAKDModel(KDModel):
             raise TypeError(f"kdwrap osakd: output must be an int index or a str key, got {type(output).__name__}")
         self.model = net
         self.output = output
-        self.config: dict[str, Any] = {}  # the loss's options, set by build_osakd for summary()
+        # The loss's options, set by build_osakd for summary(); not "config": HF's Trainer reads model.config.
+        self.loss_options: dict[str, Any] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Exactly what the wrapped net returns; in training mode it also records a capture for the loss."""
@@ -103,7 +104,7 @@ class OSAKDModel(KDModel):
         """A description of the wrapper (options such as ``input_size`` are accepted and ignored: OSAKD adds no
         layer, so the deployed model is the trained one)."""
         n_params = sum(p.numel() for p in self.model.parameters())
-        cfg = self.config
+        cfg = self.loss_options
         lines = [
             "kdwrap OSAKD (Online Self-Acquired Knowledge Distillation)",
             f"  model: {type(self.model).__name__}, {n_params:,} parameters, unchanged; export() returns it as is",
@@ -322,5 +323,5 @@ def build_osakd(net: nn.Module, **options: Any) -> tuple[OSAKDModel, OSAKDLoss]:
     loss_options, model_options = route_options("osakd", options, OSAKDLoss, OSAKDModel)
     model = OSAKDModel(net, **model_options)
     loss_fn = OSAKDLoss(model, **loss_options)
-    model.config = loss_fn.config()
+    model.loss_options = loss_fn.config()
     return model, loss_fn

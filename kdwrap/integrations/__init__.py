@@ -1,0 +1,13 @@
+"""Adapters between kdwrap and training loops of other libraries.
+
+Each submodule imports its library when it is itself imported, never from ``import kdwrap``, so kdwrap keeps
+depending on torch, torchvision and timm only:
+
+- ``kdwrap.integrations.hf``: :class:`KDTrainer`, a Hugging Face ``Trainer`` that trains with a kdwrap loss
+  (``pip install kdwrap[hf]``).
+- ``kdwrap.integrations.lightning``: :class:`ExportAtFitEnd`, a PyTorch Lightning callback that exports the
+  deployable model when ``fit`` ends (``pip install kdwrap[lightning]``).
+
+Accelerate needs no adapter: ``accelerator.prepare`` takes the kdwrap model as it takes any model (see
+docs/integrations.md).
+"""

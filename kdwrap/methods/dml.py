@@ -1,0 +1,240 @@
+"""DML: Deep Mutual Learning (Zhang, Xiang, Hospedales, Lu, CVPR 2018).
+
+K full networks (peers) train together; each learns from the labels and from the other peers' predictions:
+
+    L = sum_k [ CE(z_k, y) + 1/(K-1) * sum_{l != k} T^2 * KL( softmax_T(sg(z_l)) || softmax_T(z_k) ) ]
+
+with T = 1 by default. The paper updates the peers alternately, recomputing the predictions after each peer's
+step; kdwrap, like the common PyTorch re-implementations, updates them together from one forward per peer, each
+peer's target being the others' detached output. See docs/methods.md.
+"""
+from __future__ import annotations
+
+import copy
+import numbers
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import KDLoss, KDModel, KeepReachable, check_target, route_options
+from ..surgery import count_parameters
+from .branch_init import reinitialise_like
+from .soft_targets import check_temperature, softened_kl
+
+__all__ = ["DMLModel", "DMLLoss", "build_dml"]
+
+_EVAL = "eval"  # capture left by an eval-mode forward: the loss then falls back to plain cross-entropy
+
+
+def _peer_count(peers: Any) -> int:
+    if isinstance(peers, bool) or not isinstance(peers, numbers.Integral):
+        raise TypeError(f"kdwrap dml: peers must be an int >= 2, got {type(peers).__name__} {peers!r}")
+    if peers < 2:
+        raise ValueError(
+            f"kdwrap dml: peers={peers}, but mutual learning needs at least 2 peers (a peer learns from the others); "
+            "use peers=2 (the paper's default) or more"
+        )
+    return int(peers)
+
+
+class DMLModel(KDModel):
+    """``K`` peers (``self.peers``, a ``ModuleList``). ``forward`` returns the logits of peer ``self.peer``.
+
+    In training mode every peer runs on the input (one forward each) and their logits are captured for
+    :class:`DMLLoss`; in eval mode only the kept peer runs, so eval accuracy is the deployed model's accuracy.
+    Every peer's parameters are in ``parameters()``: one optimizer trains them all.
+
+    Args:
+        peers: number of peers ``K`` (>= 2) when one network is given (default 2). With a list of networks,
+            the list is the peers (``peers``, if given, must equal its length).
+        reinit_peers: peers 1..K-1, built as copies of the given network, start from their own random
+            initialisation, made the way the model initialises itself
+            (:func:`kdwrap.methods.branch_init.reinitialise_like`; default). ``False``: they start as exact copies,
+            the choice for fine-tuning a pretrained model. A list of networks is used as given.
+        peer: the peer ``forward`` returns and :func:`kdwrap.export` keeps (default 0).
+    """
+
+    method = "dml"
+
+    def __init__(
+        self,
+        net: nn.Module | Sequence[nn.Module],
+        *,
+        peers: int | None = None,
+        reinit_peers: bool = True,
+        peer: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(net, nn.Module):
+            count = _peer_count(2 if peers is None else peers)
+            copies = [copy.deepcopy(net) for _ in range(count - 1)]
+            if reinit_peers:
+                reinitialise_like(net, copies)
+            nets = [net, *copies]
+        else:
+            nets = list(net)
+            if not all(isinstance(n, nn.Module) for n in nets):
+                raise TypeError(
+                    "kdwrap dml: expects a torch.nn.Module or a list of them, got a list holding "
+                    + ", ".join(sorted({type(n).__name__ for n in nets if not isinstance(n, nn.Module)}))
+                )
+            _peer_count(len(nets))
+            if peers is not None and peers != len(nets):
+                raise ValueError(
+                    f"kdwrap dml: peers={peers} but {len(nets)} networks were given; leave peers out when passing "
+                    "a list (the list is the peers)"
+                )
+            if len({id(n) for n in nets}) < len(nets):
+                raise ValueError(
+                    "kdwrap dml: the same network appears twice in the list; pass separate networks (or one network "
+                    "and peers=K, which makes independently initialised copies)"
+                )
+        if isinstance(peer, bool) or not isinstance(peer, numbers.Integral) or not 0 <= peer < len(nets):
+            raise ValueError(f"kdwrap dml: peer must be an int in [0, {len(nets)}), got {peer!r}")
+        self.peers = nn.ModuleList(nets)
+        self.peer = int(peer)
+        # The loss's options, set by build_dml for summary(); not "config": HF's Trainer reads model.config.
+        self.loss_options: dict[str, Any] = {}
+        self.train(nets[0].training)
+
+    @property
+    def num_peers(self) -> int:
+        return len(self.peers)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Training: run every peer, capture their logits for the loss, return peer ``peer``'s logits. Eval: run
+        only that peer (the deployed model's computation)."""
+        if not self.training:
+            self._put_capture(_EVAL)
+            return self.peers[self.peer](x, *args, **kwargs)
+        logits = [_check_logits(p(x, *args, **kwargs), i) for i, p in enumerate(self.peers)]
+        classes = [z.shape[-1] for z in logits]
+        if len(set(classes)) > 1:
+            raise ValueError(
+                "kdwrap dml: the peers predict different numbers of classes ("
+                + ", ".join(f"peer {i}: {c}" for i, c in enumerate(classes))
+                + "); every peer must be built for the same classes (same num_classes)"
+            )
+        self._put_capture(logits)
+        others = [z for i, z in enumerate(logits) if i != self.peer]
+        return KeepReachable.apply(logits[self.peer], *others)
+
+    def export(self, peer: int | None = None) -> nn.Module:
+        """Peer ``peer`` (default: the one ``model(x)`` returns) as a deep copy: the user's own class with its
+        original ``state_dict`` keys. Keeps the wrapper's train/eval mode; gradients are dropped."""
+        peer = self.peer if peer is None else peer
+        if isinstance(peer, bool) or not isinstance(peer, numbers.Integral) or not 0 <= peer < self.num_peers:
+            raise ValueError(f"kdwrap dml: peer must be an int in [0, {self.num_peers}), got {peer!r}")
+        net = copy.deepcopy(self.peers[peer])
+        for p in net.parameters():
+            p.grad = None
+        return net
+
+    def summary(self, **kwargs: Any) -> str:
+        """A description of the wrapper (options such as ``input_size`` are accepted and ignored: DML adds no
+        layer to a peer, so the deployed model is the trained peer)."""
+        lines = [f"kdwrap DML (Deep Mutual Learning): {self.num_peers} peers (forward returns peer {self.peer})"]
+        for i, p in enumerate(self.peers):
+            lines.append(f"  peer {i}: {type(p).__name__}, {count_parameters([p]):,} parameters")
+        deployed = count_parameters([self.peers[self.peer]])
+        lines.append(f"  parameters: wrapper {count_parameters([self]):,} | deployed {deployed:,}")
+        if self.loss_options:
+            lines.append(
+                "  loss: sum_k [CE(z_k, y) + 1/(K-1) sum_{l != k} T^2 KL(softmax_T(sg(z_l)) || softmax_T(z_k))], "
+                f"T = {self.loss_options['temperature']:g}; peers updated together from one forward each"
+            )
+        lines.append("  cost: every peer's forward and backward per training step; time not yet measured")
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return f"peers={self.num_peers}, peer={self.peer}"
+
+
+def _check_logits(z: Any, i: int) -> torch.Tensor:
+    if not isinstance(z, torch.Tensor) or z.dim() != 2:
+        what = f"a tensor of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise TypeError(
+            f"kdwrap dml: peer {i} returned {what}; DML needs classifiers that return logits of shape (B, C)"
+        )
+    return z
+
+
+class DMLLoss(KDLoss):
+    """``sum_k [CE(z_k, y) + 1/(K-1) sum_{l != k} T^2 KL(softmax_T(sg(z_l)) || softmax_T(z_k))]``.
+
+    Each KL is summed over classes and averaged over the batch; its target ``z_l`` is detached, so peer ``k``'s
+    KL term trains peer ``k`` only. Call it once per training forward with the forward's output and the labels;
+    the other peers' logits come from that forward's capture. After an eval-mode forward it returns plain
+    cross-entropy of the given logits. ``target``: int class indices ``(B,)`` or float soft targets ``(B, C)``.
+    ``parts``: detached ``"loss"``, ``"ce"`` and ``"kl"`` (one value per peer; ``"kl"`` is the averaged mutual term
+    of each peer, with its ``T^2``).
+
+    Args:
+        temperature: ``T`` of the softened softmax (default 1, the paper's: plain probabilities, ``T^2 = 1``).
+        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in any peer's
+            logits (one host sync per step).
+    """
+
+    def __init__(self, model: DMLModel, *, temperature: float = 1.0, check_finite: bool = False) -> None:
+        super().__init__(model, check_finite)
+        self.temperature = check_temperature("dml", temperature)
+
+    def config(self) -> dict[str, Any]:
+        """The options in force, as ``summary()`` prints them."""
+        return {"temperature": self.temperature}
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, step={self.step}"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The DML loss of the preceding training forward (``logits`` is what it returned); cross-entropy after an
+        eval forward."""
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"kdwrap dml: expected the model's logits of shape (B, C), got {what}")
+        target, _ = check_target(target, *logits.shape, "dml")  # before taking the capture: a retry still works
+        capture = self.model._take_capture()
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            if capture is _EVAL:
+                ce = F.cross_entropy(logits.float(), target)
+                self.parts = {"loss": ce.detach()}
+                return ce
+            kept = self.model.peer
+            if logits.shape != capture[kept].shape:
+                raise ValueError(
+                    f"kdwrap dml: loss_fn got logits of shape {tuple(logits.shape)}, but the preceding forward "
+                    f"returned {tuple(capture[kept].shape)}; pass the wrapped model's output: loss_fn(model(x), y)"
+                )
+            # The given tensor stands for the kept peer so that gradients flow through whatever the caller (DDP,
+            # autocast) did to it (same values as the captured logits).
+            zs = list(capture)
+            zs[kept] = logits
+            z = torch.stack([z_k.float() for z_k in zs])  # K x B x C (peers of different types may differ in dtype)
+            self._stop_if_not_finite(z, "peer logits")
+            k = z.shape[0]
+            ce = torch.stack([F.cross_entropy(z_k, target) for z_k in z])
+            # pair[k, l] = T^2 KL(p_T(sg(z_l)) || p_T(z_k)): row k trains peer k towards every other peer.
+            pair = softened_kl(z.unsqueeze(1), z.detach().unsqueeze(0), self.temperature)  # K x K
+            off_diagonal = 1.0 - torch.eye(k, device=z.device)
+            kl = (pair * off_diagonal).sum(1) / (k - 1)
+            loss = (ce + kl).sum()
+        self.step += 1
+        self.parts = {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach()}
+        return loss
+
+
+def build_dml(net: nn.Module | Sequence[nn.Module], **options: Any) -> tuple[DMLModel, DMLLoss]:
+    """Wrap ``net`` (one network, copied into ``peers`` peers, or a list of networks) for DML. Returns
+    ``(model, loss_fn)``; use ``loss = loss_fn(model(x), y)``.
+
+    Each option goes, unchanged, to the class that owns it: ``peers``, ``reinit_peers`` and ``peer`` to
+    :class:`DMLModel`, ``temperature`` and ``check_finite`` to :class:`DMLLoss`; their docstrings document them.
+    An unknown option raises :class:`kdwrap.OptionError` listing the valid ones.
+    """
+    model_options, loss_options = route_options("dml", options, DMLModel, DMLLoss)
+    model = DMLModel(net, **model_options)
+    loss_fn = DMLLoss(model, **loss_options)
+    model.loss_options = loss_fn.config()
+    return model, loss_fn

@@ -1,0 +1,230 @@
+"""KD: classic knowledge distillation from a frozen teacher (Hinton, Vinyals, Dean 2015).
+
+Offline, not online: the teacher is trained beforehand and never changes. It is here because every comparison of
+online methods has it as a baseline, and it fits the same two-line change of a training loop:
+
+    L = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL( softmax_T(sg(z_t)) || softmax_T(z_s) )
+
+``alpha`` weighs the distillation term (Hinton's and RepDistiller's convention; torchdistill's ``KDLoss`` puts it
+on the cross-entropy term instead, and OSAKD's ``alpha`` in kdwrap weighs cross-entropy too). See docs/methods.md.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import KDLoss, KDModel, check_target, route_options
+from ..surgery import count_parameters
+from .soft_targets import check_fraction, check_temperature, softened_kl
+
+__all__ = ["HintonKDModel", "HintonKDLoss", "build_kd"]
+
+_EVAL = "eval"  # capture left by an eval-mode forward: the loss then falls back to plain cross-entropy
+
+
+def _logits(out: Any, who: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(
+            f"kdwrap kd: the {who} returned {what}; KD needs classifiers that return logits of shape (B, C) "
+            f"(wrap a {who} whose forward returns the logits tensor)"
+        )
+    return out
+
+
+def _declared_classes(net: nn.Module) -> int | None:
+    n = getattr(net, "num_classes", None)  # timm models and many hand-written ones say it
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _class_mismatch(teacher: int, student: int) -> ValueError:
+    return ValueError(
+        f"kdwrap kd: the teacher predicts {teacher} classes but the student {student}; the teacher's soft labels "
+        "must be over the student's classes: use a teacher trained on the same label set (same num_classes)"
+    )
+
+
+class HintonKDModel(KDModel):
+    """The user's student (``self.student``) and a frozen teacher. ``forward`` returns the student's logits.
+
+    In training mode the teacher runs too (under ``torch.no_grad``, in eval mode) and its logits are captured for
+    :class:`HintonKDLoss`; in eval mode only the student runs, so eval accuracy is the deployed model's accuracy.
+
+    The teacher is frozen in place (``requires_grad_(False)``, ``eval()``) and held outside the module tree: it is
+    not in ``parameters()`` (so never in the optimizer), not in ``state_dict()`` (a checkpoint holds the student
+    under ``student.*``; rebuild the wrapper with the same teacher to resume), ``train()`` leaves it in eval mode,
+    and ``.to()`` / ``.cuda()`` / ``.half()`` move it with the student.
+    """
+
+    method = "kd"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"kdwrap kd: the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        if teacher is student:
+            raise ValueError(
+                "kdwrap kd: the teacher is the student itself; pass a separately trained teacher model "
+                "(for distillation without a teacher use kdwrap.one, kdwrap.osakd or kdwrap.dml)"
+            )
+        if isinstance(teacher, KDModel):
+            raise ValueError(
+                f"kdwrap kd: the teacher is a kdwrap {teacher.method} wrapper; pass the plain model: "
+                "kdwrap.kd(student, kdwrap.export(teacher_wrapper))"
+            )
+        n_teacher, n_student = _declared_classes(teacher), _declared_classes(student)
+        if n_teacher is not None and n_student is not None and n_teacher != n_student:
+            raise _class_mismatch(n_teacher, n_student)
+        self.student = student
+        teacher.requires_grad_(False)
+        # Not a submodule: outside parameters() and state_dict(); _apply and train keep it moved and in eval mode.
+        self.__dict__["_teacher"] = teacher.eval()
+        # The loss's options, set by build_kd for summary(); not "config": HF's Trainer reads model.config.
+        self.loss_options: dict[str, Any] = {}
+        self.train(student.training)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (eval mode, no gradients)."""
+        return self.__dict__["_teacher"]
+
+    def train(self, mode: bool = True) -> "HintonKDModel":
+        """Set the student's mode; the teacher stays in eval mode (its BatchNorm statistics and dropout are part
+        of what was trained)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "HintonKDModel":
+        # .to(), .cuda(), .half(), ... go through _apply: the teacher must follow the student's device and dtype.
+        super()._apply(fn, recurse)
+        self.teacher._apply(fn, recurse)
+        return self
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The student's logits. Training: the teacher's logits on the same input are captured for the loss."""
+        z = self.student(x, *args, **kwargs)
+        if not self.training:
+            self._put_capture(_EVAL)
+            return z
+        _logits(z, "student")
+        with torch.no_grad():
+            t = _logits(self.teacher(x, *args, **kwargs), "teacher")
+        if t.shape[-1] != z.shape[-1]:
+            raise _class_mismatch(t.shape[-1], z.shape[-1])
+        self._put_capture(t)
+        return z
+
+    def export(self, copy_model: bool = True, **kwargs: Any) -> nn.Module:
+        """The student, the user's own class with its original ``state_dict`` keys: a deep copy
+        (``copy_model=False``: the student itself, sharing its parameters with this wrapper). Keeps the
+        wrapper's train/eval mode; gradients are dropped. The teacher is not part of it."""
+        if kwargs:
+            raise TypeError(
+                f"KD export() got unexpected options {sorted(kwargs)}: KD deploys the student, so there is no "
+                "branch or peer to choose; valid options: copy_model"
+            )
+        if not copy_model:
+            return self.student
+        net = copy.deepcopy(self.student)
+        for p in net.parameters():
+            p.grad = None
+        return net
+
+    def summary(self, **kwargs: Any) -> str:
+        """A description of the wrapper (options such as ``input_size`` are accepted and ignored: KD adds no
+        layer to the student, so the deployed model is the trained one)."""
+        cfg = self.loss_options
+        lines = [
+            "kdwrap KD (knowledge distillation from a frozen teacher)",
+            f"  student: {type(self.student).__name__}, {count_parameters([self.student]):,} parameters; "
+            "export() returns it",
+            f"  teacher: {type(self.teacher).__name__}, {count_parameters([self.teacher]):,} parameters, frozen "
+            "(eval mode, no gradients; not in parameters() or state_dict())",
+        ]
+        if cfg:
+            alpha, T = cfg["alpha"], cfg["temperature"]
+            lines.append(
+                f"  loss: {1 - alpha:g} * CE(z_s, y) + {alpha:g} * T^2 * KL(softmax_T(z_t) || softmax_T(z_s)), "
+                f"T = {T:g}"
+            )
+        lines.append("  cost: one teacher forward (no backward) per training step; time not yet measured")
+        return "\n".join(lines)
+
+
+class HintonKDLoss(KDLoss):
+    """``(1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax_T(z_t) || softmax_T(z_s))``, KL averaged over the batch.
+
+    Call it once per training forward with the forward's output (the student's logits) and the labels; the
+    teacher's logits come from that forward's capture. After an eval-mode forward it returns plain cross-entropy
+    of the given logits, so validation loops that reuse the criterion keep working. ``target``: int class indices
+    ``(B,)`` or float soft targets ``(B, C)`` (mixup/cutmix), which the CE term takes as probabilities.
+    ``parts``: detached ``"loss"``, ``"ce"``, ``"kl"`` (the KL term with its ``T^2``, before ``alpha``).
+
+    Args:
+        temperature: ``T`` of the softened softmax (default 4, RepDistiller's CIFAR setting).
+        alpha: weight of the distillation term; ``1 - alpha`` weighs cross-entropy (default 0.9). This is the
+            Hinton / RepDistiller convention; torchdistill's ``KDLoss`` (and OSAKD's ``alpha``) weigh
+            cross-entropy instead. ``alpha=0`` is plain cross-entropy.
+        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in the student's
+            logits (one host sync per step).
+    """
+
+    def __init__(
+        self, model: HintonKDModel, *, temperature: float = 4.0, alpha: float = 0.9, check_finite: bool = False
+    ) -> None:
+        super().__init__(model, check_finite)
+        self.temperature = check_temperature("kd", temperature)
+        self.alpha = check_fraction(
+            "kd", "alpha", alpha, "it weighs the distillation term against cross-entropy (default 0.9)"
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The options in force, as ``summary()`` prints them."""
+        return {"temperature": self.temperature, "alpha": self.alpha}
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, step={self.step}"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The KD loss of the preceding training forward; cross-entropy after an eval forward."""
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"kdwrap kd: expected the model's logits of shape (B, C), got {what}")
+        target, _ = check_target(target, *logits.shape, "kd")  # before taking the capture: a retry still works
+        capture = self.model._take_capture()
+        # float32 softmax and CE even under autocast.
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            z = logits.float()
+            ce = F.cross_entropy(z, target)
+            if capture is _EVAL:
+                self.parts = {"loss": ce.detach()}
+                return ce
+            if capture.shape != logits.shape:
+                raise ValueError(
+                    f"kdwrap kd: loss_fn got logits of shape {tuple(logits.shape)}, but the preceding forward "
+                    f"returned {tuple(capture.shape)}; pass the wrapped model's output: loss_fn(model(x), y)"
+                )
+            self._stop_if_not_finite(z, "student logits")
+            kl = softened_kl(z, capture.float(), self.temperature)
+            loss = (1.0 - self.alpha) * ce + self.alpha * kl
+        self.step += 1
+        self.parts = {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach()}
+        return loss
+
+
+def build_kd(student: nn.Module, teacher: nn.Module, **options: Any) -> tuple[HintonKDModel, HintonKDLoss]:
+    """Wrap ``student`` for KD from ``teacher``. Returns ``(model, loss_fn)``; use ``loss = loss_fn(model(x), y)``.
+
+    The options (``temperature``, ``alpha``, ``check_finite``) go to :class:`HintonKDLoss`, whose docstring
+    documents them. An unknown option raises :class:`kdwrap.OptionError` listing the valid ones.
+    """
+    (loss_options,) = route_options("kd", options, HintonKDLoss)
+    model = HintonKDModel(student, teacher)
+    loss_fn = HintonKDLoss(model, **loss_options)
+    model.loss_options = loss_fn.config()
+    return model, loss_fn
