@@ -14,6 +14,9 @@ loop), with data on the device. The CIFAR-10 JPEG pack ships with the repository
     python benchmarks/accuracy.py --protocol one-resnet20-fit --seeds 0 1
     # ONE's protocol on the whole set, CIFAR ResNet-32, 30 epochs (a GPU job)
     python benchmarks/accuracy.py --protocol one-resnet32 --seeds 0 1
+    # DML (2 peers) and KD on the LeNet-5 protocol: KD's teacher, a plain CIFAR ResNet-20 (TEACHER_MODELS), is
+    # trained first (once, seed 0) in the same --out folder and reported as its own row
+    python benchmarks/accuracy.py --protocol osakd-cifar10 --variants plain dml-2 kd --seeds 0 1 2
     # plumbing check on a CPU: 1 epoch on 512 training / 256 test images (accuracies meaningless)
     python benchmarks/accuracy.py --protocol osakd-cifar10 --smoke
 
@@ -23,6 +26,9 @@ convention) and the last, mean ± standard deviation over seeds with each seed's
 plain with its 95 % t-interval over seeds and the verdict (beyond / within noise, see kdwrap.seeds), and the last
 epoch's training accuracy (so a reader sees whether the network fits its training set). ONE gives two rows from the
 same runs: ONE (branch 0), the deployed model, and ONE-E, the gated ensemble (not a model of the original size).
+DML's row is peer 0, the deployed peer (every peer's accuracy is in its runs' history.json). A variant that needs
+another's run (KD needs its teacher) gets it added to the variants and started first; the teacher is trained once,
+with seed 0, and serves every seed's KD run.
 Writes benchmarks/results/accuracy_<protocol>_<device>_<date>.json and a PNG of test-accuracy curves.
 """
 from __future__ import annotations
@@ -58,20 +64,47 @@ VARIANTS: dict[str, list[str]] = {
     "osakd-k8-alpha0.5": ["--method", "osakd", "--k", "8", "--alpha", "0.5"],
     "osakd-k8-alpha0.3": ["--method", "osakd", "--k", "8", "--alpha", "0.3"],
     "osakd-k8-alpha0.1": ["--method", "osakd", "--k", "8", "--alpha", "0.1"],
+    # Control for OSAKD's alpha 0.3 without weight decay: CE weighted by 0.3 is plain SGD at 0.3x the learning rate.
+    "plain-lr0.3x": ["--method", "plain", "--lr", "{lr_times_0_3}"],
     "osakd-k8-kl": ["--method", "osakd", "--k", "8", "--distill", "kl"],
     "one-m2": ["--method", "one", "--branches", "2"],
     "one-m3": ["--method", "one", "--branches", "3"],
     "one-m3-copy": ["--method", "one", "--branches", "3", "--branch-init", "copy"],
     # The reference code's ramp-up: the KL weight rises over 80 of its 300 epochs; here the same share of the run.
     "one-m3-ramp": ["--method", "one", "--branches", "3", "--rampup-epochs", "{reference_rampup_epochs}"],
+    "dml-2": ["--method", "dml", "--peers", "2"],
+    # The protocol's settings with a larger network (TEACHER_MODELS): KD's teacher, reported as its own row.
+    "teacher": ["--method", "plain", "--model", "{teacher_model}"],
+    "kd": ["--method", "kd", "--teacher", "{teacher_run}"],
 }
+# Variants whose runs need another variant's finished run (its folder is the placeholder of the same name + "_run").
+NEEDS = {"kd": "teacher"}
+# Variants run with one seed whatever --seeds says: one teacher serves every seed's KD run, and also the runs of a later
+# session whose table joins this one's (--merge).
+ONE_SEED = {"teacher": 0}
+# KD's teacher per protocol (default: the protocol's own model). Kept out of PROTOCOLS: a protocol's setup is what
+# --merge compares, and the published tables' setups stay as they were.
+TEACHER_MODELS = {"osakd-cifar10": "cifar_resnet20", "osakd-fmnist": "cifar_resnet20",
+                  "one-resnet20-subset": "cifar_resnet56", "one-resnet20-fit": "cifar_resnet56",
+                  "one-resnet32": "cifar_resnet110"}
 REFERENCE_RAMPUP_SHARE = 80 / 300
 LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN",
           "osakd-k8-inbatch": "OSAKD 8-NN in-batch",
           "osakd-k8-alpha0.5": "OSAKD 8-NN alpha 0.5",
           "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-alpha0.1": "OSAKD 8-NN alpha 0.1",
+          "plain-lr0.3x": "plain, 0.3x learning rate",
           "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
-          "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up"}
+          "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up",
+          "dml-2": "DML 2 peers (peer 0)", "teacher": "teacher ({teacher_model}, plain)",
+          "kd": "KD from {teacher_model}"}
+# What a reader of a table with these variants needs to know, printed under it.
+NOTES = {
+    "dml-2": "DML (peer 0) is the deployed peer of 2 trained together; every peer's accuracy is in the runs' "
+             "history.json (test_acc_peers).",
+    "kd": "KD distils from the teacher row's run: trained once (seed {teacher_seed}) with the protocol's settings, "
+          "it serves every seed's KD run, so KD's spread over seeds leaves out the teacher's (and with a training "
+          "subset, the teacher learnt seed {teacher_seed}'s images).",
+}
 
 # Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -126,10 +159,50 @@ def parse_args() -> argparse.Namespace:
                    "this run's in the tables, so a table grows by seeds across sessions")
     p.add_argument("--train-args", default="", help="extra arguments for train_cifar.py, e.g. \"--channels-last\"")
     args = p.parse_args()
-    args.variants = args.variants or PROTOCOLS[args.protocol]["variants"]
+    args.variants = with_needs(args.variants or PROTOCOLS[args.protocol]["variants"])
     if args.variants[0] != "plain":
         args.variants = ["plain"] + [v for v in args.variants if v != "plain"]
     return args
+
+
+def with_needs(variants: list[str]) -> list[str]:
+    """``variants`` with the variants they need (:data:`NEEDS`) added, each just before the first that needs it."""
+    out: list[str] = []
+    for v in variants:
+        need = NEEDS.get(v)
+        if need is not None and need not in out and need not in variants:
+            out.append(need)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def placeholders(protocol: str, setup: dict[str, Any], out_root: Path, seed: int = 0) -> dict[str, str]:
+    """The values of the ``{...}`` placeholders of :data:`VARIANTS` and :data:`LABELS` for a protocol's runs of
+    ``seed``."""
+    fill = {"reference_rampup_epochs": f"{REFERENCE_RAMPUP_SHARE * setup['epochs']:g}",
+            "lr_times_0_3": f"{0.3 * setup['lr']:g}",
+            "teacher_model": TEACHER_MODELS.get(protocol, setup["model"])}
+    for need in NEEDS.values():
+        fill[f"{need}_run"] = str(out_root / run_name(need, ONE_SEED.get(need, seed)))
+    return fill
+
+
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}-seed{seed}"
+
+
+def plan_runs(variants: list[str], seeds: list[int], out_root: Path) -> list[dict[str, Any]]:
+    """Every (variant, seed) run, those run once (:data:`ONE_SEED`) first: the runs needing them start sooner."""
+    pairs = [(v, ONE_SEED[v]) for v in variants if v in ONE_SEED]
+    pairs += [(v, seed) for seed in seeds for v in variants if v not in ONE_SEED]
+    runs = []
+    for v, seed in pairs:
+        name = run_name(v, seed)
+        needs = [run_name(NEEDS[v], ONE_SEED.get(NEEDS[v], seed))] if v in NEEDS else []
+        runs.append({"name": name, "variant": v, "seed": seed, "out": out_root / name,
+                     "log": out_root / f"{name}.log", "needs": needs})
+    return runs
 
 
 def gpu_available() -> bool:
@@ -150,7 +223,7 @@ def device_description(device: str) -> tuple[str, str]:
 
 
 def run_command(args: argparse.Namespace, setup: dict[str, Any], variant: str, seed: int, out: Path,
-                device: str, threads: int) -> list[str]:
+                device: str, threads: int, fill: dict[str, str]) -> list[str]:
     cmd = [sys.executable, str(TRAIN), "--seed", str(seed), "--device", device, "--threads", str(threads),
            "--out", str(out), "--resume", "--no-progress"]
     for key in TRAIN_KEYS:
@@ -159,15 +232,15 @@ def run_command(args: argparse.Namespace, setup: dict[str, Any], variant: str, s
     cmd += ["--augment" if setup["augment"] else "--no-augment", "--nesterov" if setup["nesterov"] else "--no-nesterov"]
     if args.data:
         cmd += ["--data", args.data]
-    fill = {"reference_rampup_epochs": f"{REFERENCE_RAMPUP_SHARE * setup['epochs']:g}"}
     return cmd + [a.format(**fill) for a in VARIANTS[variant]] + args.train_args.split()
 
 
 def launch_all(runs: list[dict[str, Any]], jobs: int, threads: int, total_epochs: int) -> None:
-    """Run every command, ``jobs`` at a time; a progress bar counts finished epochs over all runs."""
+    """Run every command, ``jobs`` at a time, each once the runs it needs have finished; a progress bar counts
+    finished epochs over all runs."""
     from tqdm import tqdm
 
-    pending, active = list(runs), []
+    pending, active, finished = list(runs), [], set()
     # No bar when the output goes to a file (a log, a remote machine): a line per finished run instead.
     bar = tqdm(total=total_epochs, unit="epoch", desc=f"{len(runs)} runs", dynamic_ncols=True,
                disable=not sys.stderr.isatty())
@@ -175,8 +248,11 @@ def launch_all(runs: list[dict[str, Any]], jobs: int, threads: int, total_epochs
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", PYTHONPATH=path)
     while pending or active:
-        while pending and len(active) < jobs:
-            r = pending.pop(0)
+        ready = [r for r in pending if finished.issuperset(r.get("needs", ()))]
+        if not ready and not active and pending:
+            raise SystemExit(f"runs {[r['name'] for r in pending]} need runs that are not scheduled")
+        for r in ready[:jobs - len(active)]:
+            pending.remove(r)
             r["log_file"] = open(r["log"], "a")
             r["proc"] = subprocess.Popen(r["cmd"], stdout=r["log_file"], stderr=subprocess.STDOUT, env=env)
             r["start"] = time.time()
@@ -187,6 +263,7 @@ def launch_all(runs: list[dict[str, Any]], jobs: int, threads: int, total_epochs
                 r["log_file"].close()
                 r["seconds"] = time.time() - r["start"]
                 active.remove(r)
+                finished.add(r["name"])
                 tqdm.write(f"{r['name']}: exit {r['proc'].returncode} after {r['seconds']:.0f} s")
                 if r["proc"].returncode != 0:
                     tail = "".join(Path(r["log"]).read_text().splitlines(keepends=True)[-15:])
@@ -206,18 +283,21 @@ def count_epochs(run_dir: Path) -> int:
         return 0
 
 
-def reported_models(variant: str) -> list[tuple[str, str]]:
-    """(row label, history key suffix) of the models a variant's runs report: ONE gives branch 0 and ONE-E."""
-    label = LABELS[variant]
+def reported_models(variant: str, fill: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(row label, history key suffix) of the models a variant's runs report: ONE gives branch 0 and ONE-E.
+    ``fill``: the label's placeholders (:func:`placeholders`)."""
+    label = LABELS[variant].format_map(fill or {})
     if variant.startswith("one"):
         return [(f"{label} (branch 0)", ""), (f"{label.replace('ONE', 'ONE-E', 1)}", "_ensemble")]
     return [(label, "")]
 
 
 def summarise(runs: list[dict[str, Any]], variants: list[str],
-              earlier: tuple[list[dict[str, Any]], ...] = ()) -> list[dict[str, Any]]:
+              earlier: tuple[list[dict[str, Any]], ...] = (),
+              fill: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per reported model, with its seeds' values (those of ``runs`` and of the ``earlier`` rows of other
-    runs of the same setup, see :func:`merge_rows`) and its paired difference to plain (seeds that both have)."""
+    runs of the same setup, see :func:`merge_rows`) and its paired difference to plain (seeds that both have).
+    ``fill``: the labels' placeholders (:func:`placeholders`)."""
     def history(r: dict[str, Any]) -> dict[str, Any] | None:
         try:
             h = json.loads((r["out"] / "history.json").read_text())
@@ -231,7 +311,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str],
         hists = {seed: h for (v, seed), h in sorted(done.items()) if v == variant}
         if not hists:
             continue
-        for label, suffix in reported_models(variant):
+        for label, suffix in reported_models(variant, fill):
             key = f"test_acc{suffix}"
             rows.append({
                 "reported": label, "variant": variant, "seeds": list(hists),
@@ -323,14 +403,15 @@ def main() -> None:
 
         load_cifar10_pack(args.data)
 
-    runs = [{"name": f"{v}-seed{seed}", "variant": v, "seed": seed, "out": out_root / f"{v}-seed{seed}",
-             "log": out_root / f"{v}-seed{seed}.log"} for seed in args.seeds for v in args.variants]
     # Seed by seed: a benchmark stopped half-way still has complete pairs to compare with plain.
+    runs = plan_runs(args.variants, args.seeds, out_root)
+    fill = placeholders(args.protocol, setup, out_root)  # the labels' (no run folder in them)
     cores = os.cpu_count() or 1
     jobs = args.jobs or (len(runs) if device.startswith("cuda") else min(len(runs), cores))
     threads = max(1, cores // jobs)
     for r in runs:
-        r["cmd"] = run_command(args, setup, r["variant"], r["seed"], r["out"], device, threads)
+        r["cmd"] = run_command(args, setup, r["variant"], r["seed"], r["out"], device, threads,
+                               placeholders(args.protocol, setup, out_root, r["seed"]))
     tag, desc = device_description(device)
     wall = 0.0
     if not args.report_only:
@@ -348,7 +429,7 @@ def main() -> None:
             raise SystemExit(f"--merge {path}: its protocol or setup differs from this run's; only runs of the same "
                              f"setup can share a table (it: {old['meta']['protocol']} {old['meta']['setup']})")
         earlier.append(old["results"])
-    rows = summarise(runs, args.variants, tuple(earlier))
+    rows = summarise(runs, args.variants, tuple(earlier), fill)
     if not rows:
         raise SystemExit(f"no finished epoch in {out_root}")
     date = datetime.date.today().isoformat()
@@ -356,7 +437,7 @@ def main() -> None:
     what = (f"{setup['model']} on {setup['dataset']}{subset}, {setup['epochs']} epoch(s), batch {setup['batch_size']}, "
             f"SGD {'Nesterov ' if setup['nesterov'] else ''}momentum 0.9, lr {setup['lr']} {setup['schedule']}, "
             f"wd {setup['weight_decay']}, {'pad-4 crop + flip' if setup['augment'] else 'no augmentation'}, "
-            f"seeds {sorted({s for r in rows for s in r['seeds']})}")
+            f"seeds {sorted({s for r in rows if r['variant'] not in ONE_SEED for s in r['seeds']})}")
     print(f"\nTest accuracy (%), {what}; {desc}" + (f"; wall time {wall:.0f} s" if wall else ""))
     unfinished = [r["name"] for r in runs if count_epochs(r["out"]) < setup["epochs"]]
     if unfinished:
@@ -367,6 +448,9 @@ def main() -> None:
           "the same runs. 'best' is the maximum over epochs of the test accuracy (the papers' convention), 'last' the "
           "final epoch's; ± is the standard deviation over seeds; the interval is the paired 95 % t-interval of the "
           "difference to plain over seeds (same seed: same initial weights and data order).")
+    for v in args.variants:
+        if v in NOTES:
+            print(NOTES[v].format(teacher_seed=ONE_SEED["teacher"]))
     if setup["dataset"] == "cifar10-pack":
         print("The CIFAR-10 pack is a lossy JPEG re-encoding of CIFAR-10: absolute accuracies run below published ones.")
     if args.smoke:
@@ -376,6 +460,7 @@ def main() -> None:
     meta = {"date": date, "device": desc, "protocol": args.protocol, "setup": setup, "seeds": args.seeds,
             "merged": args.merge, "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
             "wall_seconds": round(wall, 1), "unfinished": unfinished,
+            **({"teacher_model": fill["teacher_model"]} if "teacher" in args.variants else {}),
             "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
             # relative to the repository: a record names no path of the machine it ran on
             "train_command_example": " ".join(runs[0]["cmd"][1:]).replace(f"{ROOT}{os.sep}", "")}

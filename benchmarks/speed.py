@@ -1,4 +1,4 @@
-"""Training-step cost of ONE and OSAKD relative to the plain model, measured side by side in one process.
+"""Training-step cost of ONE, OSAKD, KD and DML relative to the plain model, measured side by side in one process.
 
     python benchmarks/speed.py --device cuda              # ResNet-32 b128 32 px, timm resnet50 b128 224 px
     python benchmarks/speed.py --device cuda --compile    # adds torch.compile rows
@@ -11,7 +11,9 @@ Variants per model: plain; ONE with 2, 3 and 4 branches (default split), each wi
 other ("sequential"), as one fused graph ("fused"; skipped with the reason for a tail that cannot be fused) and as
 "auto" picks (its timings and choice are kept in the JSON, the "runs" column says which ran); --executions picks;
 OSAKD (k=8, alpha 0.9) in-batch and with memory banks of 4,096, 16,384 (the default) and 65,536 entries, pre-filled
-so that every timed step searches a full bank. --variants REGEX keeps only the matching rows (and plain).
+so that every timed step searches a full bank; KD from a teacher of the same architecture (an untrained copy: a
+step's cost does not depend on the teacher's weights) and DML with 2 peers. --variants REGEX keeps only the matching
+rows (and plain), e.g. --variants '^(KD|DML)' (a bare KD also matches OSAKD).
 
 A step is zero_grad, forward, loss, backward and an SGD (Nesterov, weight decay) update on a fixed random batch,
 under bf16 autocast with channels_last on GPU (fp32, contiguous on CPU). After --warmup steps each, the variants take
@@ -34,6 +36,7 @@ Prints a table and writes benchmarks/results/speed_<device>_<date>.json and .png
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -68,11 +71,24 @@ CONFIGS = {
 }
 def variant_specs(executions: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD in-batch (the paper's
-    mode), with its default bank (16,384 entries) and with a small and a large one."""
+    mode), with its default bank (16,384 entries) and with a small and a large one; KD from a same-model teacher;
+    DML with 2 peers."""
     one = [(f"ONE m={m} {e}", "one", {"branches": m, "execution": e}) for m in (2, 3, 4) for e in executions]
     osakd = [("OSAKD in-batch", "osakd", {"bank_size": 0})]
     osakd += [(f"OSAKD bank {n:,}", "osakd", {"bank_size": n}) for n in (4096, 16384, 65536)]
-    return [("plain", "plain", {}), *one, *osakd]
+    others = [("KD same-model teacher", "kd", {}), ("DML 2 peers", "dml", {"peers": 2})]
+    return [("plain", "plain", {}), *one, *osakd, *others]
+
+
+# method -> (net, pixels, options) -> (model, loss_fn).
+WRAPPERS: dict[str, Callable[[nn.Module, int, dict[str, Any]], tuple[nn.Module, Any]]] = {
+    "plain": lambda net, px, kw: (net, F.cross_entropy),
+    "one": lambda net, px, kw: kdwrap.one(net, input_size=(3, px, px), **kw),
+    "osakd": lambda net, px, kw: kdwrap.osakd(net, **kw),
+    # A copy of the student as the teacher: its step-time ratio is the cost of one extra forward of the same network.
+    "kd": lambda net, px, kw: kdwrap.kd(net, copy.deepcopy(net), **kw),
+    "dml": lambda net, px, kw: kdwrap.dml(net, **kw),
+}
 
 
 GiB = 2**30
@@ -109,12 +125,7 @@ def build_variant(name: str, method: str, kw: dict[str, Any], model_name: str, p
 
     torch.manual_seed(0)  # every variant starts from the same network
     net = timm.create_model(model_name, pretrained=False, num_classes=classes, in_chans=3)
-    if method == "plain":
-        model, loss_fn = net, F.cross_entropy
-    elif method == "one":
-        model, loss_fn = kdwrap.one(net, input_size=(3, px, px), **kw)
-    else:
-        model, loss_fn = kdwrap.osakd(net, **kw)
+    model, loss_fn = WRAPPERS[method](net, px, kw)
     model.to(device, memory_format=memory_format).train()
     if isinstance(loss_fn, nn.Module):
         loss_fn.to(device)
@@ -156,8 +167,10 @@ def timed_step(v: Variant, x: torch.Tensor, y: torch.Tensor, autocast: Callable[
 
 
 def resident_bytes(v: Variant) -> int:
-    """Parameters, their gradients, optimizer state and the loss's buffers (OSAKD's bank) of one variant."""
-    params = list(v.model.parameters())
+    """Parameters, their gradients, optimizer state and the loss's buffers (OSAKD's bank) of one variant, with a KD
+    teacher's weights (held outside ``parameters()``)."""
+    teacher = getattr(unwrap(v.model), "teacher", None)
+    params = list(v.model.parameters()) + (list(teacher.parameters()) if isinstance(teacher, nn.Module) else [])
     n = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params)
     n += sum(t.numel() * t.element_size() for s in v.optimizer.state.values() for t in s.values()
              if isinstance(t, torch.Tensor))

@@ -7,9 +7,15 @@ artefact computes what the wrapper computes in eval mode (max abs difference pri
     python examples/deploy.py                                   # untrained kdwrap CIFAR ResNet-32, wrapped for ONE
     python examples/deploy.py --model resnet18 --input-size 224 # any timm model (pretrained=False)
     python examples/deploy.py --method osakd
+    python examples/deploy.py --method dml --peers 3            # DML: peer 0 is exported
     python examples/deploy.py --checkpoint runs/one/last.pt     # a run of examples/train_cifar.py
     python examples/deploy.py --checkpoint runs/one/deployed.pt --model cifar_resnet32   # its exported weights
     python examples/deploy.py --ensemble                        # also export ONE-E (trunk + all branches + gate)
+
+A checkpoint of any train_cifar.py method is rebuilt as the wrapper it trained (ONE, OSAKD, DML) and exported,
+except KD's: a KD wrapper in eval mode computes its student alone and its state_dict holds only the student (the
+teacher is not in it), so a KD checkpoint is deployed as the plain student, with no teacher to load: the exported
+model and the wrapper's eval outputs are the same computation.
 
 Written to --out: deployed.pt (state_dict of the exported model), model.pt2 (torch.export) and model.onnx, both
 with a dynamic batch axis (checked on a second batch size).
@@ -32,8 +38,9 @@ TOLERANCE = 1e-4
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar_resnet32", help="timm model name or kdwrap's cifar_resnet*/small_cnn")
-    p.add_argument("--method", default="one", choices=["one", "osakd"])
+    p.add_argument("--method", default="one", choices=["one", "osakd", "dml"])
     p.add_argument("--branches", type=int, default=3, help="ONE branches")
+    p.add_argument("--peers", type=int, default=2, help="DML peers")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--input-size", type=int, default=32, help="image height = width (default 32)")
@@ -44,6 +51,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="batch size of the check input")
     p.add_argument("--out", default="exported", help="output folder (default ./exported)")
     return p.parse_args()
+
+
+# How a method's wrapper is rebuilt around the network: (net, args, split, input_size) -> model. Only eval-mode
+# outputs matter here, so the loss options are not needed.
+WRAPPERS: dict[str, Callable[[nn.Module, argparse.Namespace, Any, tuple[int, int, int]], nn.Module]] = {
+    "plain": lambda net, args, split, size: net,
+    "one": lambda net, args, split, size: kdwrap.one(net, branches=args.branches, split=split, input_size=size)[0],
+    "osakd": lambda net, args, split, size: kdwrap.osakd(net)[0],
+    "dml": lambda net, args, split, size: kdwrap.dml(net, peers=args.peers)[0],
+}
+# Methods whose checkpoint is deployed as the plain network held under a key prefix (see the module docstring).
+PLAIN_UNDER = {"kd": "student."}
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, str]:
@@ -57,6 +76,12 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, str]:
         # A full checkpoint of train_cifar.py: rebuild exactly the model it trained.
         cfg, margs = ckpt["config"], ckpt["model_args"]
         args.model, args.method, args.branches = margs["model"], cfg["method"], cfg["branches"]
+        args.peers = cfg.get("peers", args.peers)
+        if args.method in PLAIN_UNDER:
+            prefix = PLAIN_UNDER[args.method]
+            print(f"a {args.method} run: deploying its network under '{prefix}' as a plain model (no teacher needed)")
+            ckpt["model"] = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+            args.method = "plain"
         args.in_chans, args.num_classes = margs["in_chans"], margs["num_classes"]
         args.input_size = margs["input_size"][-1]
         split = cfg["split"]
@@ -67,12 +92,7 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, str]:
         # The plain model's state_dict: load it before wrapping; ONE's branch copies then start from it too.
         net.load_state_dict(ckpt)
     input_size = (args.in_chans, args.input_size, args.input_size)
-    if args.method == "plain":
-        model = net
-    elif args.method == "one":
-        model, _ = kdwrap.one(net, branches=args.branches, split=split, input_size=input_size)
-    else:
-        model, _ = kdwrap.osakd(net)
+    model = WRAPPERS[args.method](net, args, split, input_size)
     if ckpt is not None and "model_args" in ckpt:
         model.load_state_dict(ckpt["model"])
     return model.eval(), args.method

@@ -1,4 +1,5 @@
-"""Train an image classifier plain, with ONE or with OSAKD (kdwrap), with the ONE paper's CIFAR protocol as defaults.
+"""Train an image classifier plain or with kdwrap (ONE, OSAKD, DML; KD from a teacher run), with the ONE paper's CIFAR
+protocol as defaults.
 
 Defaults: CIFAR ResNet-32, batch 128, SGD (Nesterov, momentum 0.9), learning rate 0.1 with cosine decay (per step),
 weight decay 5e-4, pad-4 random crop + horizontal flip, 300 epochs. Data is held on the device as uint8 tensors and
@@ -8,6 +9,11 @@ augmented there, so a GPU never waits for a data loader.
     python examples/train_cifar.py --method one --epochs 30 --out runs/one
     # OSAKD; --resume continues from runs/osakd/last.pt after an interruption
     python examples/train_cifar.py --method osakd --out runs/osakd --resume
+    # DML with 2 peers (peer 0 is deployed)
+    python examples/train_cifar.py --method dml --peers 2 --epochs 30 --out runs/dml
+    # KD: first a plain teacher, then a student distilled from it (the teacher's model comes from its run)
+    python examples/train_cifar.py --method plain --model cifar_resnet56 --epochs 30 --out runs/teacher
+    python examples/train_cifar.py --method kd --teacher runs/teacher --model cifar_resnet20 --epochs 30 --out runs/kd
     # CIFAR-100 through torchvision (downloads into --data, default ./data; needs network access)
     python examples/train_cifar.py --dataset torchvision-cifar100 --method one --out runs/c100-one
     # a quick check on a CPU
@@ -15,8 +21,10 @@ augmented there, so a GPU never waits for a data loader.
         --limit-train 512 --limit-test 256 --device cpu --out /tmp/kd-check
 
 Written to --out: last.pt (the full checkpoint, every epoch), history.json (per-epoch test accuracy of the deployed
-branch and, for ONE, of the ensemble ONE-E), and at the end deployed.pt: the state_dict of kdwrap.export(model),
-which loads into the plain architecture (timm.create_model(name, num_classes=...) or kdwrap.models.*).
+branch or peer and, for ONE, of the ensemble ONE-E; for DML, of every peer), and at the end deployed.pt: the
+state_dict of kdwrap.export(model), which loads into the plain architecture (timm.create_model(name,
+num_classes=...) or kdwrap.models.*). A KD run's checkpoint holds the student only: resuming it loads the teacher
+from --teacher again.
 """
 from __future__ import annotations
 
@@ -45,8 +53,14 @@ DATASETS = ("cifar10-pack", "torchvision-cifar10", "torchvision-cifar100", "fash
 RUN_KEYS = (
     "method", "dataset", "model", "epochs", "batch_size", "lr", "weight_decay", "augment", "seed", "limit_train",
     "limit_test", "branches", "split", "branch_init", "temperature", "rampup_epochs", "k", "alpha", "bank_size",
-    "knn_backend", "distill", "schedule", "nesterov",
+    "knn_backend", "distill", "schedule", "nesterov", "peers", "teacher",
 )
+# Settings added after runs were recorded, with the value those runs used: their checkpoints lack the key and still
+# resume.
+LATER_KEYS = {"peers": 2, "teacher": None}
+# --temperature's default, each method's own (kdwrap's). Methods without a temperature record ONE's 3, the default
+# of every run before the default depended on the method, so that their checkpoints still resume.
+TEMPERATURES = {"one": 3.0, "kd": 4.0, "dml": 1.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--limit-test", type=int, default=None, metavar="N", help="test on a seeded subset of N images")
 
     g = p.add_argument_group("model and method")
-    g.add_argument("--method", default="plain", choices=["plain", "one", "osakd"])
+    g.add_argument("--method", default="plain", choices=list(WRAPPERS),
+                   help="plain (default), one, osakd, dml (online); kd (from a trained --teacher)")
     g.add_argument("--model", default=None,
                    help="any timm model name (built with pretrained=False) or cifar_resnet20/32/44/56/110, "
                    "small_cnn (default: cifar_resnet32; small_cnn for fashion-mnist)")
@@ -74,15 +89,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--split", default=None, help="ONE: first module of the replicated tail (default: automatic)")
     g.add_argument("--branch-init", default="reinit", choices=["reinit", "copy"],
                    help="ONE: branches 1..m-1 re-initialised (default, as the reference code) or copies of branch 0")
-    g.add_argument("--temperature", type=float, default=3.0, help="ONE: distillation temperature (default 3)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="ONE, KD, DML: distillation temperature (default: the method's, ONE 3, KD 4, DML 1)")
     g.add_argument("--rampup-epochs", type=float, default=0.0,
                    help="ONE: epochs of the sigmoid ramp-up of the KL weight (the paper: 80 of 300; default 0 = off)")
     g.add_argument("--k", type=int, default=8, help="OSAKD: neighbours per soft label (default 8)")
-    g.add_argument("--alpha", type=float, default=0.9, help="OSAKD: weight of cross-entropy (default 0.9)")
+    g.add_argument("--alpha", type=float, default=0.9,
+                   help="OSAKD: weight of cross-entropy; KD: weight of the distillation term (each method's own "
+                   "convention, as in kdwrap; see docs/methods.md) (default 0.9)")
     g.add_argument("--bank-size", type=int, default=16384, help="OSAKD: memory bank entries (default 16384)")
     g.add_argument("--distill", default="mse", choices=["mse", "kl"],
                    help="OSAKD: distance of the output to its soft label (default mse, the paper's)")
     g.add_argument("--knn-backend", default="auto", choices=["auto", "torch", "faiss"], help="OSAKD: k-NN backend")
+    g.add_argument("--peers", type=int, default=2, help="DML: number of peers (default 2); peer 0 is deployed")
+    g.add_argument("--teacher", metavar="RUN", default=None,
+                   help="KD: the --out folder (or its last.pt) of a finished train_cifar.py --method plain run; "
+                   "its model and weights are loaded and frozen")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=300, help="default 300, as in the ONE paper")
@@ -111,9 +133,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model = "small_cnn" if args.dataset == "fashion-mnist" else "cifar_resnet32"
     if args.augment is None:
         args.augment = args.dataset != "fashion-mnist"
+    if args.temperature is None:
+        args.temperature = TEMPERATURES.get(args.method, TEMPERATURES["one"])
     for name in ("epochs", "batch_size", "branches", "k"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.peers < 2:
+        p.error(f"--peers {args.peers}: mutual learning needs at least 2 peers (the paper's default is 2)")
+    if args.method == "kd" and args.teacher is None:
+        p.error("--method kd needs --teacher RUN: the --out folder of a finished plain run, e.g. of "
+                "train_cifar.py --method plain --model cifar_resnet56 --out runs/teacher")
+    if args.method != "kd" and args.teacher is not None:
+        p.error(f"--teacher is read by --method kd only (this run is --method {args.method}): drop it or use kd")
     return args
 
 
@@ -149,25 +180,89 @@ def load_data(args: argparse.Namespace) -> Dataset:
 
 # --- model ----------------------------------------------------------------------------------------------------------
 
+def load_teacher(run: str, in_chans: int, num_classes: int) -> nn.Module:
+    """The trained network of a finished plain run of this script (its --out folder or its last.pt), for KD.
+
+    The checkpoint names the model (``model_args``), so a teacher of any architecture loads without repeating it.
+    """
+    import timm
+
+    path = Path(run)
+    ckpt_path = path / "last.pt" if path.is_dir() else path
+    fix = "pass the --out folder (or last.pt) of a finished train_cifar.py --method plain run"
+    if not ckpt_path.is_file():
+        raise SystemExit(f"--teacher {run}: {ckpt_path} does not exist; {fix}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt:
+        # deployed.pt holds the weights but not the model's name.
+        raise SystemExit(f"--teacher {run}: {ckpt_path} is not a full train_cifar.py checkpoint (last.pt); {fix}")
+    cfg, margs = ckpt["config"], ckpt["model_args"]
+    if cfg["method"] != "plain":
+        raise SystemExit(f"--teacher {run}: a --method {cfg['method']} run; KD's teacher is a plain run: train one "
+                         f"with --method plain --model {margs['model']} --out DIR and pass --teacher DIR")
+    if ckpt["epoch"] < cfg["epochs"]:
+        raise SystemExit(f"--teacher {run}: the run stopped after epoch {ckpt['epoch']} of {cfg['epochs']}; finish "
+                         "it first (run its command again with --resume)")
+    for key, mine in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if margs[key] != mine:
+            raise SystemExit(f"--teacher {run}: the teacher has {key}={margs[key]} but this dataset {mine}; train the "
+                             f"teacher on this run's dataset (it was trained on {cfg['dataset']})")
+    teacher = timm.create_model(margs["model"], pretrained=False, in_chans=in_chans, num_classes=num_classes)
+    teacher.load_state_dict(ckpt["model"])
+    acc = ckpt["history"].get("last_test_acc")
+    print(f"teacher: {margs['model']} from {ckpt_path}, {cfg['epochs']} epoch(s) on {cfg['dataset']}"
+          + (f", its last test acc {acc:.2f} %" if acc is not None else ""))
+    return teacher
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Wrapped = tuple[nn.Module, Loss]
+Size = tuple[int, int, int]
+
+
+def _plain(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
+    return net, nn.CrossEntropyLoss()
+
+
+def _one(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
+    # input_size: kdwrap traces the model at the dataset's image size, not at the size timm's config names.
+    return kdwrap.one(net, branches=args.branches, split=args.split, temperature=args.temperature,
+                      rampup_steps=args.rampup_steps, input_size=input_size,
+                      reinit_branches=args.branch_init == "reinit")
+
+
+def _osakd(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
+    return kdwrap.osakd(net, k=args.k, alpha=args.alpha, bank_size=args.bank_size, backend=args.knn_backend,
+                        distill=args.distill)
+
+
+def _kd(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
+    # Rebuilt from --teacher on every start: the teacher is outside the wrapper's state_dict, so a resumed run
+    # finds it there again.
+    teacher = load_teacher(args.teacher, input_size[0], num_classes)
+    return kdwrap.kd(net, teacher, temperature=args.temperature, alpha=args.alpha)
+
+
+def _dml(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
+    return kdwrap.dml(net, peers=args.peers, temperature=args.temperature)
+
+
+# --method -> the model and loss it trains: a new method is one entry here (and its options in parse_args).
+WRAPPERS: dict[str, Callable[[argparse.Namespace, nn.Module, Size, int], Wrapped]] = {
+    "plain": _plain, "one": _one, "osakd": _osakd, "dml": _dml, "kd": _kd,
+}
+
+
 def build_model(
     args: argparse.Namespace, in_chans: int, num_classes: int, input_size: tuple[int, int, int]
-) -> tuple[nn.Module, nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+) -> tuple[nn.Module, nn.Module, Loss]:
     """``(net, model, loss_fn)``: the plain network, the model to train and its loss (``model is net`` for plain)."""
     import timm
 
     if not timm.is_model(args.model):
         raise SystemExit(f"unknown model {args.model!r}: use a timm model name or cifar_resnet20/32/44/56/110")
     net = timm.create_model(args.model, pretrained=False, in_chans=in_chans, num_classes=num_classes)
-    if args.method == "plain":
-        return net, net, nn.CrossEntropyLoss()
-    if args.method == "one":
-        # input_size: kdwrap traces the model at the dataset's image size, not at the size timm's config names.
-        model, loss_fn = kdwrap.one(net, branches=args.branches, split=args.split, temperature=args.temperature,
-                                    rampup_steps=args.rampup_steps, input_size=input_size,
-                                    reinit_branches=args.branch_init == "reinit")
-    else:
-        model, loss_fn = kdwrap.osakd(net, k=args.k, alpha=args.alpha, bank_size=args.bank_size,
-                                      backend=args.knn_backend, distill=args.distill)
+    model, loss_fn = WRAPPERS[args.method](args, net, input_size, num_classes)
     return net, model, loss_fn
 
 
@@ -238,7 +333,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
     if ckpt_path.exists() and not args.resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -261,6 +355,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)  # same initial weights for every method with the same seed
     net, model, loss_fn = build_model(args, in_chans, num_classes, input_size)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks of the model and the teacher: no empty folder on error
     model.to(device, memory_format=memory_format)
     loss_fn.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=args.nesterov,
@@ -284,7 +379,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     start_epoch = 0
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
+        saved = {**LATER_KEYS, **ckpt["config"]}
+        changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
         if changed:
             raise SystemExit(f"--resume: settings differ from the checkpoint's (checkpoint, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -353,10 +449,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         if acc_e is not None:
             row["test_acc_ensemble"] = acc_e
+        if args.method == "dml":
+            # Every peer's: which peer ends best is not known in advance, and export(model, peer=i) deploys any.
+            row["test_acc_peers"] = [acc] + [evaluate(p, x_test, y_test, prep, autocast)[0] for p in model.peers[1:]]
         history["epochs"].append(row)
         print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {train_loss:.4f}  train acc {train_acc:6.2f} %  "
               f"test acc {acc:6.2f} %"
               + (f"  ONE-E {acc_e:6.2f} %" if acc_e is not None else "")
+              + (f"  peers {' / '.join(f'{a:.2f}' for a in row['test_acc_peers'])} %" if "test_acc_peers" in row
+                 else "")
               + f"  lr {row['lr']:.4f}  {row['seconds']:.1f} s", flush=True)
 
         summarise(history)
@@ -387,7 +488,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarise(history: dict[str, Any]) -> None:
-    """Add best / last accuracies (deployed model and, for ONE, ensemble) to ``history``."""
+    """Add best / last accuracies (deployed model and, for ONE, ensemble; for DML, every peer's) to ``history``."""
     rows = history["epochs"]
     best = max(rows, key=lambda r: r["test_acc"])
     history.update(last_test_acc=rows[-1]["test_acc"], best_test_acc=best["test_acc"], best_epoch=best["epoch"],
@@ -395,6 +496,9 @@ def summarise(history: dict[str, Any]) -> None:
     if "test_acc_ensemble" in rows[-1]:
         history.update(last_test_acc_ensemble=rows[-1]["test_acc_ensemble"],
                        best_test_acc_ensemble=max(r["test_acc_ensemble"] for r in rows))
+    if "test_acc_peers" in rows[-1]:
+        history.update(last_test_acc_peers=rows[-1]["test_acc_peers"],
+                       best_test_acc_peers=[max(acc) for acc in zip(*(r["test_acc_peers"] for r in rows))])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """benchmarks/accuracy.py: the per-method report drawn from the runs' history.json (no training here)."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -88,3 +89,27 @@ def test_seeds_of_an_earlier_run_join_the_table_as_if_run_together(tmp_path: Pat
     only_old = [dict(earlier[1], reported="ONE m=2 (branch 0)", variant="one-m2")]
     rows = {r["reported"]: r for r in accuracy.summarise(_runs(tmp_path / "p", later), ["plain"], (only_old,))}
     assert rows["ONE m=2 (branch 0)"]["seeds"] == [0, 1] and "last_diff" not in rows["ONE m=2 (branch 0)"]
+
+
+def test_kd_brings_its_teacher_run_once_and_first(tmp_path: Path) -> None:
+    variants = accuracy.with_needs(["plain", "dml-2", "kd"])
+    assert variants == ["plain", "dml-2", "teacher", "kd"]
+    runs = accuracy.plan_runs(variants, [1, 2], tmp_path)
+    assert [r["name"] for r in runs][:2] == ["teacher-seed0", "plain-seed1"]  # one teacher, whatever the seeds
+    assert [r["name"] for r in runs].count("teacher-seed0") == 1
+    assert {r["name"]: r["needs"] for r in runs}["kd-seed2"] == ["teacher-seed0"]
+    args = argparse.Namespace(data=None, train_args="")
+    setup = accuracy.PROTOCOLS["osakd-cifar10"]
+    fill = accuracy.placeholders("osakd-cifar10", setup, tmp_path, seed=2)
+    kd = accuracy.run_command(args, setup, "kd", 2, tmp_path / "kd-seed2", "cpu", 1, fill)
+    assert kd[kd.index("--teacher") + 1] == str(tmp_path / "teacher-seed0")
+    teacher = accuracy.run_command(args, setup, "teacher", 0, tmp_path / "teacher-seed0", "cpu", 1, fill)
+    assert teacher[-2:] == ["--model", "cifar_resnet20"]  # after the protocol's --model: the last one wins
+    dml = accuracy.run_command(args, setup, "dml-2", 2, tmp_path / "dml-2-seed2", "cpu", 1, fill)
+    assert dml[-4:] == ["--method", "dml", "--peers", "2"]
+
+    curves = {("plain", 1): [60.0], ("plain", 0): [59.0], ("teacher", 0): [70.0], ("kd", 1): [62.0]}
+    (tmp_path / "rows").mkdir()
+    rows = accuracy.summarise(_runs(tmp_path / "rows", curves), variants, fill=fill)
+    assert [r["reported"] for r in rows] == ["plain", "teacher (cifar_resnet20, plain)", "KD from cifar_resnet20"]
+    assert rows[1]["seeds"] == [0] and rows[1]["last_diff"]["mean"] == 11.0

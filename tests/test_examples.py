@@ -1,9 +1,11 @@
 """The example scripts run end to end on tiny offline data (a synthetic CIFAR pack, scikit-learn's digits)."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import timm
@@ -51,3 +53,56 @@ def test_train_cifar_then_deploy(tmp_path):
         torch.testing.assert_close(program(x), deployed.eval()(x))
     _run(tmp_path, "train_cifar.py", *common, "--method", "osakd", "--out", "run-osakd")
     assert (tmp_path / "run-osakd" / "deployed.pt").is_file()
+
+
+def _example(script: str) -> ModuleType:
+    """An example script imported as a module (its functions called in this process: no start-up cost)."""
+    spec = importlib.util.spec_from_file_location(f"example_{Path(script).stem}", EXAMPLES / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _resume_is_a_no_op(tmp_path: Path, run: str, *args: str) -> dict:
+    """Resume the finished run ``run`` with its own arguments: it trains no epoch and keeps its history."""
+    before = json.loads((tmp_path / run / "history.json").read_text())
+    out = _run(tmp_path, "train_cifar.py", *args, "--out", run, "--resume")
+    after = json.loads((tmp_path / run / "history.json").read_text())
+    assert f"after epoch {len(before['epochs'])}" in out and after["epochs"] == before["epochs"]
+    return after
+
+
+def test_train_cifar_dml_and_kd_from_a_teacher_run(tmp_path, monkeypatch):
+    pytest.importorskip("PIL")
+    _fake_pack(tmp_path / "pack.npz")
+    common = ["--data", "pack.npz", "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    dml = [*common, "--model", "lenet5", "--method", "dml", "--peers", "2"]
+    _run(tmp_path, "train_cifar.py", *dml, "--out", "dml")
+    history = _resume_is_a_no_op(tmp_path, "dml", *dml)
+    assert history["config"]["temperature"] == 1.0  # DML's own default, not ONE's
+    assert history["epochs"][0]["test_acc_peers"][0] == history["epochs"][0]["test_acc"] == history["deployed_test_acc"]
+    assert len(history["last_test_acc_peers"]) == 2
+
+    # The teacher: a plain run of another architecture; the KD run reads its model name from the checkpoint.
+    _run(tmp_path, "train_cifar.py", *common, "--model", "cifar_resnet20", "--out", "teacher")
+    kd = [*common, "--model", "lenet5", "--method", "kd", "--teacher", "teacher"]
+    out = _run(tmp_path, "train_cifar.py", *kd, "--out", "kd")
+    assert "teacher: cifar_resnet20 from teacher" in out
+    history = _resume_is_a_no_op(tmp_path, "kd", *kd)
+    assert history["config"]["temperature"] == 4.0 and history["deployed"]["model"] == "lenet5"
+    student = timm.create_model("lenet5", num_classes=3)
+    student.load_state_dict(torch.load(tmp_path / "kd" / "deployed.pt"))
+    # deploy.py rebuilds a KD run's student alone (no teacher needed): the weights train_cifar.py deployed.
+    monkeypatch.setattr(sys, "argv", ["deploy.py", "--checkpoint", str(tmp_path / "kd" / "last.pt")])
+    deploy = _example("deploy.py")
+    model, method = deploy.build(deploy.parse_args())
+    assert method == "plain" and type(model) is type(student)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, student.state_dict()[key]), key
+
+    # Only a finished plain run of the same classes can teach.
+    load_teacher = _example("train_cifar.py").load_teacher
+    with pytest.raises(SystemExit, match="a --method dml run; KD's teacher is a plain run"):
+        load_teacher(str(tmp_path / "dml"), 3, 3)
+    with pytest.raises(SystemExit, match="the teacher has num_classes=3 but this dataset 10"):
+        load_teacher(str(tmp_path / "teacher" / "last.pt"), 3, 10)
