@@ -10,7 +10,7 @@
 Variants per model: plain; ONE with 2, 3 and 4 branches (default split), each with its branches run one after the
 other ("sequential"), as one fused graph ("fused"; skipped with the reason for a tail that cannot be fused) and as
 "auto" picks (its timings and choice are kept in the JSON, the "runs" column says which ran); --executions picks;
-OSAKD (k=8, alpha 0.9) in-batch and with memory banks of 4,096, 16,384 (the default) and 65,536 entries, pre-filled
+OSAKD (k=8, default alpha) in-batch and with memory banks of 4,096, 16,384 (the default) and 65,536 entries, pre-filled
 so that every timed step searches a full bank; KD from a teacher of the same architecture (an untrained copy: a
 step's cost does not depend on the teacher's weights) and DML with 2 peers. --variants REGEX keeps only the matching
 rows (and plain), e.g. --variants '^(KD|DML)' (a bare KD also matches OSAKD).

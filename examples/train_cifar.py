@@ -44,6 +44,7 @@ from torch import nn
 
 import kdwrap
 import kdwrap.models  # noqa: F401  (registers cifar_resnet20/32/44/56/110 and small_cnn with timm)
+from kdwrap.methods.osakd import DEFAULT_ALPHA as OSAKD_DEFAULT_ALPHA
 from kdwrap.demo.data import Dataset, channel_stats, load_cifar10_pack, load_fashion_mnist, normalize, random_crop_flip
 
 DATASETS = ("cifar10-pack", "torchvision-cifar10", "torchvision-cifar100", "fashion-mnist")
@@ -61,6 +62,8 @@ LATER_KEYS = {"peers": 2, "teacher": None}
 # --temperature's default, each method's own (kdwrap's). Methods without a temperature record ONE's 3, the default
 # of every run before the default depended on the method, so that their checkpoints still resume.
 TEMPERATURES = {"one": 3.0, "kd": 4.0, "dml": 1.0}
+# --alpha's default, likewise: OSAKD's and KD's own; the other methods record 0.9, every earlier run's default.
+ALPHAS = {"osakd": OSAKD_DEFAULT_ALPHA, "kd": 0.9}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rampup-epochs", type=float, default=0.0,
                    help="ONE: epochs of the sigmoid ramp-up of the KL weight (the paper: 80 of 300; default 0 = off)")
     g.add_argument("--k", type=int, default=8, help="OSAKD: neighbours per soft label (default 8)")
-    g.add_argument("--alpha", type=float, default=0.9,
+    g.add_argument("--alpha", type=float, default=None,
                    help="OSAKD: weight of cross-entropy; KD: weight of the distillation term (each method's own "
-                   "convention, as in kdwrap; see docs/methods.md) (default 0.9)")
+                   f"convention, as in kdwrap; see docs/methods.md) (default: OSAKD {OSAKD_DEFAULT_ALPHA}, KD 0.9)")
     g.add_argument("--bank-size", type=int, default=16384, help="OSAKD: memory bank entries (default 16384)")
     g.add_argument("--distill", default="mse", choices=["mse", "kl"],
                    help="OSAKD: distance of the output to its soft label (default mse, the paper's)")
@@ -135,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.augment = args.dataset != "fashion-mnist"
     if args.temperature is None:
         args.temperature = TEMPERATURES.get(args.method, TEMPERATURES["one"])
+    if args.alpha is None:
+        args.alpha = ALPHAS.get(args.method, 0.9)
     for name in ("epochs", "batch_size", "branches", "k"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -23,6 +23,7 @@ def _split_arg(text: str) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     """The ``kdwrap`` argument parser (sub-commands ``demo`` and ``summary``)."""
     from .demo.data import CIFAR10_PACK_ENV
+    from .methods.osakd import DEFAULT_ALPHA
 
     parser = argparse.ArgumentParser(
         prog="kdwrap",
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "fashion-mnist, all for digits; 0 = all, about 5x the time for CIFAR-10)")
     demo.add_argument("--branches", type=_positive_int, default=3, help="ONE branches (default 3)")
     demo.add_argument("--k", type=_positive_int, default=8, help="OSAKD neighbours (default 8)")
-    demo.add_argument("--alpha", type=float, default=0.9, help="OSAKD weight of the hard-label loss (default 0.9)")
+    demo.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                      help=f"OSAKD weight of the hard-label loss (default {DEFAULT_ALPHA})")
     demo.add_argument("--bank-size", type=int, default=16384, help="OSAKD memory bank (default 16384; 0 = in-batch)")
     demo.add_argument("--methods", nargs="+", default=["plain", "one", "osakd"], type=str.lower,
                       choices=["plain", "one", "osakd"], metavar="METHOD",

@@ -16,7 +16,7 @@ from torch import nn
 
 import kdwrap
 from kdwrap.knn import knn_soft_labels
-from kdwrap.methods.osakd import OSAKDLoss, OSAKDModel, build_osakd
+from kdwrap.methods.osakd import DEFAULT_ALPHA, OSAKDLoss, OSAKDModel, build_osakd
 
 
 class SmallCNN(nn.Module):
@@ -110,7 +110,7 @@ def test_in_batch_mode_bank_size_zero():
         x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
         z = model(x)
         loss = loss_fn(z, y)
-        ref, _ = reference_loss(z, y, 3, 0.9, deque(maxlen=0))
+        ref, _ = reference_loss(z, y, 3, DEFAULT_ALPHA, deque(maxlen=0))
         assert abs(loss.item() - ref.item()) < 1e-6
         assert int(loss_fn.parts["bank_fill"]) == 0
     assert list(loss_fn.state_dict()) == ["_extra_state", "bank.vectors", "bank.labels", "bank.ptr", "bank.count"]
@@ -251,7 +251,7 @@ def test_autocast_computes_in_float32():
         z = model(x)
         loss = loss_fn(z, y)
     assert z.dtype == torch.bfloat16 and loss.dtype == torch.float32
-    ref, _ = reference_loss(z.float(), y, 2, 0.9, deque(maxlen=0))
+    ref, _ = reference_loss(z.float(), y, 2, DEFAULT_ALPHA, deque(maxlen=0))
     assert abs(loss.item() - ref.item()) < 1e-6
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import api
 from .data import Dataset, batches, channel_stats, load_dataset, normalize, random_crop_flip
+from ..methods.osakd import DEFAULT_ALPHA
 from ..seeds import paired_difference, plot_curves, spread
 
 __all__ = ["DEMO_DEFAULTS", "METHODS", "DemoRow", "DemoResult", "resolve_dataset", "create_model", "format_table",
@@ -331,7 +332,7 @@ def run_demo(
     dataset: str = "auto", data: str | None = None, model: str | None = None, epochs: int | None = None,
     batch_size: int | None = None, lr: float | None = None, weight_decay: float = 5e-4, device: str = "auto",
     seeds: tuple[int, ...] | list[int] = (0, 1, 2), limit_train: int | None = None, branches: int = 3, k: int = 8,
-    alpha: float = 0.9, bank_size: int = 16384, save_dir: str | None = "kdwrap-demo", jobs: int | None = None,
+    alpha: float = DEFAULT_ALPHA, bank_size: int = 16384, save_dir: str | None = "kdwrap-demo", jobs: int | None = None,
     threads: int = 1, progress: bool = True, methods: Sequence[str] = tuple(METHODS),
     log: Callable[[str], None] = print,
 ) -> DemoResult:
