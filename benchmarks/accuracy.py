@@ -58,8 +58,7 @@ from kdwrap.seeds import paired_difference, plot_curves, spread  # noqa: E402
 # What each variant passes to train_cifar.py on top of its protocol. One module, one entry: a new variant is a line.
 VARIANTS: dict[str, list[str]] = {
     "plain": ["--method", "plain"],
-    # The paper's alpha 0.9 (kdwrap's default until it was measured to gain nothing here; now 0.3, variant
-    # osakd-k8-alpha0.3): explicit, so that a table merged across sessions never mixes the two.
+    # The paper's alpha 0.9, kdwrap's default: explicit, so that a table merged across sessions never mixes alphas.
     "osakd-k8": ["--method", "osakd", "--k", "8", "--alpha", "0.9"],
     "osakd-k16": ["--method", "osakd", "--k", "16", "--alpha", "0.9"],
     "osakd-k8-inbatch": ["--method", "osakd", "--k", "8", "--bank-size", "0", "--alpha", "0.9"],
@@ -68,6 +67,8 @@ VARIANTS: dict[str, list[str]] = {
     "osakd-k8-alpha0.1": ["--method", "osakd", "--k", "8", "--alpha", "0.1"],
     # Control for OSAKD's alpha 0.3 without weight decay: CE weighted by 0.3 is plain SGD at 0.3x the learning rate.
     "plain-lr0.3x": ["--method", "plain", "--lr", "{lr_times_0_3}"],
+    # OSAKD at that learning rate, the paper's alpha: does distillation add to a better-tuned step size?
+    "osakd-k8-lr0.3x": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--lr", "{lr_times_0_3}"],
     "osakd-k8-kl": ["--method", "osakd", "--k", "8", "--distill", "kl", "--alpha", "0.9"],
     "one-m2": ["--method", "one", "--branches", "2"],
     "one-m3": ["--method", "one", "--branches", "3"],
@@ -94,7 +95,7 @@ LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN"
           "osakd-k8-inbatch": "OSAKD 8-NN in-batch",
           "osakd-k8-alpha0.5": "OSAKD 8-NN alpha 0.5",
           "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-alpha0.1": "OSAKD 8-NN alpha 0.1",
-          "plain-lr0.3x": "plain, 0.3x learning rate",
+          "plain-lr0.3x": "plain, 0.3x learning rate", "osakd-k8-lr0.3x": "OSAKD 8-NN, 0.3x learning rate",
           "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
           "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up",
           "dml-2": "DML 2 peers (peer 0)", "teacher": "teacher ({teacher_model}, plain)",
@@ -114,10 +115,10 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     # runs in the paper). The learning rate, weight decay and epoch count are kdwrap's CPU-budget choices.
     "osakd-cifar10": {"dataset": "cifar10-pack", "model": "lenet5", "epochs": 20, "batch_size": 64, "lr": 0.01,
                       "weight_decay": 0.0, "schedule": "constant", "nesterov": False, "augment": False,
-                      "variants": ["plain", "osakd-k8", "osakd-k16", "osakd-k8-alpha0.3", "one-m2", "one-m3"]},
+                      "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
     "osakd-fmnist": {"dataset": "fashion-mnist", "model": "small_cnn", "epochs": 20, "batch_size": 64, "lr": 0.01,
                      "weight_decay": 0.0, "schedule": "constant", "nesterov": False, "augment": False,
-                     "variants": ["plain", "osakd-k8", "osakd-k16", "osakd-k8-alpha0.3", "one-m2", "one-m3"]},
+                     "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
     # The ONE protocol (SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4, pad-4 crop + flip, 3 branches) shrunk to a CPU:
     # a class-balanced subset trained long enough to fit it, where distillation has something to correct.
     "one-resnet20-subset": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 20, "batch_size": 128,
@@ -131,7 +132,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                          "variants": ["plain", "one-m3", "osakd-k8", "one-m3-ramp"]},
     "one-resnet32": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 30, "batch_size": 128,
                      "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True, "augment": True,
-                     "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8-alpha0.3"]},
+                     "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
 }
 SMOKE = {"epochs": 1, "limit_train": 512, "limit_test": 256}
 TRAIN_KEYS = ("dataset", "model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "limit_train",
@@ -159,11 +160,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                    help="earlier results of the same protocol (benchmarks/results/accuracy_*.json): their seeds join "
                    "this run's in the tables, so a table grows by seeds across sessions")
+    p.add_argument("--baseline", default="plain", metavar="VARIANT",
+                   help="the variant every row is compared with (default plain), e.g. plain-lr0.3x")
     p.add_argument("--train-args", default="", help="extra arguments for train_cifar.py, e.g. \"--channels-last\"")
     args = p.parse_args()
     args.variants = with_needs(args.variants or PROTOCOLS[args.protocol]["variants"])
-    if args.variants[0] != "plain":
-        args.variants = ["plain"] + [v for v in args.variants if v != "plain"]
+    if args.baseline not in VARIANTS:
+        p.error(f"--baseline {args.baseline!r} is not a variant; valid: {', '.join(VARIANTS)}")
+    if args.variants[0] != args.baseline:
+        args.variants = [args.baseline] + [v for v in args.variants if v != args.baseline]
     return args
 
 
@@ -296,7 +301,7 @@ def reported_models(variant: str, fill: dict[str, str] | None = None) -> list[tu
 
 def summarise(runs: list[dict[str, Any]], variants: list[str],
               earlier: tuple[list[dict[str, Any]], ...] = (),
-              fill: dict[str, str] | None = None) -> list[dict[str, Any]]:
+              fill: dict[str, str] | None = None, baseline: str = "plain") -> list[dict[str, Any]]:
     """One row per reported model, with its seeds' values (those of ``runs`` and of the ``earlier`` rows of other
     runs of the same setup, see :func:`merge_rows`) and its paired difference to plain (seeds that both have).
     ``fill``: the labels' placeholders (:func:`placeholders`)."""
@@ -326,7 +331,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str],
             })
     for old in earlier:
         rows = merge_rows(rows, old)
-    return add_statistics(rows)
+    return add_statistics(rows, baseline)
 
 
 PER_SEED = ("epochs_done", "best", "last", "train_acc_last", "curves")
@@ -350,15 +355,17 @@ def merge_rows(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> lis
     return list(merged.values())
 
 
-def add_statistics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per row, and each row's paired difference to plain over the seeds both have."""
-    base = next((r for r in rows if r["variant"] == "plain"), None)
+def add_statistics(rows: list[dict[str, Any]], baseline: str = "plain") -> list[dict[str, Any]]:
+    """Mean ± std over seeds per row, and each row's paired difference to the ``baseline`` variant's (plain by
+    default) over the seeds both have."""
+    base = next((r for r in rows if r["variant"] == baseline), None)
     for row in rows:
+        row["baseline"] = row is base
         for kind in ("best", "last"):
             sp = spread(row[kind])
             row[f"{kind}_mean"], row[f"{kind}_std"] = sp.mean, sp.std
             paired = [s for s in row["seeds"] if base is not None and s in base["seeds"]]
-            if row["variant"] != "plain" and paired:
+            if row is not base and paired:
                 mine = [row[kind][row["seeds"].index(s)] for s in paired]
                 plain = [base[kind][base["seeds"].index(s)] for s in paired]
                 d = paired_difference(mine, plain)
@@ -369,7 +376,8 @@ def add_statistics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]], kind: str) -> str:
     """The table for ``kind`` = "best" (max over epochs) or "last" (final epoch)."""
-    header = ["reported model", f"{kind} epoch: mean ± std", "per seed", "vs plain [95 % CI]", "verdict",
+    base = next((r["reported"] for r in rows if r.get("baseline", r["variant"] == "plain")), "plain")
+    header = ["reported model", f"{kind} epoch: mean ± std", "per seed", f"vs {base} [95 % CI]", "verdict",
               "train acc (last)", "s / epoch"]
     body = []
     for r in rows:
@@ -431,7 +439,7 @@ def main() -> None:
             raise SystemExit(f"--merge {path}: its protocol or setup differs from this run's; only runs of the same "
                              f"setup can share a table (it: {old['meta']['protocol']} {old['meta']['setup']})")
         earlier.append(old["results"])
-    rows = summarise(runs, args.variants, tuple(earlier), fill)
+    rows = summarise(runs, args.variants, tuple(earlier), fill, args.baseline)
     if not rows:
         raise SystemExit(f"no finished epoch in {out_root}")
     date = datetime.date.today().isoformat()
