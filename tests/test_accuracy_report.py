@@ -58,6 +58,18 @@ def test_table_says_within_noise_when_the_interval_holds_zero(tmp_path: Path) ->
     assert "(baseline)" in next(l for l in table.splitlines() if l.startswith("| plain"))
 
 
+def test_rows_compare_with_the_chosen_baseline(tmp_path: Path) -> None:
+    curves = {("plain", 0): [60.0], ("plain", 1): [61.0], ("plain-lr0.3x", 0): [63.0], ("plain-lr0.3x", 1): [64.0],
+              ("osakd-k8-alpha0.3", 0): [62.0], ("osakd-k8-alpha0.3", 1): [62.5]}
+    variants = ["plain-lr0.3x", "plain", "osakd-k8-alpha0.3"]
+    rows = {r["reported"]: r for r in accuracy.summarise(_runs(tmp_path, curves), variants, baseline="plain-lr0.3x")}
+    assert "last_diff" not in rows["plain, 0.3x learning rate"]
+    assert rows["OSAKD 8-NN alpha 0.3"]["last_diff"]["mean"] == pytest.approx(-1.25)
+    assert rows["plain"]["last_diff"]["mean"] == pytest.approx(-3.0)
+    table = accuracy.format_table(list(rows.values()), "last")
+    assert "vs plain, 0.3x learning rate [95 % CI]" in table.splitlines()[0]
+
+
 def test_unfinished_and_unpaired_runs(tmp_path: Path) -> None:
     runs = _runs(tmp_path, {("plain", 0): [60.0], ("one-m2", 0): [61.0], ("one-m2", 1): [62.0]})
     runs.append({"variant": "plain", "seed": 1, "out": tmp_path / "absent", "name": "absent"})
