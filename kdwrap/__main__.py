@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--dataset", default="auto", choices=["auto", "cifar10-pack", "fashion-mnist", "digits"],
                       help="auto (default): the CIFAR-10 JPEG pack shipped with kdwrap (data/cifar10-jpeg.npz), "
-                      "LeNet-5 on 10,000 images, about 9 minutes with 3 seeds; fashion-mnist: Debian's "
+                      "LeNet-5 on 10,000 images, about 4 minutes with 3 seeds; fashion-mnist: Debian's "
                       "dataset-fashion-mnist files, small_cnn on 10,000 images; digits: scikit-learn's 8x8 digits, "
                       "too small to show distillation (the fallback when the pack cannot be read)")
     demo.add_argument("--data", metavar="PATH", default=None,
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timm model name, pretrained=False (default: lenet5 for CIFAR-10, small_cnn for grey "
                       "images); per image, a cifar_resnet20 training step takes about 30x lenet5's on a CPU")
     demo.add_argument("--epochs", type=_positive_int, default=None,
-                      help="default: 20 cifar10-pack (about 27 s per epoch for all 9 trainings), "
+                      help="default: 20 cifar10-pack (about 12 s per epoch for all 9 trainings), "
                       "10 fashion-mnist, 20 digits")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                       help="seeds (default 0 1 2); each adds a third of the time; one seed gives no interval")
