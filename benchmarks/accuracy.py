@@ -70,6 +70,7 @@ VARIANTS: dict[str, list[str]] = {
     # OSAKD at that learning rate, the paper's alpha: does distillation add to a better-tuned step size?
     "osakd-k8-lr0.3x": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--lr", "{lr_times_0_3}"],
     "one-m3-lr0.3x": ["--method", "one", "--branches", "3", "--lr", "{lr_times_0_3}"],
+    "dml-2-lr0.3x": ["--method", "dml", "--peers", "2", "--lr", "{lr_times_0_3}"],
     "osakd-k8-kl": ["--method", "osakd", "--k", "8", "--distill", "kl", "--alpha", "0.9"],
     "one-m2": ["--method", "one", "--branches", "2"],
     "one-m3": ["--method", "one", "--branches", "3"],
@@ -97,7 +98,7 @@ LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN"
           "osakd-k8-alpha0.5": "OSAKD 8-NN alpha 0.5",
           "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-alpha0.1": "OSAKD 8-NN alpha 0.1",
           "plain-lr0.3x": "plain, 0.3x learning rate", "osakd-k8-lr0.3x": "OSAKD 8-NN, 0.3x learning rate",
-          "one-m3-lr0.3x": "ONE m=3, 0.3x learning rate",
+          "one-m3-lr0.3x": "ONE m=3, 0.3x learning rate", "dml-2-lr0.3x": "DML 2 peers (peer 0), 0.3x learning rate",
           "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
           "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up",
           "dml-2": "DML 2 peers (peer 0)", "teacher": "teacher ({teacher_model}, plain)",
