@@ -7,11 +7,15 @@ import inspect
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import OptionError
 
-__all__ = ["KDModel", "KDLoss", "KeepReachable", "check_target", "route_options", "unwrap"]
+__all__ = ["EVAL_CAPTURE", "KDModel", "KDLoss", "KeepReachable", "check_target", "route_options", "unwrap"]
+
+# What a wrapper's eval-mode forward leaves as its capture: the loss then returns plain cross-entropy.
+EVAL_CAPTURE = "eval"
 
 
 class KDModel(nn.Module):
@@ -72,6 +76,32 @@ class KDLoss(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+
+    def _take_checked_capture(self, logits: Any, target: Any) -> tuple[torch.Tensor, Any]:
+        """Check the logits (``B x C``) and the labels, then take the preceding forward's capture. Returns
+        ``(cross-entropy target, capture)``; the capture is ``None`` after an eval-mode forward."""
+        method = self.model.method
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"kdwrap {method}: expected the model's logits of shape (B, C), got {what}")
+        target, _ = check_target(target, *logits.shape, method)  # before taking the capture: a retry still works
+        capture = self.model._take_capture()
+        return target, (None if capture is EVAL_CAPTURE else capture)
+
+    def _eval_cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss after an eval-mode forward: float32 cross-entropy of the given logits."""
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss = F.cross_entropy(logits.float(), target)
+        self.parts = {"loss": loss.detach()}
+        return loss
+
+    def _check_same_shape(self, logits: torch.Tensor, returned: torch.Tensor) -> None:
+        """``logits`` must be what the preceding forward returned (``returned``, from the capture)."""
+        if logits.shape != returned.shape:
+            raise ValueError(
+                f"kdwrap {self.model.method}: loss_fn got logits of shape {tuple(logits.shape)}, but the preceding "
+                f"forward returned {tuple(returned.shape)}; pass the wrapped model's output: loss_fn(model(x), y)"
+            )
 
     def _stop_if_not_finite(self, logits: torch.Tensor, what: str = "logits") -> None:
         if self.check_finite and not bool(torch.isfinite(logits).all()):

@@ -43,9 +43,13 @@ def resume_in_fresh_process(path: Path, build: str, module: str, start: int, sto
     return eval(out.stdout.strip().splitlines()[-1])
 
 
+def _sgd(model) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
 def train_steps(model, loss_fn, forward, batch: Callable, steps: int, rank: int | None = None) -> list[float]:
     """``steps`` SGD(lr=0.1, momentum=0.9) steps on ``batch(step)``; with ``rank`` (0 or 1), on that half of it."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = _sgd(model)
     losses = []
     for step in range(steps):
         x, y = batch(step)
@@ -53,6 +57,23 @@ def train_steps(model, loss_fn, forward, batch: Callable, steps: int, rank: int 
             half = slice(rank * len(y) // 2, (rank + 1) * len(y) // 2)
             x, y = x[half], y[half]
         loss = loss_fn(forward(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _sgd_steps(model, loss_fn, opt, batch: Callable, steps: range, save_at: int | None = None,
+               path: Path | None = None) -> list[float]:
+    """SGD steps on ``batch(step)`` for ``step`` in ``steps``; before step ``save_at``, checkpoint model, optimizer
+    and loss state to ``path`` (keys model/opt/loss, what the resume helpers load)."""
+    losses = []
+    for step in steps:
+        if step == save_at:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
+        x, y = batch(step)
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -68,17 +89,8 @@ def assert_resume_is_bit_exact(tmp_path: Path, build: str, module: str, batch: C
 
     torch.manual_seed(0)
     model, loss_fn = eval(build, {"kdwrap": kdwrap, "TinyNet": TinyNet})
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    path, losses = tmp_path / "ckpt.pt", []
-    for step in range(steps):
-        if step == save_at:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
-        x, y = batch(step)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    path = tmp_path / "ckpt.pt"
+    losses = _sgd_steps(model, loss_fn, _sgd(model), batch, range(steps), save_at, path)
     assert resume_in_fresh_process(path, build, module, save_at, steps) == (losses[save_at:], steps)
 
 
@@ -88,28 +100,12 @@ def assert_resume_in_process_is_exact(tmp_path: Path, build: Callable, batch: Ca
     form of :func:`assert_resume_is_bit_exact`, for methods without state beyond the state dicts (no RNG use)."""
     torch.manual_seed(0)
     model, loss_fn = build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    path, losses = tmp_path / "ckpt.pt", []
-    for step in range(steps):
-        if step == save_at:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()}, path)
-        x, y = batch(step)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    path = tmp_path / "ckpt.pt"
+    losses = _sgd_steps(model, loss_fn, _sgd(model), batch, range(steps), save_at, path)
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     model, loss_fn = build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = _sgd(model)
     ckpt = torch.load(path)
     model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), loss_fn.load_state_dict(ckpt["loss"])
-    resumed = []
-    for step in range(save_at, steps):
-        x, y = batch(step)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        resumed.append(loss.item())
+    resumed = _sgd_steps(model, loss_fn, opt, batch, range(save_at, steps))
     assert (resumed, loss_fn.step) == (losses[save_at:], steps)

@@ -4,8 +4,6 @@ model with the wrapper's eval outputs."""
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 
 import pytest
 import timm
@@ -16,8 +14,8 @@ from accelerate import Accelerator  # noqa: E402
 
 import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers lenet5 with timm)
+from integration_recipes import run_recipe  # noqa: E402
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 WRAPPERS = {
     "one": lambda: kdwrap.one(timm.create_model("lenet5", num_classes=10), branches=2, rampup_steps=10),
     "osakd": lambda: kdwrap.osakd(timm.create_model("lenet5", num_classes=10), k=2, bank_size=16),
@@ -67,18 +65,8 @@ def test_prepare_train_save_load_state_and_export(method, tmp_path):
         assert torch.equal(model.state_dict()[key], value), key
 
 
-def recipe(section: str) -> list[str]:
-    """The ```py blocks of one section of docs/integrations.md (see tests/test_integrations_hf.py for why
-    ``py``)."""
-    body = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", DOC.read_text(), re.S | re.M).group(1)
-    return re.findall(r"^```py\n(.*?)^```", body, re.S | re.M)
-
-
 def test_the_accelerate_recipe_of_the_docs_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    blocks = recipe("Accelerate")
-    assert len(blocks) == 1
-    namespace = {"__name__": "__doc_snippet__"}
-    exec(compile(blocks[0], "docs/integrations.md, Accelerate recipe", "exec"), namespace)
+    namespace = run_recipe("Accelerate", blocks=1)
     assert (tmp_path / "kd-state").is_dir()
     assert namespace["loss_fn"].step == 4 and type(namespace["deployed"]).__name__ == "LeNet5"

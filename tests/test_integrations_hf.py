@@ -4,7 +4,6 @@ and exports the deployable model; kdwrap itself never imports transformers."""
 from __future__ import annotations
 
 import copy
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +18,9 @@ from transformers import ResNetConfig, ResNetForImageClassification, TrainerCall
 
 import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers lenet5 with timm)
+from integration_recipes import run_recipe  # noqa: E402
 from kdwrap.integrations.hf import DEPLOYED_FILE, LOSS_STATE_FILE, KDTrainer  # noqa: E402
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 
 
 class Images(torch.utils.data.Dataset):
@@ -194,21 +193,9 @@ def test_kdwrap_imports_no_integration_library_and_a_missing_one_names_its_extra
     assert "pip install kdwrap[hf]" in out.stdout and "pip install kdwrap[lightning]" in out.stdout
 
 
-def recipe(section: str) -> list[str]:
-    """The ```py blocks of one section of docs/integrations.md. They use ``py``, not ``python``, fences:
-    tests/test_doc_snippets.py runs every ``python`` block and cannot skip a page whose libraries are optional
-    extras, so the recipes run here, under importorskip."""
-    body = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", DOC.read_text(), re.S | re.M).group(1)
-    return re.findall(r"^```py\n(.*?)^```", body, re.S | re.M)
-
-
 def test_the_trainer_recipe_of_the_docs_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    blocks = recipe("Hugging Face `Trainer`")
-    assert len(blocks) == 2
-    namespace = {"__name__": "__doc_snippet__"}
-    for code in blocks:
-        exec(compile(code, "docs/integrations.md, Trainer recipe", "exec"), namespace)
+    run_recipe("Hugging Face `Trainer`", blocks=2)
     assert (tmp_path / "kd-run" / "deployed" / "config.json").is_file()
     assert (tmp_path / "kd-run" / "timm" / DEPLOYED_FILE).is_file()
     assert any((p / LOSS_STATE_FILE).is_file() for p in (tmp_path / "kd-run").glob("checkpoint-*"))

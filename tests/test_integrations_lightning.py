@@ -4,8 +4,6 @@ kdwrap.integrations.lightning.ExportAtFitEnd exports the deployable model."""
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 
 import pytest
 import timm
@@ -15,9 +13,9 @@ pl = pytest.importorskip("lightning.pytorch")
 
 import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers lenet5 with timm)
+from integration_recipes import run_recipe  # noqa: E402
 from kdwrap.integrations.lightning import ExportAtFitEnd  # noqa: E402
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False, enable_checkpointing=False,
              enable_model_summary=False)
 WRAPPERS = {
@@ -112,18 +110,8 @@ def test_export_callback_refuses_a_loss_that_checkpoints_would_miss():
         pl.Trainer(max_epochs=1, callbacks=[ExportAtFitEnd()], **QUIET).fit(_LossNotAnAttribute(), loader())
 
 
-def recipe(section: str) -> list[str]:
-    """The ```py blocks of one section of docs/integrations.md (see tests/test_integrations_hf.py for why
-    ``py``)."""
-    body = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", DOC.read_text(), re.S | re.M).group(1)
-    return re.findall(r"^```py\n(.*?)^```", body, re.S | re.M)
-
-
 def test_the_lightning_recipe_of_the_docs_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    blocks = recipe("PyTorch Lightning")
-    assert len(blocks) == 1
-    namespace = {"__name__": "__doc_snippet__"}
-    exec(compile(blocks[0], "docs/integrations.md, Lightning recipe", "exec"), namespace)
+    namespace = run_recipe("PyTorch Lightning", blocks=1)
     assert (tmp_path / "deployed.pt").is_file() and (tmp_path / "kd.ckpt").is_file()
     assert namespace["resumed"].lightning_module.loss_fn.step == 8  # 4 steps restored + 4 resumed

@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import KDLoss, KDModel, KeepReachable, check_target, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
 from ..surgery import count_parameters
 from .branch_init import reinitialise_like
 from .soft_targets import check_temperature, softened_kl
 
 __all__ = ["DMLModel", "DMLLoss", "build_dml"]
 
-_EVAL = "eval"  # capture left by an eval-mode forward: the loss then falls back to plain cross-entropy
 
 
 def _peer_count(peers: Any) -> int:
@@ -107,7 +106,7 @@ class DMLModel(KDModel):
         """Training: run every peer, capture their logits for the loss, return peer ``peer``'s logits. Eval: run
         only that peer (the deployed model's computation)."""
         if not self.training:
-            self._put_capture(_EVAL)
+            self._put_capture(EVAL_CAPTURE)
             return self.peers[self.peer](x, *args, **kwargs)
         logits = [_check_logits(p(x, *args, **kwargs), i) for i, p in enumerate(self.peers)]
         classes = [z.shape[-1] for z in logits]
@@ -191,22 +190,12 @@ class DMLLoss(KDLoss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The DML loss of the preceding training forward (``logits`` is what it returned); cross-entropy after an
         eval forward."""
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"kdwrap dml: expected the model's logits of shape (B, C), got {what}")
-        target, _ = check_target(target, *logits.shape, "dml")  # before taking the capture: a retry still works
-        capture = self.model._take_capture()
+        target, capture = self._take_checked_capture(logits, target)
+        if capture is None:
+            return self._eval_cross_entropy(logits, target)
+        kept = self.model.peer
+        self._check_same_shape(logits, capture[kept])
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            if capture is _EVAL:
-                ce = F.cross_entropy(logits.float(), target)
-                self.parts = {"loss": ce.detach()}
-                return ce
-            kept = self.model.peer
-            if logits.shape != capture[kept].shape:
-                raise ValueError(
-                    f"kdwrap dml: loss_fn got logits of shape {tuple(logits.shape)}, but the preceding forward "
-                    f"returned {tuple(capture[kept].shape)}; pass the wrapped model's output: loss_fn(model(x), y)"
-                )
             # The given tensor stands for the kept peer so that gradients flow through whatever the caller (DDP,
             # autocast) did to it (same values as the captured logits).
             zs = list(capture)

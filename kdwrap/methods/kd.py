@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import KDLoss, KDModel, check_target, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, route_options
 from ..surgery import count_parameters
 from .soft_targets import check_fraction, check_temperature, softened_kl
 
 __all__ = ["HintonKDModel", "HintonKDLoss", "build_kd"]
 
-_EVAL = "eval"  # capture left by an eval-mode forward: the loss then falls back to plain cross-entropy
 
 
 def _logits(out: Any, who: str) -> torch.Tensor:
@@ -109,7 +108,7 @@ class HintonKDModel(KDModel):
         """The student's logits. Training: the teacher's logits on the same input are captured for the loss."""
         z = self.student(x, *args, **kwargs)
         if not self.training:
-            self._put_capture(_EVAL)
+            self._put_capture(EVAL_CAPTURE)
             return z
         _logits(z, "student")
         with torch.no_grad():
@@ -192,23 +191,14 @@ class HintonKDLoss(KDLoss):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The KD loss of the preceding training forward; cross-entropy after an eval forward."""
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"kdwrap kd: expected the model's logits of shape (B, C), got {what}")
-        target, _ = check_target(target, *logits.shape, "kd")  # before taking the capture: a retry still works
-        capture = self.model._take_capture()
+        target, capture = self._take_checked_capture(logits, target)
+        if capture is None:
+            return self._eval_cross_entropy(logits, target)
+        self._check_same_shape(logits, capture)
         # float32 softmax and CE even under autocast.
         with torch.autocast(device_type=logits.device.type, enabled=False):
             z = logits.float()
             ce = F.cross_entropy(z, target)
-            if capture is _EVAL:
-                self.parts = {"loss": ce.detach()}
-                return ce
-            if capture.shape != logits.shape:
-                raise ValueError(
-                    f"kdwrap kd: loss_fn got logits of shape {tuple(logits.shape)}, but the preceding forward "
-                    f"returned {tuple(capture.shape)}; pass the wrapped model's output: loss_fn(model(x), y)"
-                )
             self._stop_if_not_finite(z, "student logits")
             kl = softened_kl(z, capture.float(), self.temperature)
             loss = (1.0 - self.alpha) * ce + self.alpha * kl

@@ -16,7 +16,7 @@ from torch import nn
 
 from .._deploy import rebuild_original
 from .._timing import median_ms, timing_may_decide
-from ..base import KDLoss, KDModel, KeepReachable, check_target, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
 from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops, split_model
 from .branch_init import reinitialise_like
@@ -40,7 +40,6 @@ MEASURE_DEVICES = ("cuda",)
 FUSE_MAX_GFLOP = 32.0
 _MEASURE_REPEATS = 3  # timed runs per execution, after one untimed run (cudnn autotuning, allocation)
 
-_EVAL = "eval"  # capture left by an eval-mode forward: the loss then falls back to plain cross-entropy
 
 
 def global_pool(f: torch.Tensor, channels_dim: int) -> torch.Tensor:
@@ -169,7 +168,7 @@ class ONEModel(KDModel):
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
-            self._put_capture(_EVAL)
+            self._put_capture(EVAL_CAPTURE)
             return self.branches[self.branch](f, **extra)
         logits = self._run_branches(f, extra)
         _check_logits(logits[0])
@@ -517,22 +516,12 @@ class ONELoss(KDLoss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The ONE loss of the preceding training forward (``logits`` is what it returned); cross-entropy after
         an eval forward."""
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"kdwrap one: expected the model's logits of shape (B, C), got {what}")
-        target, _ = check_target(target, *logits.shape, "one")  # before taking the capture: a retry still works
-        capture = self.model._take_capture()
-        if capture is _EVAL:
-            loss = F.cross_entropy(logits.float(), target)
-            self.parts = {"loss": loss.detach()}
-            return loss
+        target, capture = self._take_checked_capture(logits, target)
+        if capture is None:
+            return self._eval_cross_entropy(logits, target)
         branch_logits, gate = capture
         b = self.model.branch
-        if logits.shape != branch_logits[b].shape:
-            raise ValueError(
-                f"loss_fn got logits of shape {tuple(logits.shape)}, but the preceding forward returned "
-                f"{tuple(branch_logits[b].shape)}; pass the wrapped model's output: loss_fn(model(x), y)"
-            )
+        self._check_same_shape(logits, branch_logits[b])
         # The given tensor stands for the kept branch so that gradients flow through whatever the caller (DDP,
         # autocast) did to it (same values as the captured logits).
         zs = list(branch_logits)
