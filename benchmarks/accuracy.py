@@ -81,9 +81,10 @@ VARIANTS: dict[str, list[str]] = {
     # The protocol's settings with a larger network (TEACHER_MODELS): KD's teacher, reported as its own row.
     "teacher": ["--method", "plain", "--model", "{teacher_model}"],
     "kd": ["--method", "kd", "--teacher", "{teacher_run}"],
+    "kd-lr0.3x": ["--method", "kd", "--teacher", "{teacher_run}", "--lr", "{lr_times_0_3}"],
 }
 # Variants whose runs need another variant's finished run (its folder is the placeholder of the same name + "_run").
-NEEDS = {"kd": "teacher"}
+NEEDS = {"kd": "teacher", "kd-lr0.3x": "teacher"}
 # Variants run with one seed whatever --seeds says: one teacher serves every seed's KD run, and also the runs of a later
 # session whose table joins this one's (--merge).
 ONE_SEED = {"teacher": 0}
@@ -102,7 +103,7 @@ LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN"
           "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
           "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up",
           "dml-2": "DML 2 peers (peer 0)", "teacher": "teacher ({teacher_model}, plain)",
-          "kd": "KD from {teacher_model}"}
+          "kd": "KD from {teacher_model}", "kd-lr0.3x": "KD from {teacher_model}, 0.3x learning rate"}
 # What a reader of a table with these variants needs to know, printed under it.
 NOTES = {
     "dml-2": "DML (peer 0) is the deployed peer of 2 trained together; every peer's accuracy is in the runs' "
@@ -111,6 +112,7 @@ NOTES = {
           "it serves every seed's KD run, so KD's spread over seeds leaves out the teacher's (and with a training "
           "subset, the teacher learnt seed {teacher_seed}'s images).",
 }
+NOTES["kd-lr0.3x"] = NOTES["kd"]
 
 # Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.
 PROTOCOLS: dict[str, dict[str, Any]] = {

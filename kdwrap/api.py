@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import KDLoss, KDModel, unwrap
 
-__all__ = ["METHODS", "register_method", "wrap", "one", "osakd", "kd", "dml", "export", "summary"]
+__all__ = ["METHODS", "register_method", "wrap", "one", "osakd", "kd", "dml", "okddip", "byot", "export", "summary"]
 
 Wrapper = Callable[..., "tuple[KDModel, KDLoss]"]
 # Method name -> its entry point (``kdwrap.one``, ...): what ``wrap(net, method=name)`` calls. Filled by
@@ -104,6 +104,37 @@ def dml(
     return build_dml(net, peers=peers, **kwargs)
 
 
+@register_method("okddip")
+def okddip(net: nn.Module, branches: int = 4, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for OKDDip (Online KD with Diverse Peers): ONE's trunk/branch surgery, ``branches - 1`` peers
+    that distil from attention-weighted targets and a group leader (the deployed branch) that distils from the
+    peers' mean. Returns ``(model, loss_fn)``.
+
+    Options (``split``, ``classifier``, ``temperature``, ``rampup_steps``, ...): see
+    :class:`kdwrap.methods.okddip.OKDDipModel` and :class:`kdwrap.methods.okddip.OKDDipLoss`; an unknown one raises
+    :class:`OptionError` listing the valid ones.
+    """
+    from .methods.okddip import build_okddip
+
+    _check_net(net)
+    return build_okddip(net, branches=branches, **kwargs)
+
+
+@register_method("byot")
+def byot(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for BYOT (Be Your Own Teacher): exits at the ends of its stages learn from its own classifier.
+    Returns ``(model, loss_fn)``; ``model(x)`` returns the network's own logits.
+
+    Options (``stages``, ``classifier``, ``alpha``, ``temperature``, ``feature_weight``, ...): see
+    :class:`kdwrap.methods.byot.BYOTModel` and :class:`kdwrap.methods.byot.BYOTLoss`; an unknown one raises
+    :class:`OptionError` listing the valid ones.
+    """
+    from .methods.byot import build_byot
+
+    _check_net(net)
+    return build_byot(net, **kwargs)
+
+
 def wrap(net: nn.Module, method: str = "one", **kwargs: Any) -> tuple[KDModel, KDLoss]:
     """Wrap ``net`` for online KD with ``method`` (a name in :data:`METHODS`). Returns ``(model, loss_fn)``."""
     if method not in METHODS:
@@ -126,7 +157,9 @@ def export(model: nn.Module, **kwargs: Any) -> nn.Module:
 
     ONE: ``branch=i`` picks the branch kept (default: the one ``model(x)`` returns); ``ensemble=True`` returns the
     gated ensemble (ONE-E) as a module with a plain Tensor output. OSAKD: the original model, with no hook. KD: the
-    student (never the teacher). DML: ``peer=i`` picks the peer kept (default: the one ``model(x)`` returns).
+    student (never the teacher). DML: ``peer=i`` picks the peer kept (default: the one ``model(x)`` returns). OKDDip: the group leader (or
+    ``branch=i``). BYOT: the network without its exits, or ``exits=True`` for a multi-exit model returning every
+    exit's logits.
     """
     return _kd_model(model).export(**kwargs)
 

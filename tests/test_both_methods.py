@@ -14,6 +14,8 @@ METHODS = {
     "osakd": lambda: dict(k=2, bank_size=16),
     "kd": lambda: dict(teacher=TinyNet()),
     "dml": lambda: dict(peers=2),
+    "okddip": lambda: dict(branches=3),
+    "byot": lambda: dict(),
 }
 
 

@@ -19,6 +19,8 @@ WRAPPERS = {
     "osakd": lambda: kdwrap.osakd(TinyNet(), k=2),
     "kd": lambda: kdwrap.kd(TinyNet(), TinyNet()),
     "dml": lambda: kdwrap.dml(TinyNet(), peers=2),
+    "okddip": lambda: kdwrap.okddip(TinyNet(), branches=3),
+    "byot": lambda: kdwrap.byot(TinyNet()),
 }
 
 

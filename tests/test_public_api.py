@@ -25,6 +25,8 @@ def test_a_bad_split_raises_the_public_split_error():
     ("osakd", "bank", "did you mean 'bank_size'"),
     ("osakd", "branches", "valid options: k, alpha, bank_size"),
     ("dml", "temprature", "did you mean 'temperature'"),
+    ("okddip", "temprature", "did you mean 'temperature'"),
+    ("byot", "feature_wieght", "did you mean 'feature_weight'"),
 ])
 def test_an_unknown_option_names_itself_and_the_valid_ones(method, option, hint):
     with pytest.raises(OptionError, match=hint) as info:
@@ -33,7 +35,7 @@ def test_an_unknown_option_names_itself_and_the_valid_ones(method, option, hint)
 
 
 def test_wrap_dispatches_through_the_registry():
-    assert set(kdwrap.METHODS) == {"one", "osakd", "kd", "dml"}
+    assert set(kdwrap.METHODS) == {"one", "osakd", "kd", "dml", "okddip", "byot"}
     assert kdwrap.METHODS["one"] is kdwrap.one and kdwrap.METHODS["kd"] is kdwrap.kd
 
     calls = []
@@ -50,7 +52,7 @@ def test_wrap_dispatches_through_the_registry():
             kdwrap.register_method("tiny-test-method")(tiny)
     finally:
         del kdwrap.METHODS["tiny-test-method"]
-    with pytest.raises(ValueError, match="valid methods: one, osakd, kd, dml"):
+    with pytest.raises(ValueError, match="valid methods: one, osakd, kd, dml, okddip, byot"):
         kdwrap.wrap(TinyNet(), method="tiny-test-method")
 
 

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._deploy import rebuild_original
 from .._timing import median_ms, timing_may_decide
-from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KeepReachable, route_options
 from ..fused import FusedBranches, FusionError, fuse_branches
-from ..surgery import count_parameters, example_input, forward_flops, split_model
-from .branch_init import reinitialise_like
+from ..surgery import count_parameters, example_input, forward_flops
+from .branched import BranchedModel
 
 __all__ = [
     "EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one",
@@ -77,7 +76,7 @@ class ONEGate(nn.Module):
         return F.softmax(F.relu(self.bn(self.fc(pooled))), dim=1)
 
 
-class ONEModel(KDModel):
+class ONEModel(BranchedModel):
     """Trunk, ``m`` branches and the gate. ``forward`` returns the logits of branch ``self.branch``.
 
     In training mode every branch runs and the branch logits and gate weights are captured for :class:`ONELoss`;
@@ -124,43 +123,20 @@ class ONEModel(KDModel):
         output: int | str | None = None,
         execution: str = "auto",
     ) -> None:
-        super().__init__()
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
-        if isinstance(branches, bool) or not isinstance(branches, int) or branches < 2:
-            raise ValueError(f"ONE needs branches >= 2 (an ensemble of one is no teacher), got {branches!r}")
+        super().__init__(
+            net, branches=branches, split=split, reinit_branches=reinit_branches, input_size=input_size,
+            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, output=output,
+            gate_channels=gate_channels, gate_channels_dim=gate_channels_dim,
+        )
         if not 0 <= branch < branches:
             raise ValueError(f"branch must be in [0, {branches}), got {branch}")
-        cut = split_model(
-            net, split, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, input_size=input_size,
-            gate_channels=gate_channels, gate_channels_dim=gate_channels_dim, output=output,
-        )
-        self.split, self.branch, self.input_size, self.output = cut.split, branch, input_size, output
-        self._input_names, self._tail_inputs = cut.input_names, cut.tail_inputs
-        self.trunk = cut.trunk
-        copies = [copy.deepcopy(cut.tail) for _ in range(branches - 1)]
-        if reinit_branches:
-            reinitialise_like(net, copies)
-        self.branches = nn.ModuleList([cut.tail, *copies])
-        self.gate = ONEGate(cut.channels, branches, cut.channels_dim)
-        # The original model, outside the module tree (its tensors are the trunk's and branch 0's): export()
-        # deep-copies it to return an instance of the user's own class.
-        self.__dict__["_original"] = net
+        self.branch = branch
+        self.gate = ONEGate(self.trunk_channels, branches, self.trunk_channels_dim)
         self.train(net.training)
         self.execution = execution
         self._plan_execution()
-        # A hook taking the module (not a bound method): deep copies (EMA, ONE-E export) check their own layout.
-        self.register_load_state_dict_pre_hook(ONEModel._check_checkpoint)
-
-    @property
-    def num_branches(self) -> int:
-        return len(self.branches)
-
-    def _tail_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if not self._tail_inputs or not (args or kwargs):
-            return {}
-        given = dict(zip(self._input_names[1:], args), **kwargs)
-        return {k: given[k] for k in self._tail_inputs if k in given}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture their logits and the gate for the loss, return branch
@@ -304,11 +280,7 @@ class ONEModel(KDModel):
         """The deployable model: the original class holding the trunk and one branch, or ONE-E (``ensemble``)."""
         if ensemble:
             return ONEEnsemble(self).train(self.training)
-        branch = self.branch if branch is None else branch
-        if not 0 <= branch < self.num_branches:
-            raise ValueError(f"branch must be in [0, {self.num_branches}), got {branch}")
-        net = rebuild_original(self._original, [self.trunk, self.branches[branch]])
-        return net.train(self.training)
+        return self._export_branch(self.branch if branch is None else branch)
 
     def summary(self, input_size: Sequence[int] | None = None) -> str:
         """Split, parameter counts of trunk / one branch / gate, and forward-FLOP shares (batch of 1)."""
@@ -377,41 +349,6 @@ class ONEModel(KDModel):
 
     def extra_repr(self) -> str:
         return f"split={self.split!r}, branches={self.num_branches}, branch={self.branch}"
-
-    def _check_checkpoint(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Before the children load: a checkpoint of another configuration fails here, by name, instead of as a
-        list of mismatched keys (or, with ``strict=False``, a silent partial load). The configuration is read off
-        the checkpoint's keys, so the state_dict holds tensors only (EMA, safetensors and FSDP walk it as such)."""
-        legacy = state_dict.pop(prefix + "_extra_state", None)  # checkpoints of earlier versions carried it
-        mine = {"branches": self.num_branches, "split": self.split}
-        theirs = dict(legacy) if isinstance(legacy, dict) else _configuration_of(state_dict, prefix, self)
-        if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
-            raise ValueError(
-                f"this checkpoint is of a ONE wrapper with {theirs}, but this wrapper has {mine}; build the wrapper "
-                f"with the checkpoint's settings: kdwrap.one(net, branches={theirs.get('branches')}, "
-                f"split={theirs.get('split')!r})"
-            )
-
-
-def _configuration_of(state_dict: dict[str, Any], prefix: str, model: "ONEModel") -> dict[str, Any] | None:
-    """``{"branches", "split"}`` of the ONE wrapper that saved ``state_dict``, from its keys; ``None`` when the
-    keys say nothing about it (a partial state dict)."""
-    branch_keys = [k[len(prefix) + len("branches."):] for k in state_dict if k.startswith(prefix + "branches.")]
-    if not branch_keys:
-        return None
-    branches = len({k.split(".", 1)[0] for k in branch_keys})
-    trunk_keys = {k[len(prefix) + len("trunk."):] for k in state_dict if k.startswith(prefix + "trunk.")}
-    mine = {k[len("trunk."):] for k in model.state_dict() if k.startswith("trunk.")}
-    if trunk_keys <= mine and {k.split(".", 1)[1] for k in branch_keys if k.startswith("0.")} <= set(
-        k.split(".", 2)[2] for k in model.state_dict() if k.startswith("branches.0.")
-    ):
-        return {"branches": branches, "split": model.split}
-    # Cut elsewhere: the split is the first module of the tail that is not a module of the trunk.
-    parts = next(k for k in branch_keys if k.startswith("0.")).split(".")[1:-1]
-    trunk_modules = {".".join(k.split(".")[:i]) for k in trunk_keys for i in range(1, k.count(".") + 1)}
-    split = next((".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in trunk_modules),
-                 ".".join(parts))
-    return {"branches": branches, "split": split}
 
 
 def _timing_allowed() -> bool:

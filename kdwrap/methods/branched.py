@@ -1,0 +1,127 @@
+"""The layout ONE and OKDDip share: the user's model cut by :mod:`kdwrap.surgery` into a shared trunk and a tail
+replicated into ``m`` branches (branch 0 *is* the original tail, the others start from their own initialisation).
+Export keeps the trunk and one branch, as an instance of the user's own class."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from .._deploy import rebuild_original
+from ..base import KDModel
+from ..surgery import split_model
+from .branch_init import reinitialise_like
+
+__all__ = ["BranchedModel"]
+
+
+class BranchedModel(KDModel):
+    """A trunk and ``m`` branches cut from ``net``; subclasses add what joins the branches (ONE's gate, OKDDip's
+    attention) and the forward.
+
+    Args:
+        branches: number of branches ``m`` (at least :attr:`min_branches`).
+        split: dotted name of the first module of the tail; default :func:`kdwrap.surgery.auto_split`.
+        reinit_branches: branches 1..m-1 start from their own random initialisation, made the way the model
+            initialises itself (default, as the reference code); ``False``: copies of the tail's weights (the
+            choice for fine-tuning a pretrained model).
+        input_size: (C, H, W) of an input, used when a trial forward is needed (channel counts, FLOPs).
+        leaf_modules, autowrap_functions: passed to the fx tracer for code fx cannot trace into.
+        output: index, key or field of the logits when ``net`` returns a tuple, dict or namedtuple.
+        gate_channels, gate_channels_dim: override the inferred channel count (and its axis) of the trunk output.
+    """
+
+    min_branches = 2
+    why_min_branches = "an ensemble of one is no teacher"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        branches: int,
+        split: str | None = None,
+        reinit_branches: bool = True,
+        input_size: Sequence[int] | None = None,
+        leaf_modules: Sequence[type] = (),
+        autowrap_functions: Sequence[Callable] = (),
+        output: int | str | None = None,
+        gate_channels: int | None = None,
+        gate_channels_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(branches, bool) or not isinstance(branches, int) or branches < self.min_branches:
+            raise ValueError(
+                f"{self.method.upper()} needs branches >= {self.min_branches} ({self.why_min_branches}), got "
+                f"{branches!r}"
+            )
+        cut = split_model(
+            net, split, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, input_size=input_size,
+            gate_channels=gate_channels, gate_channels_dim=gate_channels_dim, output=output,
+        )
+        self.split, self.input_size, self.output = cut.split, input_size, output
+        self._input_names, self._tail_inputs = cut.input_names, cut.tail_inputs
+        self.trunk_channels, self.trunk_channels_dim = cut.channels, cut.channels_dim
+        self.trunk = cut.trunk
+        copies = [copy.deepcopy(cut.tail) for _ in range(branches - 1)]
+        if reinit_branches:
+            reinitialise_like(net, copies)
+        self.branches = nn.ModuleList([cut.tail, *copies])
+        # The original model, outside the module tree (its tensors are the trunk's and branch 0's): export()
+        # deep-copies it to return an instance of the user's own class.
+        self.__dict__["_original"] = net
+        # A hook taking the module (not a bound method): deep copies (EMA, ONE-E export) check their own layout.
+        self.register_load_state_dict_pre_hook(BranchedModel._check_checkpoint)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    def _tail_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The model inputs besides the image that the tail reads too (timm ViT's ``attn_mask``), by name."""
+        if not self._tail_inputs or not (args or kwargs):
+            return {}
+        given = dict(zip(self._input_names[1:], args), **kwargs)
+        return {k: given[k] for k in self._tail_inputs if k in given}
+
+    def _export_branch(self, branch: int) -> nn.Module:
+        """The user's class holding the trunk and branch ``branch``, in this wrapper's train/eval mode."""
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
+            raise ValueError(f"branch must be an int in [0, {self.num_branches}), got {branch!r}")
+        net = rebuild_original(self._original, [self.trunk, self.branches[branch]])
+        return net.train(self.training)
+
+    def _check_checkpoint(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Before the children load: a checkpoint of another configuration fails here, by name, instead of as a
+        list of mismatched keys (or, with ``strict=False``, a silent partial load). The configuration is read off
+        the checkpoint's keys, so the state_dict holds tensors only (EMA, safetensors and FSDP walk it as such)."""
+        legacy = state_dict.pop(prefix + "_extra_state", None)  # checkpoints of earlier versions carried it
+        mine = {"branches": self.num_branches, "split": self.split}
+        theirs = dict(legacy) if isinstance(legacy, dict) else _configuration_of(state_dict, prefix, self)
+        if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
+            raise ValueError(
+                f"this checkpoint is of a {self.method.upper()} wrapper with {theirs}, but this wrapper has {mine}; "
+                f"build the wrapper with the checkpoint's settings: kdwrap.{self.method}(net, "
+                f"branches={theirs.get('branches')}, split={theirs.get('split')!r})"
+            )
+
+
+def _configuration_of(state_dict: dict[str, Any], prefix: str, model: BranchedModel) -> dict[str, Any] | None:
+    """``{"branches", "split"}`` of the wrapper that saved ``state_dict``, from its keys; ``None`` when the keys say
+    nothing about it (a partial state dict)."""
+    branch_keys = [k[len(prefix) + len("branches."):] for k in state_dict if k.startswith(prefix + "branches.")]
+    if not branch_keys:
+        return None
+    branches = len({k.split(".", 1)[0] for k in branch_keys})
+    trunk_keys = {k[len(prefix) + len("trunk."):] for k in state_dict if k.startswith(prefix + "trunk.")}
+    mine = {k[len("trunk."):] for k in model.state_dict() if k.startswith("trunk.")}
+    if trunk_keys <= mine and {k.split(".", 1)[1] for k in branch_keys if k.startswith("0.")} <= set(
+        k.split(".", 2)[2] for k in model.state_dict() if k.startswith("branches.0.")
+    ):
+        return {"branches": branches, "split": model.split}
+    # Cut elsewhere: the split is the first module of the tail that is not a module of the trunk.
+    parts = next(k for k in branch_keys if k.startswith("0.")).split(".")[1:-1]
+    trunk_modules = {".".join(k.split(".")[:i]) for k in trunk_keys for i in range(1, k.count(".") + 1)}
+    split = next((".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in trunk_modules),
+                 ".".join(parts))
+    return {"branches": branches, "split": split}

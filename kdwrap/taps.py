@@ -1,0 +1,122 @@
+"""Reading a traced network besides its output: the input of its classifier and the ends of its stages, returned as
+extra outputs of the fx graph (OKDDip attends over the classifier inputs of its branches; BYOT attaches exits at the
+stage ends). The stage rule is :func:`kdwrap.surgery.auto_split`'s walk, kept to the end: where ``auto_split`` takes
+the start of the last stage, :func:`stage_starts` takes the start of every stage after the first.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import fx, nn
+
+from .errors import SplitError
+from .surgery import _cut_graph, _downsamples, _module_paths_with_nodes, _Traced
+
+__all__ = ["classifier_name", "classifier_input", "graph_with_outputs", "stage_starts", "stage_input", "stage_end"]
+
+
+def _calls(graph: fx.Graph, name: str) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+
+
+def classifier_name(root: nn.Module, graphs: Sequence[fx.Graph], name: str | None, method: str) -> str:
+    """The module whose input is the network's feature vector: ``name`` if given, else the last ``nn.Linear`` the
+    graph calls. It must be called exactly once per forward in every graph."""
+    if name is None:
+        linears = [n.target for n in graphs[-1].nodes
+                   if n.op == "call_module" and isinstance(root.get_submodule(n.target), nn.Linear)]
+        if not linears:
+            raise SplitError(
+                f"kdwrap {method} reads the input of the network's classifier, found as the last nn.Linear it calls, "
+                "and this network (or its replicated tail) calls none; name the classifier with classifier=<module "
+                "name> (a module whose input is one feature vector per sample)"
+            )
+        name = linears[-1]
+    calls = max(len(_calls(g, name)) for g in graphs)
+    if calls != 1:
+        raise SplitError(
+            f"kdwrap {method}: classifier={name!r} is called {calls} times per forward; it must be called exactly "
+            "once (its input is the feature vector read). Name another module with classifier=<module name>"
+        )
+    return name
+
+
+def classifier_input(graph: fx.Graph, name: str) -> fx.Node:
+    """The node whose value goes into module ``name`` (called once in ``graph``)."""
+    return _calls(graph, name)[0].args[0]
+
+
+def graph_with_outputs(graph: fx.Graph, extra: Sequence[fx.Node]) -> fx.Graph:
+    """A copy of ``graph`` that returns ``(its output, *extra)`` (nodes of ``graph``)."""
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, env)
+    new.output((out, *[env[n] for n in extra]))
+    new.lint()
+    return new
+
+
+def _is_stage(module: nn.Module) -> bool:
+    """A stage holds layers: a module with children and parameters (not a bare convolution or pooling)."""
+    return any(True for _ in module.children()) and any(True for _ in module.parameters())
+
+
+def stage_starts(net: nn.Module, traced: _Traced, exits: int | None = None) -> list[str]:
+    """The modules that start the network's stages after the first (their input is the end of a stage).
+
+    Conv networks: the walk of :func:`kdwrap.surgery.auto_split` down the containers; in the container where the
+    last stage was found, every downsampling child that is a stage (has children and parameters) and is not the
+    network's first module (ResNet: ``layer2``, ``layer3``, ``layer4``; ConvNeXt: ``stages.1``..``stages.3``).
+    Networks that downsample once (ViT): the block stack's quarters (``blocks.3``, ``blocks.6``, ``blocks.9`` of 12).
+    ``exits`` keeps the last ``exits`` of them (the deepest).
+    """
+    order = _module_paths_with_nodes(traced)
+    first = min(order.values(), default=0)
+
+    def children(path: str) -> list[str]:
+        mod = net.get_submodule(path) if path else net
+        names = [f"{path}.{n}" if path else n for n, _ in mod.named_children()]
+        return sorted((n for n in names if n in order), key=order.__getitem__)
+
+    def walk(path: str) -> list[str] | None:
+        if path and not isinstance(net.get_submodule(path), (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return None
+        downs = [c for c in children(path) if _downsamples(net.get_submodule(c))]
+        if not downs:
+            return None
+        if len(downs) == 1:
+            return walk(downs[0])
+        return walk(downs[-1]) or downs
+
+    starts = [s for s in walk("") or [] if _is_stage(net.get_submodule(s)) and order[s] > first]
+    if not starts:
+        best: tuple[int, str] | None = None
+        for path, mod in net.named_modules():
+            if path in order and isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) >= 4:
+                if len({type(c) for c in mod}) == 1 and (best is None or len(mod) > best[0]):
+                    best = (len(mod), path)
+        if best is not None:
+            n, path = best
+            names = [name for name, _ in net.get_submodule(path).named_children()]
+            starts = [f"{path}.{names[n * q // 4]}" for q in (1, 2, 3)]
+    if not starts:
+        raise SplitError(
+            f"kdwrap could not find the stages of {type(net).__name__} (no container of downsampling stages, no "
+            "stack of 4 or more identical blocks); name the modules that start a stage with stages=[...]"
+        )
+    return starts if exits is None else starts[-exits:]
+
+
+def stage_input(traced: _Traced, start: str) -> fx.Node:
+    """The value that enters module ``start``: the end of the stage before it (the one value crossing a cut
+    there)."""
+    return _cut_graph(traced, start).cut
+
+
+def stage_end(traced: _Traced, stage: str) -> fx.Node:
+    """The last node computed inside module ``stage``: its output."""
+    inside = [n for n in traced.graph.nodes
+              if (q := traced.qualnames.get(n)) and (q == stage or q.startswith(stage + ".")) and n.op != "output"]
+    if not inside:
+        raise SplitError(f"module {stage!r} computes nothing in the traced graph")
+    return inside[-1]
