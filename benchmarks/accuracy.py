@@ -71,6 +71,8 @@ VARIANTS: dict[str, list[str]] = {
     "osakd-k8-lr0.3x": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--lr", "{lr_times_0_3}"],
     "one-m3-lr0.3x": ["--method", "one", "--branches", "3", "--lr", "{lr_times_0_3}"],
     "dml-2-lr0.3x": ["--method", "dml", "--peers", "2", "--lr", "{lr_times_0_3}"],
+    "okddip-4-lr0.3x": ["--method", "okddip", "--branches", "4", "--lr", "{lr_times_0_3}"],
+    "byot-lr0.3x": ["--method", "byot", "--lr", "{lr_times_0_3}"],
     "osakd-k8-kl": ["--method", "osakd", "--k", "8", "--distill", "kl", "--alpha", "0.9"],
     "one-m2": ["--method", "one", "--branches", "2"],
     "one-m3": ["--method", "one", "--branches", "3"],
@@ -78,6 +80,8 @@ VARIANTS: dict[str, list[str]] = {
     # The reference code's ramp-up: the KL weight rises over 80 of its 300 epochs; here the same share of the run.
     "one-m3-ramp": ["--method", "one", "--branches", "3", "--rampup-epochs", "{reference_rampup_epochs}"],
     "dml-2": ["--method", "dml", "--peers", "2"],
+    "okddip-4": ["--method", "okddip", "--branches", "4"],
+    "byot": ["--method", "byot"],
     # The protocol's settings with a larger network (TEACHER_MODELS): KD's teacher, reported as its own row.
     "teacher": ["--method", "plain", "--model", "{teacher_model}"],
     "kd": ["--method", "kd", "--teacher", "{teacher_run}"],
@@ -100,6 +104,9 @@ LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN"
           "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-alpha0.1": "OSAKD 8-NN alpha 0.1",
           "plain-lr0.3x": "plain, 0.3x learning rate", "osakd-k8-lr0.3x": "OSAKD 8-NN, 0.3x learning rate",
           "one-m3-lr0.3x": "ONE m=3, 0.3x learning rate", "dml-2-lr0.3x": "DML 2 peers (peer 0), 0.3x learning rate",
+          "okddip-4-lr0.3x": "OKDDip 3 peers + leader (leader), 0.3x learning rate",
+          "byot-lr0.3x": "BYOT (deepest exit), 0.3x learning rate",
+          "okddip-4": "OKDDip 3 peers + leader (leader)", "byot": "BYOT (deepest exit)",
           "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
           "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up",
           "dml-2": "DML 2 peers (peer 0)", "teacher": "teacher ({teacher_model}, plain)",

@@ -1,4 +1,4 @@
-"""Training-step cost of ONE, OSAKD, KD and DML relative to the plain model, measured side by side in one process.
+"""Training-step cost of ONE, OSAKD, KD, DML, OKDDip and BYOT relative to the plain model, measured side by side in one process.
 
     python benchmarks/speed.py --device cuda              # ResNet-32 b128 32 px, timm resnet50 b128 224 px
     python benchmarks/speed.py --device cuda --compile    # adds torch.compile rows
@@ -12,7 +12,8 @@ other ("sequential"), as one fused graph ("fused"; skipped with the reason for a
 "auto" picks (its timings and choice are kept in the JSON, the "runs" column says which ran); --executions picks;
 OSAKD (k=8, default alpha) in-batch and with memory banks of 4,096, 16,384 (the default) and 65,536 entries, pre-filled
 so that every timed step searches a full bank; KD from a teacher of the same architecture (an untrained copy: a
-step's cost does not depend on the teacher's weights) and DML with 2 peers. --variants REGEX keeps only the matching
+step's cost does not depend on the teacher's weights), DML with 2 peers, OKDDip with 4 branches (3 peers and the
+leader) and BYOT (exits at the default stage ends). --variants REGEX keeps only the matching
 rows (and plain), e.g. --variants '^(KD|DML)' (a bare KD also matches OSAKD).
 
 A step is zero_grad, forward, loss, backward and an SGD (Nesterov, weight decay) update on a fixed random batch,
@@ -72,11 +73,12 @@ CONFIGS = {
 def variant_specs(executions: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD in-batch (the paper's
     mode), with its default bank (16,384 entries) and with a small and a large one; KD from a same-model teacher;
-    DML with 2 peers."""
+    DML with 2 peers; OKDDip with 4 branches; BYOT."""
     one = [(f"ONE m={m} {e}", "one", {"branches": m, "execution": e}) for m in (2, 3, 4) for e in executions]
     osakd = [("OSAKD in-batch", "osakd", {"bank_size": 0})]
     osakd += [(f"OSAKD bank {n:,}", "osakd", {"bank_size": n}) for n in (4096, 16384, 65536)]
-    others = [("KD same-model teacher", "kd", {}), ("DML 2 peers", "dml", {"peers": 2})]
+    others = [("KD same-model teacher", "kd", {}), ("DML 2 peers", "dml", {"peers": 2}),
+              ("OKDDip m=4", "okddip", {"branches": 4}), ("BYOT", "byot", {})]
     return [("plain", "plain", {}), *one, *osakd, *others]
 
 
@@ -88,6 +90,8 @@ WRAPPERS: dict[str, Callable[[nn.Module, int, dict[str, Any]], tuple[nn.Module, 
     # A copy of the student as the teacher: its step-time ratio is the cost of one extra forward of the same network.
     "kd": lambda net, px, kw: kdwrap.kd(net, copy.deepcopy(net), **kw),
     "dml": lambda net, px, kw: kdwrap.dml(net, **kw),
+    "okddip": lambda net, px, kw: kdwrap.okddip(net, input_size=(3, px, px), **kw),
+    "byot": lambda net, px, kw: kdwrap.byot(net, input_size=(3, px, px), **kw),
 }
 
 

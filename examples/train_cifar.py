@@ -11,6 +11,9 @@ augmented there, so a GPU never waits for a data loader.
     python examples/train_cifar.py --method osakd --out runs/osakd --resume
     # DML with 2 peers (peer 0 is deployed)
     python examples/train_cifar.py --method dml --peers 2 --epochs 30 --out runs/dml
+    # OKDDip (3 peers + the group leader, deployed) and BYOT (exits at the stage ends)
+    python examples/train_cifar.py --method okddip --epochs 30 --out runs/okddip
+    python examples/train_cifar.py --method byot --epochs 30 --out runs/byot
     # KD: first a plain teacher, then a student distilled from it (the teacher's model comes from its run)
     python examples/train_cifar.py --method plain --model cifar_resnet56 --epochs 30 --out runs/teacher
     python examples/train_cifar.py --method kd --teacher runs/teacher --model cifar_resnet20 --epochs 30 --out runs/kd
@@ -61,9 +64,11 @@ RUN_KEYS = (
 LATER_KEYS = {"peers": 2, "teacher": None}
 # --temperature's default, each method's own (kdwrap's). Methods without a temperature record ONE's 3, the default
 # of every run before the default depended on the method, so that their checkpoints still resume.
-TEMPERATURES = {"one": 3.0, "kd": 4.0, "dml": 1.0}
-# --alpha's default, likewise: OSAKD's and KD's own; the other methods record 0.9, every earlier run's default.
-ALPHAS = {"osakd": OSAKD_DEFAULT_ALPHA, "kd": 0.9}
+TEMPERATURES = {"one": 3.0, "kd": 4.0, "dml": 1.0, "okddip": 3.0, "byot": 3.0}
+# --alpha's default, likewise: OSAKD's, KD's and BYOT's own; the other methods record 0.9, every earlier run's default.
+ALPHAS = {"osakd": OSAKD_DEFAULT_ALPHA, "kd": 0.9, "byot": 0.1}
+# --branches' default: OKDDip's 4 (3 peers and the leader); the other methods record ONE's 3, every earlier run's.
+BRANCHES = {"okddip": 4}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,22 +89,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("model and method")
     g.add_argument("--method", default="plain", choices=list(WRAPPERS),
-                   help="plain (default), one, osakd, dml (online); kd (from a trained --teacher)")
+                   help="plain (default), one, osakd, dml, okddip, byot (online); kd (from a trained --teacher)")
     g.add_argument("--model", default=None,
                    help="any timm model name (built with pretrained=False) or cifar_resnet20/32/44/56/110, "
                    "small_cnn (default: cifar_resnet32; small_cnn for fashion-mnist)")
-    g.add_argument("--branches", type=int, default=3, help="ONE: number of branches (default 3)")
+    g.add_argument("--branches", type=int, default=None,
+                   help="ONE, OKDDip: number of branches (default: ONE 3; OKDDip 4, the last is the group leader)")
     g.add_argument("--split", default=None, help="ONE: first module of the replicated tail (default: automatic)")
     g.add_argument("--branch-init", default="reinit", choices=["reinit", "copy"],
                    help="ONE: branches 1..m-1 re-initialised (default, as the reference code) or copies of branch 0")
     g.add_argument("--temperature", type=float, default=None,
-                   help="ONE, KD, DML: distillation temperature (default: the method's, ONE 3, KD 4, DML 1)")
+                   help="ONE, KD, DML, OKDDip, BYOT: distillation temperature (default: the method's; ONE, OKDDip, "
+                   "BYOT 3, KD 4, DML 1)")
     g.add_argument("--rampup-epochs", type=float, default=0.0,
-                   help="ONE: epochs of the sigmoid ramp-up of the KL weight (the paper: 80 of 300; default 0 = off)")
+                   help="ONE, OKDDip: epochs of the sigmoid ramp-up of the KL weight (the papers: 80 of 300; default 0 = "
+                   "off)")
     g.add_argument("--k", type=int, default=8, help="OSAKD: neighbours per soft label (default 8)")
     g.add_argument("--alpha", type=float, default=None,
-                   help="OSAKD: weight of cross-entropy; KD: weight of the distillation term (each method's own "
-                   f"convention, as in kdwrap; see docs/methods.md) (default: OSAKD {OSAKD_DEFAULT_ALPHA}, KD 0.9)")
+                   help="OSAKD: weight of cross-entropy; KD, BYOT: weight of the distillation term (each method's own "
+                   f"convention, as in kdwrap; see docs/methods.md) (default: OSAKD {OSAKD_DEFAULT_ALPHA}, KD 0.9, "
+                   "BYOT 0.1)")
     g.add_argument("--bank-size", type=int, default=16384, help="OSAKD: memory bank entries (default 16384)")
     g.add_argument("--distill", default="mse", choices=["mse", "kl"],
                    help="OSAKD: distance of the output to its soft label (default mse, the paper's)")
@@ -140,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.temperature = TEMPERATURES.get(args.method, TEMPERATURES["one"])
     if args.alpha is None:
         args.alpha = ALPHAS.get(args.method, 0.9)
+    if args.branches is None:
+        args.branches = BRANCHES.get(args.method, 3)
     for name in ("epochs", "batch_size", "branches", "k"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -252,9 +263,19 @@ def _dml(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes
     return kdwrap.dml(net, peers=args.peers, temperature=args.temperature)
 
 
+def _okddip(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
+    return kdwrap.okddip(net, branches=args.branches, split=args.split, temperature=args.temperature,
+                         rampup_steps=args.rampup_steps, input_size=input_size,
+                         reinit_branches=args.branch_init == "reinit")
+
+
+def _byot(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
+    return kdwrap.byot(net, alpha=args.alpha, temperature=args.temperature, input_size=input_size)
+
+
 # --method -> the model and loss it trains: a new method is one entry here (and its options in parse_args).
 WRAPPERS: dict[str, Callable[[argparse.Namespace, nn.Module, Size, int], Wrapped]] = {
-    "plain": _plain, "one": _one, "osakd": _osakd, "dml": _dml, "kd": _kd,
+    "plain": _plain, "one": _one, "osakd": _osakd, "dml": _dml, "kd": _kd, "okddip": _okddip, "byot": _byot,
 }
 
 

@@ -2,7 +2,7 @@
 
 The model is cut by :mod:`kdwrap.surgery` into a shared trunk and a tail; the tail is replicated into ``m``
 branches (branch 0 *is* the original tail) and a gate weights the branch logits into the ensemble teacher.
-The maths follows ``METHODS.md``; each default is a keyword argument.
+The maths is written out in docs/one.md; each default is a keyword argument.
 """
 from __future__ import annotations
 

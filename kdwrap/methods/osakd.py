@@ -2,7 +2,7 @@
 
 No architecture change. Each training step, the soft label of a sample is the k-NN estimate of its class posterior
 in the network's output space (softmax probabilities ``p``), with neighbours taken from a memory bank of recent
-detached outputs plus the current batch (never the sample itself). See METHODS.md and docs/osakd.md.
+detached outputs plus the current batch (never the sample itself). See docs/osakd.md.
 
     L = alpha * CE(z, y) + (1 - alpha) * MSE(p, s)      # MSE summed over classes, averaged over the batch
 """
