@@ -175,14 +175,16 @@ def _downsamples(module: nn.Module) -> bool:
     return False
 
 
-def auto_split(net: nn.Module, traced: _Traced | None = None) -> str:
+def auto_split(net: nn.Module, traced: _Traced | None = None, input_size: Sequence[int] | None = None) -> str:
     """The default split: the start of the last resolution stage, or the last quarter of a transformer's blocks.
 
     Rule: walk down the containers (the model itself, ``nn.Sequential``/``nn.ModuleList``) following the last child
     that downsamples (a stride > 1 or a patch merging) while a container holds several downsampling children; the
     last such child starts the last stage (ResNet ``layer4``, CIFAR ResNet ``layer3``, ConvNeXt/Swin/EfficientNet
     /RegNet last stage). Models that downsample only once (ViT, DeiT) are split at block ``n - n // 4`` of their
-    longest stack of identical blocks.
+    longest stack of identical blocks. Where neither applies (a hand-written LeNet whose downsampling is
+    ``F.max_pool2d``), the start of the last of the resolution stages read from the graph
+    (:func:`kdwrap.taps.graph_stage_starts`, a trial forward at ``input_size``).
     """
     traced = traced or trace(net, training=False)
     order = _module_paths_with_nodes(traced)
@@ -219,9 +221,16 @@ def auto_split(net: nn.Module, traced: _Traced | None = None) -> str:
         n, path = best
         name = list(net.get_submodule(path).named_children())[n - n // 4][0]
         return f"{path}.{name}"
+    from .taps import graph_stage_starts  # taps builds on this module
+
+    stages = graph_stage_starts(net, traced, input_size)
+    if len(stages) >= 2:
+        return stages[-1]
     raise SplitError(
         f"kdwrap could not choose a split for {type(net).__name__} automatically; pass split=<module name>, "
-        f"the first module of the part to replicate, e.g. one of: {', '.join(children('')[-6:])}"
+        f"the first module of the part to replicate, e.g. one of: {', '.join(children('')[-6:])}; or, if the model "
+        "downsamples inside forward (F.max_pool2d), input_size=(C, H, W) of your inputs, from which kdwrap reads "
+        "its resolution stages"
     )
 
 
@@ -499,7 +508,7 @@ def split_model(
     select_output(train_t, net, output, training=True)
     select_output(eval_t, net, output, training=False)
     if split is None:
-        split = auto_split(net, eval_t)
+        split = auto_split(net, eval_t, input_size)
     elif not isinstance(split, str):
         raise TypeError(f"split must be a dotted module name (str), got {type(split).__name__}")
     _check_split_name(net, split, eval_t)

@@ -7,12 +7,25 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import fx, nn
 
 from .errors import SplitError
-from .surgery import _cut_graph, _downsamples, _module_paths_with_nodes, _Traced
+from .surgery import _cut_graph, _downsamples, _module_paths_with_nodes, _Traced, example_input
 
-__all__ = ["classifier_name", "classifier_input", "graph_with_outputs", "stage_starts", "stage_input", "stage_end"]
+__all__ = [
+    "classifier_name", "classifier_input", "graph_with_outputs", "stage_starts", "stage_input", "stage_end",
+    "graph_stage_starts",
+]
+
+# A node downsamples when its output map has at most this share of the positions of its largest input map: a 2x2
+# pooling or a stride-2 convolution (0.25), not a valid 5x5 convolution (32x32 -> 28x28 keeps 0.77).
+_DOWNSAMPLED_SHARE = 0.5
+# The ops that can downsample a map: convolutions and poolings, as modules or as functions (``F.max_pool2d``,
+# ``torch.conv2d``). Reshapes (attention heads, patch flattening) change shapes without downsampling.
+_DOWNSAMPLING_MODULES = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                         nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_DOWNSAMPLING_NAMES = ("pool", "conv")
 
 
 def _calls(graph: fx.Graph, name: str) -> list[fx.Node]:
@@ -61,13 +74,16 @@ def _is_stage(module: nn.Module) -> bool:
     return any(True for _ in module.children()) and any(True for _ in module.parameters())
 
 
-def stage_starts(net: nn.Module, traced: _Traced, exits: int | None = None) -> list[str]:
+def stage_starts(
+    net: nn.Module, traced: _Traced, exits: int | None = None, input_size: Sequence[int] | None = None
+) -> list[str]:
     """The modules that start the network's stages after the first (their input is the end of a stage).
 
     Conv networks: the walk of :func:`kdwrap.surgery.auto_split` down the containers; in the container where the
     last stage was found, every downsampling child that is a stage (has children and parameters) and is not the
     network's first module (ResNet: ``layer2``, ``layer3``, ``layer4``; ConvNeXt: ``stages.1``..``stages.3``).
     Networks that downsample once (ViT): the block stack's quarters (``blocks.3``, ``blocks.6``, ``blocks.9`` of 12).
+    Networks whose downsampling is not in modules (``F.max_pool2d`` in ``forward``): :func:`graph_stage_starts`.
     ``exits`` keeps the last ``exits`` of them (the deepest).
     """
     order = _module_paths_with_nodes(traced)
@@ -100,6 +116,8 @@ def stage_starts(net: nn.Module, traced: _Traced, exits: int | None = None) -> l
             names = [name for name, _ in net.get_submodule(path).named_children()]
             starts = [f"{path}.{names[n * q // 4]}" for q in (1, 2, 3)]
     if not starts:
+        starts = graph_stage_starts(net, traced, input_size)[1:]
+    if not starts:
         raise SplitError(
             f"kdwrap could not find the stages of {type(net).__name__} (no container of downsampling stages, no "
             "stack of 4 or more identical blocks); name the modules that start a stage with stages=[...]"
@@ -120,3 +138,83 @@ def stage_end(traced: _Traced, stage: str) -> fx.Node:
     if not inside:
         raise SplitError(f"module {stage!r} computes nothing in the traced graph")
     return inside[-1]
+
+
+class _Shapes(fx.Interpreter):
+    """Runs the graph, keeping each tensor-valued node's shape (keyed by the traced graph's nodes)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = tuple(out.shape)
+        return out
+
+
+def _positions(shape: Sequence[int]) -> int | None:
+    return int(torch.Size(shape[2:]).numel()) if len(shape) == 4 else None
+
+
+def graph_stage_starts(net: nn.Module, traced: _Traced, input_size: Sequence[int] | None = None) -> list[str]:
+    """The resolution stages read from the graph itself, for networks whose downsampling is not a module (a
+    hand-written LeNet's ``F.max_pool2d``): a trial forward gives every value's shape; a node whose output map keeps
+    at most half the positions of its input map, through a convolution or a pooling, downsamples; each stage starts at the last module called once,
+    with a valid cut at its start (one value crossing), between the previous downsampling node and its own. Returns
+    every stage's start in order, the first stage's included (it may be the network's first module); ``[]`` when
+    the network has no map that shrinks or the trial forward fails (pass ``input_size``)."""
+    shapes = _Shapes(fx.GraphModule(net, traced.graph))
+    modes = [m.training for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            shapes.run(example_input(net, input_size))
+    except Exception:  # no shapes, no rule: the caller's error asks for a split or an input size
+        return []
+    finally:
+        for m, mode in zip(net.modules(), modes):
+            m.training = mode
+    nodes = list(traced.graph.nodes)
+
+    def shape(n: fx.Node) -> Sequence[int]:
+        return shapes.shapes.get(n, ())
+
+    def may_downsample(n: fx.Node) -> bool:
+        if n.op == "call_module":
+            return isinstance(net.get_submodule(n.target), _DOWNSAMPLING_MODULES)
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        return n.op in ("call_function", "call_method") and any(k in name for k in _DOWNSAMPLING_NAMES)
+
+    downs = []
+    for i, n in enumerate(nodes):
+        if not may_downsample(n):
+            continue
+        out = _positions(shape(n))
+        ins = [p for a in n.all_input_nodes if (p := _positions(shape(a)))]
+        if out and ins and out <= _DOWNSAMPLED_SHARE * max(ins):
+            downs.append(i)
+    starts: dict[int, str] = {}  # index of a module's first node -> its name, for modules called once
+    counts: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        if n.op == "call_module":
+            counts[n.target] = counts.get(n.target, 0) + 1
+            starts.setdefault(i, n.target)
+    result, previous = [], -1
+    for d in downs:
+        for i in sorted((i for i in starts if previous < i <= d), reverse=True):
+            name = starts[i]
+            if counts[name] != 1 or name in result:
+                continue
+            try:
+                _cut_graph(traced, name)
+            except SplitError:
+                if i == min(starts):
+                    result.append(name)  # the first module: a stage start with no trunk before it
+                    break
+                continue
+            result.append(name)
+            break
+        previous = d
+    return result

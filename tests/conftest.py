@@ -35,3 +35,21 @@ class TinyNet(nn.Module):
 @pytest.fixture
 def tiny_net() -> TinyNet:
     return TinyNet()
+
+
+class FunctionalLeNet(nn.Module):
+    """LeNet-5 written as a newcomer writes it: its downsampling is F.max_pool2d in forward, not a module."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(nn.functional.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(nn.functional.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        return self.fc3(nn.functional.relu(self.fc2(nn.functional.relu(self.fc1(x)))))

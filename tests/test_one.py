@@ -12,7 +12,7 @@ import kdwrap.models  # noqa: F401  (cifar_resnet20)
 from kdwrap.methods.one import ONEEnsemble, ramp_weight
 from kdwrap import SplitError, TraceError
 
-from conftest import TinyNet
+from conftest import FunctionalLeNet, TinyNet
 
 
 def reference_one_loss(logits, gate, y, T, w):
@@ -306,6 +306,20 @@ def test_unknown_split_lists_valid_names(tiny_net):
 def test_branches_below_two_is_an_error(tiny_net, branches):
     with pytest.raises(ValueError, match="branches >= 2"):
         kdwrap.one(tiny_net, branches=branches)
+
+
+def test_auto_split_of_a_model_that_downsamples_in_forward_comes_from_the_graph():
+    """A hand-written LeNet (F.max_pool2d in forward): the start of its last resolution stage, read from a trial
+    forward at input_size, as for kdwrap's module-built LeNet-5; without an input size that fits, a clear error."""
+    model, loss_fn = kdwrap.one(FunctionalLeNet(), input_size=(3, 32, 32))
+    assert model.split == "conv2"
+    x = torch.randn(4, 3, 32, 32)
+    loss_fn(model(x), torch.randint(0, 5, (4,))).backward()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(kdwrap.export(model).eval()(x), model(x))
+    with pytest.raises(SplitError, match=r"could not choose a split.*input_size=\(C, H, W\)"):
+        kdwrap.one(FunctionalLeNet())  # guessed 224 x 224: the fc layers do not fit, no shapes to read
 
 
 def test_split_at_first_module_leaves_no_trunk(tiny_net):

@@ -52,7 +52,7 @@ class BranchedModel(KDModel):
         super().__init__()
         if isinstance(branches, bool) or not isinstance(branches, int) or branches < self.min_branches:
             raise ValueError(
-                f"{self.method.upper()} needs branches >= {self.min_branches} ({self.why_min_branches}), got "
+                f"kdwrap {self.method} needs branches >= {self.min_branches} ({self.why_min_branches}), got "
                 f"{branches!r}"
             )
         cut = split_model(
@@ -100,7 +100,7 @@ class BranchedModel(KDModel):
         theirs = dict(legacy) if isinstance(legacy, dict) else _configuration_of(state_dict, prefix, self)
         if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
             raise ValueError(
-                f"this checkpoint is of a {self.method.upper()} wrapper with {theirs}, but this wrapper has {mine}; "
+                f"this checkpoint is of a kdwrap {self.method} wrapper with {theirs}, but this wrapper has {mine}; "
                 f"build the wrapper with the checkpoint's settings: kdwrap.{self.method}(net, "
                 f"branches={theirs.get('branches')}, split={theirs.get('split')!r})"
             )

@@ -119,7 +119,7 @@ class BYOTModel(KDModel):
         for mode, t in traced.items():
             select_output(t, net, output, training=mode)
         if stages is None:
-            starts = stage_starts(net, traced[False])
+            starts = stage_starts(net, traced[False], input_size=input_size)
         elif isinstance(stages, str) or not all(isinstance(s, str) for s in stages) or not stages:
             raise TypeError(f"kdwrap byot: stages must be a non-empty list of module names, got {stages!r}")
         else:
