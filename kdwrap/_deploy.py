@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -20,7 +21,10 @@ def rebuild_original(original: nn.Module, pieces: Sequence[nn.Module]) -> nn.Mod
     """
     net = copy.deepcopy(original)
     target = net.state_dict()
-    state = {k: v for piece in pieces for k, v in piece.state_dict().items() if k in target}
+    state = OrderedDict((k, v) for piece in pieces for k, v in piece.state_dict().items() if k in target)
+    # The original's per-module metadata (state-dict versions): modules that migrate old checkpoints in
+    # _load_from_state_dict (torchvision's MNASNet) read it and refuse a state dict without it.
+    state._metadata = getattr(target, "_metadata", None)  # type: ignore[attr-defined]
     with torch.no_grad():
         net.load_state_dict(state, strict=False)
     device = next((p.device for piece in pieces for p in piece.parameters()), None)
