@@ -419,7 +419,9 @@ def _producer_channels(net: nn.Module, cut: fx.Node) -> tuple[int, int, bool] | 
             module = net.get_submodule(node.target)
             found = _module_channels(module)
             if found:
-                if reliable:
+                # BatchNorm1d normalises axis 1 of B x C and of (B*N) x C alike: on tokens flattened for it (timm
+                # LeViT) the count holds but its axis at the cut is unknown, so it is confirmed by a trial forward.
+                if reliable and not isinstance(module, nn.BatchNorm1d):
                     return found[0], found[1], True
                 fallback = fallback or (found[0], found[1], False)
                 continue

@@ -40,6 +40,8 @@ MODELS = {
     "tv/densenet121": (
         lambda: torchvision.models.densenet121(num_classes=NUM_CLASSES), 64, "features.transition3"),
     "kdwrap/cifar_resnet32": (lambda: _cifar_resnet32(), 32, "layer3"),
+    # B x N x D tokens made by Linear + BatchNorm1d on flattened tokens: the gate pools the token axis.
+    "timm/levit_128s": (lambda: timm.create_model("levit_128s", num_classes=NUM_CLASSES), 224, "stages.2"),
     # Its _load_from_state_dict reads the state dict's version metadata: export must pass it on.
     "tv/mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(num_classes=NUM_CLASSES), 64, "layers.12"),
 }
