@@ -57,6 +57,18 @@ class _Tracer(NodePathTracer):
             raise
 
 
+def _optional_inputs_branched_on(graph: fx.Graph) -> list[str]:
+    """Inputs that default to None and that the traced graph uses as tensors (``mask.view(...)``): the forward
+    branched on ``if mask is not None``, which fx cannot see (a proxy is never None) and traced the wrong way (timm
+    Hiera). They are traced again as the constant None; inputs only passed along (timm ViT's ``attn_mask``) stay."""
+    names = []
+    for n in graph.nodes:
+        if n.op == "placeholder" and n.args and n.args[0] is None:
+            if any(u.op == "call_method" or (u.op == "call_function" and u.target is getattr) for u in n.users):
+                names.append(n.target)
+    return names
+
+
 @dataclass
 class _Traced:
     graph: fx.Graph
@@ -79,6 +91,13 @@ def trace(
     net.train(training)
     try:
         graph = tracer.trace(net)
+        branched = _optional_inputs_branched_on(graph)
+        if branched:
+            tracer = _Tracer(
+                leaf_modules=kwargs["leaf_modules"] + list(leaf_modules),
+                autowrap_functions=kwargs["autowrap_functions"] + list(autowrap_functions),
+            )
+            graph = tracer.trace(net, concrete_args={name: None for name in branched})
     except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
         where = tracer.failed_in or f"the forward of {type(net).__name__} itself"
         raise TraceError(

@@ -322,6 +322,24 @@ def test_auto_split_of_a_model_that_downsamples_in_forward_comes_from_the_graph(
         kdwrap.one(FunctionalLeNet())  # guessed 224 x 224: the fc layers do not fit, no shapes to read
 
 
+class MaskedNet(TinyNet):
+    """Branches on an optional input, as timm Hiera does: fx sees a proxy, never None, and takes the masked path."""
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask.view(-1, 1, 1, 1)
+        return super().forward(x)
+
+
+def test_an_optional_input_the_forward_branches_on_is_traced_as_none():
+    model, loss_fn = kdwrap.one(MaskedNet(), input_size=(3, 16, 16))
+    x = torch.randn(4, 3, 16, 16)
+    loss_fn(model(x), torch.randint(0, 5, (4,))).backward()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(kdwrap.export(model).eval()(x), model(x))
+
+
 def test_split_at_first_module_leaves_no_trunk(tiny_net):
     with pytest.raises(SplitError, match="no trunk"):
         kdwrap.one(tiny_net, split="stem")
