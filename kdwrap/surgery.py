@@ -9,7 +9,7 @@ original model's own tensors and whose ``state_dict`` keys are the original mode
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -294,17 +294,25 @@ def _check_split_name(net: nn.Module, split: str, traced: _Traced) -> None:
 class _Cut:
     trunk: fx.Graph
     tail: fx.Graph
-    cut: fx.Node  # the node of the original graph whose value flows from trunk to tail
+    crossing: list[fx.Node]  # the nodes of the original graph whose values flow from trunk to tail, in order
     tail_inputs: list[str]  # model inputs (placeholders) the tail reads besides the trunk output
 
+    @property
+    def cut(self) -> fx.Node:
+        """The one value crossing a single-value cut."""
+        return self.crossing[0]
 
-def _cut_graph(traced: _Traced, split: str) -> _Cut:
+
+def _cut_graph(traced: _Traced, split: str, single: bool = False) -> _Cut:
+    """Cut the graph at the first node of module ``split``. The trunk returns the value crossing the cut, or, when
+    several do (token models' class token and spatial sizes, two-stream networks), the tuple of them; the tail takes
+    them as its first inputs. ``single=True`` refuses a cut crossed by several values."""
     nodes = list(traced.graph.nodes)
     first = next(i for i, n in enumerate(nodes) if n.op != "output" and _in_module(traced.qualnames.get(n), split))
     head, rest = nodes[:first], set(nodes[first:])
     in_head = set(head)
     # Parameter reads (get_attr) belong wherever they are used. Model inputs the tail reads (e.g. timm ViT's
-    # `attn_mask`) become extra inputs of the tail; any other value must not cross the cut.
+    # `attn_mask`) become extra inputs of the tail; every other value the tail reads crosses the cut.
     crossing = [n for n in head if n.op not in ("get_attr", "placeholder") and any(u in rest for u in n.users)]
     tail_inputs = [n for n in head if n.op == "placeholder" and any(u in rest for u in n.users)]
     if not crossing:
@@ -312,17 +320,13 @@ def _cut_graph(traced: _Traced, split: str) -> _Cut:
             f"split={split!r} leaves no trunk: it is the first operation of the model. Split later, e.g. at the "
             "start of the last stage (the default)"
         )
-    if len(crossing) > 1:
+    if single and len(crossing) > 1:
         names = ", ".join(f"{n.name} (from '{traced.qualnames.get(n, '?')}')" for n in crossing)
-        raise SplitError(
-            f"split={split!r} is crossed by {len(crossing)} values ({names}); ONE needs a cut that only one tensor "
-            "crosses (e.g. between two stages, not inside a residual block). Choose the start of a stage or block"
-        )
-    cut = crossing[0]
+        raise SplitError(f"split={split!r} is crossed by {len(crossing)} values ({names}); one is needed here")
 
-    # Trunk: the input placeholders and every ancestor of the cut value.
+    # Trunk: the input placeholders and every ancestor of the crossing values.
     needed: set[fx.Node] = set()
-    stack = [cut]
+    stack = list(crossing)
     while stack:
         n = stack.pop()
         if n in needed:
@@ -334,16 +338,17 @@ def _cut_graph(traced: _Traced, split: str) -> _Cut:
     for n in head:
         if n.op == "placeholder" or n in needed:
             env[n] = trunk.node_copy(n, env.__getitem__)
-    trunk.output(env[cut])
+    trunk.output(env[crossing[0]] if len(crossing) == 1 else tuple(env[n] for n in crossing))
 
     tail = fx.Graph()
-    tenv: dict[fx.Node, fx.Node] = {cut: tail.placeholder("trunk_out")}
+    names = ["trunk_out"] if len(crossing) == 1 else [f"trunk_out_{i}" for i in range(len(crossing))]
+    tenv: dict[fx.Node, fx.Node] = {n: tail.placeholder(name) for n, name in zip(crossing, names)}
     for n in tail_inputs:
         tenv[n] = tail.node_copy(n)
 
     def lookup(n: fx.Node) -> fx.Node:
         if n not in tenv:
-            if n.op != "get_attr" or n not in in_head:  # pragma: no cover - excluded by the crossing check
+            if n.op != "get_attr" or n not in in_head:  # pragma: no cover - every other value crosses the cut
                 raise SplitError(f"internal: node {n.name} crosses the cut")
             tenv[n] = tail.node_copy(n, lookup)
         return tenv[n]
@@ -352,7 +357,7 @@ def _cut_graph(traced: _Traced, split: str) -> _Cut:
         tenv[n] = tail.node_copy(n, lookup)
     trunk.lint()
     tail.lint()
-    return _Cut(trunk, tail, cut, [n.name for n in tail_inputs])
+    return _Cut(trunk, tail, crossing, [n.name for n in tail_inputs])
 
 
 class Piece(DualGraphModule):
@@ -378,6 +383,8 @@ class SplitResult:
     channels_dim: int  # 1 (NCHW-like) or -1 (NHWC or tokens): the axis of `channels` in the trunk output
     input_names: list[str]  # the model's forward inputs, in order
     tail_inputs: list[str]  # those of them the tail reads too (passed by name)
+    crossing: list[str] = field(default_factory=list)  # the values crossing the cut (graph node names)
+    main_value: int = 0  # which of them the gate pools (the largest tensor with a batch axis)
 
 
 def example_input(net: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1) -> torch.Tensor:
@@ -478,35 +485,49 @@ def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
     return (chans, *hw)
 
 
-def _trunk_channels(
-    net: nn.Module, trunk: nn.Module, cut: fx.Node, input_size: Sequence[int] | None
-) -> tuple[int, int]:
-    found = _producer_channels(net, cut)
-    if found and found[2]:
-        return found[0], found[1]
+def _run_trunk(net: nn.Module, trunk: nn.Module, input_size: Sequence[int] | None, why: str) -> Any:
+    """The trunk's eval-mode output on an example input; a SplitError asking for ``input_size`` if it fails."""
     x = example_input(net, input_size)
     was_training = trunk.training
     trunk.eval()
     try:
         with torch.no_grad():
-            f = trunk(x)
+            return trunk(x)
     except Exception as err:
         raise SplitError(
-            f"kdwrap needs the channel count of the trunk output to build the gate and ran the trunk on a "
-            f"{tuple(x.shape)} input to find it, which failed ({type(err).__name__}: {err}); pass "
-            "input_size=(C, H, W) of your inputs, or gate_channels=<int>"
+            f"kdwrap needs {why} and ran the trunk on a {tuple(x.shape)} input to find it, which failed "
+            f"({type(err).__name__}: {err}); pass input_size=(C, H, W) of your inputs, or gate_channels=<int>"
         ) from err
     finally:
         trunk.train(was_training)
-    if not isinstance(f, torch.Tensor):
-        raise SplitError(f"the trunk output at the split is a {type(f).__name__}, not a Tensor; choose another split")
-    if f.ndim <= 2:
-        return f.shape[-1], -1
-    if f.ndim == 3:
-        return f.shape[-1], -1  # B x N x D tokens
+
+
+def _main_value(values: Sequence[Any]) -> int:
+    """Which of the values crossing a cut the gate pools: the largest tensor with the batch axis of the others."""
+    tensors = [(v.numel(), -i) for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.ndim >= 2]
+    if not tensors:
+        raise SplitError("no tensor with a batch axis crosses this cut; choose another split")
+    return -max(tensors)[1]
+
+
+def _trunk_channels(
+    net: nn.Module, trunk: nn.Module, crossing: Sequence[fx.Node], input_size: Sequence[int] | None
+) -> tuple[int, int, int]:
+    """``(channels, axis, main)``: the gate's input channels, their axis (1 or -1) and which crossing value holds
+    them. Read off the module that makes a single crossing value where it says; else from a trial forward."""
+    if len(crossing) == 1:
+        found = _producer_channels(net, crossing[0])
+        if found and found[2]:
+            return found[0], found[1], 0
+    out = _run_trunk(net, trunk, input_size, "the channel count of the trunk output to build the gate")
+    values = tuple(out) if len(crossing) > 1 else (out,)
+    main = _main_value(values)
+    f, found = values[main], _producer_channels(net, crossing[main])
+    if f.ndim <= 3:
+        return f.shape[-1], -1, main  # B x D features, B x N x D tokens
     if found and found[0] in (f.shape[1], f.shape[-1]):
-        return found[0], (1 if f.shape[1] == found[0] else -1)
-    return f.shape[1], 1
+        return found[0], (1 if f.shape[1] == found[0] else -1), main
+    return f.shape[1], 1, main
 
 
 def split_model(
@@ -544,10 +565,19 @@ def split_model(
             "start of the last stage (the default)"
         )
     _check_no_shared_parameters(trunk, tail, split)
+    crossing = cut_eval.crossing
+    if len(cut_train.crossing) != len(crossing):
+        raise SplitError(
+            f"split={split!r} is crossed by {len(cut_train.crossing)} values in training mode and {len(crossing)} "
+            "in eval mode; choose another split"
+        )
     if gate_channels is None:
-        gate_channels, dim = _trunk_channels(net, trunk, cut_eval.cut, input_size)
+        gate_channels, dim, main = _trunk_channels(net, trunk, crossing, input_size)
     else:
-        dim = 1
+        dim, main = 1, 0
+        if len(crossing) > 1:
+            out = _run_trunk(net, trunk, input_size, "to know which value crossing the cut the gate pools")
+            main = _main_value(tuple(out))
     if gate_channels_dim is not None:
         if gate_channels_dim not in (1, -1):
             raise ValueError(
@@ -556,7 +586,8 @@ def split_model(
         dim = gate_channels_dim
     input_names = [n.name for n in cut_eval.trunk.nodes if n.op == "placeholder"]
     tail_inputs = sorted(set(cut_train.tail_inputs) | set(cut_eval.tail_inputs), key=input_names.index)
-    return SplitResult(split, trunk, tail, int(gate_channels), dim, input_names, tail_inputs)
+    return SplitResult(split, trunk, tail, int(gate_channels), dim, input_names, tail_inputs,
+                       [n.name for n in crossing], main)
 
 
 def _check_no_shared_parameters(trunk: nn.Module, tail: nn.Module, split: str) -> None:

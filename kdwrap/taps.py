@@ -128,7 +128,7 @@ def stage_starts(
 def stage_input(traced: _Traced, start: str) -> fx.Node:
     """The value that enters module ``start``: the end of the stage before it (the one value crossing a cut
     there)."""
-    return _cut_graph(traced, start).cut
+    return _cut_graph(traced, start, single=True).cut
 
 
 def stage_end(traced: _Traced, stage: str) -> fx.Node:
@@ -208,7 +208,7 @@ def graph_stage_starts(net: nn.Module, traced: _Traced, input_size: Sequence[int
             if counts[name] != 1 or name in result:
                 continue
             try:
-                _cut_graph(traced, name)
+                _cut_graph(traced, name, single=True)
             except SplitError:
                 if i == min(starts):
                     result.append(name)  # the first module: a stage start with no trunk before it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from .._deploy import rebuild_original
@@ -62,6 +63,9 @@ class BranchedModel(KDModel):
         self.split, self.input_size, self.output = cut.split, input_size, output
         self._input_names, self._tail_inputs = cut.input_names, cut.tail_inputs
         self.trunk_channels, self.trunk_channels_dim = cut.channels, cut.channels_dim
+        # A cut crossed by several values: the trunk returns them all, every branch takes them all, and the gate
+        # pools the main one.
+        self.cut_values, self.main_value = max(1, len(cut.crossing)), cut.main_value
         self.trunk = cut.trunk
         copies = [copy.deepcopy(cut.tail) for _ in range(branches - 1)]
         if reinit_branches:
@@ -76,6 +80,14 @@ class BranchedModel(KDModel):
     @property
     def num_branches(self) -> int:
         return len(self.branches)
+
+    def _branch_inputs(self, f: Any) -> tuple:
+        """The trunk's output as the branches' positional inputs."""
+        return tuple(f) if self.cut_values > 1 else (f,)
+
+    def _main(self, f: Any) -> torch.Tensor:
+        """The trunk output the gate pools: the trunk's output, or the main one of the values crossing the cut."""
+        return f[self.main_value] if self.cut_values > 1 else f
 
     def _tail_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The model inputs besides the image that the tail reads too (timm ViT's ``attn_mask``), by name."""

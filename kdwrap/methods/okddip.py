@@ -119,8 +119,8 @@ class OKDDipModel(BranchedModel):
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
             self._put_capture(EVAL_CAPTURE)
-            return self.branches[self.leader](f, **extra)[0]
-        outs = [b(f, **extra) for b in self.branches]
+            return self.branches[self.leader](*self._branch_inputs(f), **extra)[0]
+        outs = [b(*self._branch_inputs(f), **extra) for b in self.branches]
         logits = [z for z, _ in outs]
         if not isinstance(logits[0], torch.Tensor) or logits[0].dim() != 2:
             raise TypeError(

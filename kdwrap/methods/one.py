@@ -145,10 +145,10 @@ class ONEModel(BranchedModel):
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
             self._put_capture(EVAL_CAPTURE)
-            return self.branches[self.branch](f, **extra)
+            return self.branches[self.branch](*self._branch_inputs(f), **extra)
         logits = self._run_branches(f, extra)
         _check_logits(logits[0])
-        gate = self.gate(f)
+        gate = self.gate(self._main(f))
         self._put_capture((logits, gate))
         others = [z for i, z in enumerate(logits) if i != self.branch]
         return KeepReachable.apply(logits[self.branch], gate, *others)
@@ -157,7 +157,7 @@ class ONEModel(BranchedModel):
         """Every branch's logits and the gate weights, captured for no loss (evaluation, analysis)."""
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
-        return self._run_branches(f, extra), self.gate(f)
+        return self._run_branches(f, extra), self.gate(self._main(f))
 
     # ------------------------------------------------------------------------------------------ branch execution
     def _plan_execution(self) -> None:
@@ -168,6 +168,12 @@ class ONEModel(BranchedModel):
         self._tail_gflop_per_sample: float | None = None
         self._timings: dict[tuple, dict[str, float]] = {}  # input signature -> ms per execution (auto)
         if self.execution == "sequential":
+            return
+        if self.cut_values > 1:
+            reason = f"the cut is crossed by {self.cut_values} values; fused execution takes one"
+            if self.execution == "fused":
+                raise FusionError(f"execution='fused' is not possible for this tail: {reason}. Use 'sequential'")
+            self.fusion_error = reason
             return
         try:
             self._fused = {mode: fuse_branches(self.branches, mode) for mode in (True, False)}
@@ -224,7 +230,7 @@ class ONEModel(BranchedModel):
     def _run_branches(self, f: torch.Tensor, extra: dict[str, Any]) -> list[torch.Tensor]:
         if self._fused and self._plan_for(f, extra) == "fused":
             return self._fused[self.training](f, **extra)
-        return [b(f, **extra) for b in self.branches]
+        return [b(*self._branch_inputs(f), **extra) for b in self.branches]
 
     def _plan_for(self, f: torch.Tensor, extra: dict[str, Any]) -> str:
         if (
@@ -340,8 +346,8 @@ class ONEModel(BranchedModel):
             m.eval()
         try:
             trunk_f, f = forward_flops(self.trunk, x)
-            branch_f, _ = forward_flops(self.branches[0], f)
-            gate_f, _ = forward_flops(self.gate, f)
+            branch_f, _ = forward_flops(self.branches[0], *self._branch_inputs(f))
+            gate_f, _ = forward_flops(self.gate, self._main(f))
         finally:
             for m, mode in zip((self.trunk, self.branches[0], self.gate), modes):
                 m.train(mode)
@@ -399,11 +405,13 @@ class ONEEnsemble(nn.Module):
         self.trunk = copy.deepcopy(model.trunk)
         self.branches = copy.deepcopy(model.branches)
         self.gate = copy.deepcopy(model.gate)
+        self.cut_values, self.main_value = model.cut_values, model.main_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The gate-weighted sum of every branch's logits (ONE-E), a plain tensor."""
         f = self.trunk(x)
-        return ensemble_logits([b(f) for b in self.branches], self.gate(f))
+        values = tuple(f) if self.cut_values > 1 else (f,)
+        return ensemble_logits([b(*values) for b in self.branches], self.gate(values[self.main_value]))
 
 
 def ramp_weight(step: int, rampup_steps: int) -> float:
