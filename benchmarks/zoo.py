@@ -1,0 +1,193 @@
+"""The model zoo sweep: does each method wrap, train a step and export on every kind of model a user brings?
+
+    python benchmarks/zoo.py                              # every model of benchmarks/zoo_models.txt, ONE and OSAKD
+    python benchmarks/zoo.py --methods one --models timm/pit_ti_224 tv/mnasnet0_5
+    python benchmarks/zoo.py --make-list                  # rewrite zoo_models.txt from the installed timm/torchvision
+
+The list (in the repository, so a sweep is repeatable) holds one model per timm family (timm's modules; the smallest
+by name: atto/femto/pico/nano/tiny/small before the others) and every torchvision classifier. Per model and method,
+in its own process with a time limit (--timeout): build it (pretrained=False, 10 classes), wrap it, one training
+step on a batch of 2 at the model's own input size, export, and compare the exported model's eval outputs with the
+wrapper's. --jobs processes run at once (default: one per core). Prints a table and a summary per method and writes
+benchmarks/results/zoo_<device>_<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LIST = HERE / "zoo_models.txt"
+RESULTS = HERE / "results"
+sys.path.insert(0, str(ROOT))
+
+# Name parts of a family's small members, smallest first: the sweep takes the first model of a family matching the
+# earliest of them (a family with none takes its first name).
+SMALL = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small", "_s", "18", "b0", "_t")
+# torchvision classifiers whose own input size is not 224.
+TV_SIZES = {"inception_v3": 299}
+NUM_CLASSES = 10
+
+
+def make_list() -> list[str]:
+    import timm
+    import torchvision
+
+    names = []
+    for module in sorted(timm.list_modules()):
+        family = sorted(timm.list_models(module=module))
+        if not family:
+            continue
+
+        def rank(name: str) -> tuple[int, int, str]:
+            hit = next((i for i, part in enumerate(SMALL) if part in name), len(SMALL))
+            return hit, len(name), name
+
+        names.append("timm/" + min(family, key=rank))
+    names += ["tv/" + n for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+    return names
+
+
+def build(name: str) -> tuple[Any, int]:
+    """(model, input size) for 'timm/NAME' or 'tv/NAME'."""
+    source, model = name.split("/", 1)
+    if source == "timm":
+        import timm
+
+        net = timm.create_model(model, pretrained=False, num_classes=NUM_CLASSES)
+        return net, int(net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    import torchvision
+
+    kwargs = {"aux_logits": False, "init_weights": True} if model in ("inception_v3", "googlenet") else {}
+    return torchvision.models.get_model(model, weights=None, num_classes=NUM_CLASSES, **kwargs), TV_SIZES.get(model, 224)
+
+
+def check_one(name: str, method: str) -> dict[str, Any]:
+    """Build, wrap, one training step, export, compare: the result row (status ok / error with its message)."""
+    import torch
+
+    import kdwrap
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    row: dict[str, Any] = {"model": name, "method": method}
+    stage = "build"
+    try:
+        net, size = build(name)
+        row["size"] = size
+        stage = "wrap"
+        t0 = time.perf_counter()
+        model, loss_fn = kdwrap.wrap(net, method=method, **({"input_size": (3, size, size)} if method == "one" else {}))
+        row["wrap_s"] = round(time.perf_counter() - t0, 2)
+        if method == "one":
+            row["split"] = model.split
+            row["cut_values"] = model.cut_values
+        stage = "train"
+        x, y = torch.randn(2, 3, size, size), torch.tensor([0, 1])
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {loss.item()}")
+        stage = "export"
+        model.eval()
+        deployed = kdwrap.export(model).eval()
+        with torch.no_grad():
+            want, got = model(x), deployed(x)
+        got = got if isinstance(got, torch.Tensor) else (got[model.output] if getattr(model, "output", None) is not None
+                                                          else got[0])
+        err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+        if not err < 1e-3:
+            raise AssertionError(f"export differs from the wrapper: relative max error {err:.2e}")
+        row["status"] = "ok"
+    except Exception as exc:  # every failure is a row: the sweep reports, it does not stop
+        row.update(status="error", stage=stage, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    return row
+
+
+def run_isolated(name: str, method: str, timeout: float) -> dict[str, Any]:
+    t0 = time.time()
+    cmd = [sys.executable, __file__, "--check", name, "--methods", method]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), None)
+        row = json.loads(line) if line else {"model": name, "method": method, "status": "error", "stage": "process",
+                                             "error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    except subprocess.TimeoutExpired:
+        row = {"model": name, "method": method, "status": "timeout", "error": f"over {timeout:.0f} s"}
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None, help="default: every model of zoo_models.txt")
+    p.add_argument("--match", default=None, metavar="REGEX", help="only the listed models matching REGEX")
+    p.add_argument("--methods", nargs="+", default=["one", "osakd"])
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per model and method (default 300)")
+    p.add_argument("--make-list", action="store_true", help="rewrite zoo_models.txt and exit")
+    p.add_argument("--check", default=None, help=argparse.SUPPRESS)  # one model, in this process (a worker)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.check:
+        print(json.dumps(check_one(args.check, args.methods[0])))
+        return
+    if args.make_list:
+        names = make_list()
+        LIST.write_text("\n".join(names) + "\n")
+        print(f"wrote {len(names)} models to {LIST}")
+        return
+    names = args.models or [ln.strip() for ln in LIST.read_text().splitlines() if ln.strip()]
+    if args.match:
+        names = [n for n in names if re.search(args.match, n)]
+    jobs = [(n, m) for n in names for m in args.methods]
+    print(f"{len(names)} models x {len(args.methods)} methods, {args.jobs} at a time, {args.timeout:.0f} s each at most",
+          flush=True)
+    t0 = time.time()
+    rows = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for row in pool.map(lambda job: run_isolated(*job, args.timeout), jobs):
+            rows.append(row)
+            print(f"{row['model']:<40} {row['method']:<6} {row['status']:<7} {row['seconds']:>6.1f} s  "
+                  f"{row.get('error', row.get('split', ''))}", flush=True)
+    wall = time.time() - t0
+    print()
+    from common import markdown_table
+
+    body = [[r["model"], r["method"], r["status"], str(r.get("wrap_s", "")), r.get("split", ""), r.get("error", "")]
+            for r in rows if r["status"] != "ok"]
+    if body:
+        print(markdown_table(["model", "method", "status", "wrap s", "split", "error"], body) + "\n")
+    summary = {}
+    for method in args.methods:
+        mine = [r for r in rows if r["method"] == method]
+        ok = sum(r["status"] == "ok" for r in mine)
+        summary[method] = {"ok": ok, "total": len(mine)}
+        print(f"{method}: {ok} / {len(mine)} ok ({100 * ok / max(len(mine), 1):.1f} %)")
+    date = datetime.date.today().isoformat()
+    out = args.out or RESULTS / f"zoo_cpu_{date}.json"
+    import timm
+    import torch
+    import torchvision
+
+    meta = {"date": date, "machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "wall_seconds": round(wall),
+            "torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
+            "command": "python benchmarks/zoo.py " + " ".join(sys.argv[1:])}
+    out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
