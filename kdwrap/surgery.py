@@ -480,7 +480,10 @@ def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
     first = next((m for m in net.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
     if isinstance(first, nn.Linear) and size is None and cfg_size is None:
         return (first.in_features,)  # an MLP: its first layer states the (flattened) input size
-    chans = first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else (cfg_size[0] if cfg_size else 3)
+    # The model's own word first (timm's in_chans and pretrained_cfg): the first convolution in module order need
+    # not be the first one called (timm CSATv2 registers a 64-channel convolution before its stem).
+    chans = getattr(net, "in_chans", None) or (cfg_size[0] if cfg_size else None) or (
+        first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else 3)
     hw = size or (cfg_size[1:] if cfg_size else (224, 224))
     return (chans, *hw)
 

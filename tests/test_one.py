@@ -423,3 +423,21 @@ def test_buffers_read_in_forward_follow_load_state_dict(execution):
         after = model(x)
         assert not torch.allclose(before, after)
         torch.testing.assert_close(kdwrap.export(model).eval()(x), after, atol=1e-5, rtol=1e-5)
+
+
+class LateStem(TinyNet):
+    """Registers a 64-channel convolution before its stem, as timm CSATv2 does; says its input channels."""
+
+    in_chans = 3
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(64, 32, 1)  # used after the stem in a real model; registered first here
+        self._modules.move_to_end("proj", last=False)
+
+
+def test_guessed_input_takes_the_models_own_channels_over_its_first_convolution():
+    from kdwrap.surgery import _guess_input_size
+
+    assert _guess_input_size(LateStem()) == (3, 224, 224)
+    assert _guess_input_size(TinyNet()) == (3, 224, 224)  # no word from the model: its first convolution's
