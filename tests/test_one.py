@@ -432,8 +432,8 @@ class LateStem(TinyNet):
 
     def __init__(self):
         super().__init__()
-        self.proj = nn.Conv2d(64, 32, 1)  # used after the stem in a real model; registered first here
-        self._modules.move_to_end("proj", last=False)
+        proj = nn.Conv2d(64, 32, 1)  # used after the stem in a real model; registered first here
+        self._modules = {"proj": proj, **self._modules}
 
 
 def test_guessed_input_takes_the_models_own_channels_over_its_first_convolution():
