@@ -24,8 +24,10 @@ OUT = Path(__file__).resolve().parent / "api.md"
 # (section title, intro, [dotted names]); a module name stands for everything in its __all__.
 SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Entry points", "Wrap a model, export the deployable model, describe a wrapper. Usage is always "
-     "`model, loss_fn = kdwrap.one(net)` (or `osakd`, `kd`, `dml`, `wrap`), then `loss = loss_fn(model(x), y)`.",
-     ["kdwrap.wrap", "kdwrap.one", "kdwrap.osakd", "kdwrap.kd", "kdwrap.dml", "kdwrap.export", "kdwrap.summary",
+     "`model, loss_fn = kdwrap.one(net)` (or `osakd`, `kd`, `dml`, `okddip`, `byot`, `wrap`), then "
+     "`loss = loss_fn(model(x), y)`.",
+     ["kdwrap.wrap", "kdwrap.one", "kdwrap.osakd", "kdwrap.kd", "kdwrap.dml", "kdwrap.okddip", "kdwrap.byot",
+      "kdwrap.export", "kdwrap.summary",
       "kdwrap.METHODS", "kdwrap.register_method"]),
     ("Errors", "Raised on purpose, with a message that names the problem and the fix; all importable from `kdwrap`.",
      ["kdwrap.errors"]),
@@ -33,7 +35,12 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("ONE", "On-the-fly Native Ensemble; see [one.md](one.md).",
      ["kdwrap.methods.one.build_one", "kdwrap.methods.one.ONEModel", "kdwrap.methods.one.ONELoss",
       "kdwrap.methods.one.ONEEnsemble", "kdwrap.methods.one.ONEGate", "kdwrap.methods.one.ramp_weight",
-      "kdwrap.methods.branch_init.reinitialise_like"]),
+      "kdwrap.methods.branched.BranchedModel", "kdwrap.methods.branch_init.reinitialise_like"]),
+    ("Surgery (`kdwrap.surgery`, `kdwrap.taps`, `kdwrap.probe`)", "Cutting a traced model, reading it besides its "
+     "output, and what kdwrap reads off a model it was not told about; see [one.md](one.md#choosing-the-split).",
+     ["kdwrap.surgery.split_model", "kdwrap.surgery.auto_split", "kdwrap.surgery.SplitResult",
+      "kdwrap.taps.stage_starts", "kdwrap.taps.graph_stage_starts", "kdwrap.taps.classifier_name",
+      "kdwrap.taps.graph_with_outputs", "kdwrap.probe.example_input"]),
     ("Fused branches (`kdwrap.fused`)", "ONE's branches as one graph; see [one.md](one.md#how-the-branches-run).",
      ["kdwrap.fused.fuse_branches", "kdwrap.fused.FusedBranches", "kdwrap.fused.register_module_rule",
       "kdwrap.fused.ModuleRule"]),
@@ -46,6 +53,12 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
       "kdwrap.methods.soft_targets.softened_kl"]),
     ("DML", "Deep Mutual Learning; see [methods.md](methods.md#dml-deep-mutual-learning).",
      ["kdwrap.methods.dml.build_dml", "kdwrap.methods.dml.DMLModel", "kdwrap.methods.dml.DMLLoss"]),
+    ("OKDDip", "Online KD with Diverse Peers; see [methods.md](methods.md#okddip-online-distillation-with-diverse-peers).",
+     ["kdwrap.methods.okddip.build_okddip", "kdwrap.methods.okddip.OKDDipModel", "kdwrap.methods.okddip.OKDDipLoss",
+      "kdwrap.methods.okddip.PeerAttention"]),
+    ("BYOT", "Be Your Own Teacher; see [methods.md](methods.md#byot-be-your-own-teacher).",
+     ["kdwrap.methods.byot.build_byot", "kdwrap.methods.byot.BYOTModel", "kdwrap.methods.byot.BYOTLoss",
+      "kdwrap.methods.byot.MultiExit", "kdwrap.methods.byot.EXIT_HEADS"]),
     ("Models (`kdwrap.models`)", "Reference classifiers; importing the module registers them with timm.",
      ["kdwrap.models"]),
     ("Data (`kdwrap.demo.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",

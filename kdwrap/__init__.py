@@ -1,9 +1,9 @@
-"""kdwrap: knowledge distillation (ONE, OSAKD, DML, OKDDip, BYOT online; classic KD from a teacher) as a two-line change to any
-PyTorch image classifier.
+"""kdwrap: knowledge distillation (ONE, OSAKD, DML, OKDDip, BYOT online; classic KD from a teacher) as a two-line
+change to any PyTorch image classifier.
 
 The public surface is what this package exports, plus the modules ``kdwrap.methods``, ``kdwrap.surgery``,
-``kdwrap.knn``, ``kdwrap.memory_bank``, ``kdwrap.fused``, ``kdwrap.models`` and ``kdwrap.seeds``. Modules named with
-a leading underscore are internal: they may change between versions.
+``kdwrap.taps``, ``kdwrap.probe``, ``kdwrap.knn``, ``kdwrap.memory_bank``, ``kdwrap.fused``, ``kdwrap.models``
+and ``kdwrap.seeds``. Modules named with a leading underscore are internal: they may change between versions.
 """
 from .api import METHODS, byot, dml, export, kd, okddip, one, osakd, register_method, summary, wrap
 from .base import KDLoss, KDModel

@@ -437,7 +437,7 @@ class LateStem(TinyNet):
 
 
 def test_guessed_input_takes_the_models_own_channels_over_its_first_convolution():
-    from kdwrap.surgery import _guess_input_size
+    from kdwrap.probe import _guess_input_size
 
     assert _guess_input_size(LateStem()) == (3, 224, 224)
     assert _guess_input_size(TinyNet()) == (3, 224, 224)  # no word from the model: its first convolution's

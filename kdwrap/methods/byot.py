@@ -23,9 +23,8 @@ from torch import fx, nn
 from .._deploy import rebuild_original
 from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
 from ..errors import SplitError
-from ..surgery import (
-    Piece, _check_split_name, _producer_channels, count_parameters, example_input, select_output, trace,
-)
+from ..probe import _producer_channels, example_input
+from ..surgery import Piece, _check_split_name, count_parameters, select_output, trace
 from ..taps import classifier_input, classifier_name, graph_with_outputs, stage_end, stage_input, stage_starts
 from .one import _cross_entropy_rows, global_pool
 from .soft_targets import check_fraction, check_temperature

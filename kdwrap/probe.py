@@ -1,0 +1,167 @@
+"""What kdwrap reads off a model it was not told about: a plausible input, the channel count and axis of a value
+at a cut (read off the module that makes it, or from a trial forward), and which of several values crossing a cut the
+gate pools."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import SplitError
+
+__all__ = ["example_input"]
+
+
+# Ops through which a channel count read off a module upstream may no longer hold.
+_SHAPE_CHANGING = {
+    "cat", "concat", "stack", "reshape", "view", "flatten", "unflatten", "split", "chunk", "getitem",
+    "matmul", "bmm", "einsum", "pixel_shuffle", "pixel_unshuffle", "unfold", "fold", "transpose", "permute",
+    "mean", "sum", "amax", "max", "squeeze", "unsqueeze", "expand", "repeat", "tensor_split", "unbind",
+}
+
+
+def example_input(net: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1) -> torch.Tensor:
+    """A random input for ``net``: ``input_size`` (C, H, W), else a guess from the model (image-size attributes,
+    timm's ``pretrained_cfg``, the first convolution's input channels; 224 x 224 by default)."""
+    input_size = tuple(input_size) if input_size is not None else _guess_input_size(net)
+    param = next(iter(net.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    # A private generator: building a wrapper must not advance the user's global RNG (seeded runs stay seeded).
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0))
+    return x.to(device=device, dtype=dtype)
+
+
+_CHANNEL_ATTRS: tuple[tuple[type, Callable[[nn.Module], int], int], ...] = (
+    (nn.modules.conv._ConvNd, lambda m: m.out_channels, 1),
+    (nn.modules.batchnorm._NormBase, lambda m: m.num_features, 1),
+    (nn.GroupNorm, lambda m: m.num_channels, 1),
+    (nn.Linear, lambda m: m.out_features, -1),
+    (nn.LayerNorm, lambda m: m.normalized_shape[-1], -1),
+)
+
+
+def _module_channels(module: nn.Module) -> tuple[int, int] | None:
+    for cls, get, dim in _CHANNEL_ATTRS:
+        if isinstance(module, cls):
+            if isinstance(module, nn.LayerNorm) and type(module).__name__.endswith("2d"):
+                dim = 1  # timm/torchvision LayerNorm2d normalises the channel axis of NCHW maps
+            return get(module), dim
+    return None
+
+
+def _passes_channels(module: nn.Module) -> bool:
+    """Parameter-free modules that keep the shape of their input (activations, dropout, identity, drop-path)."""
+    if any(True for _ in module.parameters()):
+        return False
+    name = type(module).__name__
+    return module.__class__.__module__ == nn.modules.activation.__name__ or any(
+        k in name for k in ("Identity", "Dropout", "DropPath", "StochasticDepth", "Drop")
+    )
+
+
+def _producer_channels(net: nn.Module, cut: fx.Node) -> tuple[int, int, bool] | None:
+    """Search upstream from the cut for a module that states the channel count: (channels, dim, reliable).
+
+    Breadth-first over node inputs (so residual adds reach their branch's last conv/linear); a path through a
+    reshaping op or an unknown module is unreliable, since the count read beyond it may not hold at the cut.
+    """
+    frontier: list[tuple[fx.Node, bool]] = [(cut, True)]
+    seen: set[fx.Node] = set()
+    fallback = None
+    while frontier and len(seen) < 400:
+        node, reliable = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            module = net.get_submodule(node.target)
+            found = _module_channels(module)
+            if found:
+                # BatchNorm1d normalises axis 1 of B x C and of (B*N) x C alike: on tokens flattened for it (timm
+                # LeViT) the count holds but its axis at the cut is unknown, so it is confirmed by a trial forward.
+                if reliable and not isinstance(module, nn.BatchNorm1d):
+                    return found[0], found[1], True
+                fallback = fallback or (found[0], found[1], False)
+                continue
+            reliable = reliable and _passes_channels(module)
+        else:
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            reliable = reliable and target.strip("_") not in _SHAPE_CHANGING
+        frontier.extend((a, reliable) for a in node.args if isinstance(a, fx.Node))
+    return fallback
+
+
+def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) of a plausible input: the model's image-size attribute or timm cfg, channels of its first conv;
+    (D,) for a model whose first layer is a Linear."""
+    size = None
+    for owner in (net, getattr(net, "patch_embed", None)):
+        for attr in ("img_size", "image_size"):
+            value = getattr(owner, attr, None) if owner is not None else None
+            if value is not None:
+                size = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+                break
+        if size:
+            break
+    cfg_size = None
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(net, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            cfg_size = tuple(cfg["input_size"])
+            break
+    first = next((m for m in net.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
+    if isinstance(first, nn.Linear) and size is None and cfg_size is None:
+        return (first.in_features,)  # an MLP: its first layer states the (flattened) input size
+    # The model's own word first (timm's in_chans and pretrained_cfg): the first convolution in module order need
+    # not be the first one called (timm CSATv2 registers a 64-channel convolution before its stem).
+    chans = getattr(net, "in_chans", None) or (cfg_size[0] if cfg_size else None) or (
+        first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else 3)
+    hw = size or (cfg_size[1:] if cfg_size else (224, 224))
+    return (chans, *hw)
+
+
+def _run_trunk(net: nn.Module, trunk: nn.Module, input_size: Sequence[int] | None, why: str) -> Any:
+    """The trunk's eval-mode output on an example input; a SplitError asking for ``input_size`` if it fails."""
+    x = example_input(net, input_size)
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            return trunk(x)
+    except Exception as err:
+        raise SplitError(
+            f"kdwrap needs {why} and ran the trunk on a {tuple(x.shape)} input to find it, which failed "
+            f"({type(err).__name__}: {err}); pass input_size=(C, H, W) of your inputs, or gate_channels=<int>"
+        ) from err
+    finally:
+        trunk.train(was_training)
+
+
+def _main_value(values: Sequence[Any]) -> int:
+    """Which of the values crossing a cut the gate pools: the largest tensor with the batch axis of the others."""
+    tensors = [(v.numel(), -i) for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.ndim >= 2]
+    if not tensors:
+        raise SplitError("no tensor with a batch axis crosses this cut; choose another split")
+    return -max(tensors)[1]
+
+
+def _trunk_channels(
+    net: nn.Module, trunk: nn.Module, crossing: Sequence[fx.Node], input_size: Sequence[int] | None
+) -> tuple[int, int, int]:
+    """``(channels, axis, main)``: the gate's input channels, their axis (1 or -1) and which crossing value holds
+    them. Read off the module that makes a single crossing value where it says; else from a trial forward."""
+    if len(crossing) == 1:
+        found = _producer_channels(net, crossing[0])
+        if found and found[2]:
+            return found[0], found[1], 0
+    out = _run_trunk(net, trunk, input_size, "the channel count of the trunk output to build the gate")
+    values = tuple(out) if len(crossing) > 1 else (out,)
+    main = _main_value(values)
+    f, found = values[main], _producer_channels(net, crossing[main])
+    if f.ndim <= 3:
+        return f.shape[-1], -1, main  # B x D features, B x N x D tokens
+    if found and found[0] in (f.shape[1], f.shape[-1]):
+        return found[0], (1 if f.shape[1] == found[0] else -1), main
+    return f.shape[1], 1, main
