@@ -1,5 +1,5 @@
 """Training-loop helpers shared by the setup tests: a few SGD steps (optionally one rank's half of each batch),
-and continuing a checkpointed run in a fresh Python process (bit-exact resume)."""
+continuing a checkpointed run in a fresh Python process (bit-exact resume), torch.compile against eager."""
 import subprocess
 import sys
 import textwrap
@@ -109,3 +109,18 @@ def assert_resume_in_process_is_exact(tmp_path: Path, build: Callable, batch: Ca
     model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), loss_fn.load_state_dict(ckpt["loss"])
     resumed = _sgd_steps(model, loss_fn, opt, batch, range(save_at, steps))
     assert (resumed, loss_fn.step) == (losses[save_at:], steps)
+
+
+def assert_compiles_without_graph_break(make: Callable, batch: Callable) -> None:
+    """``make()`` gives ``(model, loss_fn)``: its forward traces with no graph break, and the compiled model's loss
+    on ``batch(0)`` equals a fresh eager wrapper's (``make`` seeds its own initial weights)."""
+    model, loss_fn = make()
+    x, y = batch(0)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    model._take_capture()
+    compiled = torch.compile(model)
+    loss = loss_fn(compiled(x), y)
+    loss.backward()
+    eager, eager_loss = make()
+    torch.testing.assert_close(loss, eager_loss(eager(x), y), atol=1e-5, rtol=1e-5)

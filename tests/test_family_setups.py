@@ -8,7 +8,7 @@ from torch import nn
 import kdwrap
 from conftest import TinyNet
 from dist_utils import run_two_ranks
-from loop_utils import train_steps
+from loop_utils import assert_compiles_without_graph_break, train_steps
 
 STEPS, BATCH = 3, 8
 
@@ -60,13 +60,4 @@ def test_ddp_two_ranks_match_one_process_with_whole_batch(tmp_path, method, find
 
 @pytest.mark.parametrize("method", list(BUILDS))
 def test_torch_compile_has_no_graph_break_and_gives_the_eager_loss(method):
-    model, loss_fn = _make(method)
-    x, y = _batch(0)
-    explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    model._take_capture()
-    compiled = torch.compile(model)
-    loss = loss_fn(compiled(x), y)
-    loss.backward()
-    eager = loss_fn(model(x), y)
-    torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
+    assert_compiles_without_graph_break(lambda: _make(method), _batch)

@@ -6,7 +6,7 @@ from torch import nn
 import kdwrap
 from conftest import TinyNet
 from dist_utils import run_two_ranks
-from loop_utils import assert_resume_is_bit_exact, train_steps
+from loop_utils import assert_compiles_without_graph_break, assert_resume_is_bit_exact, train_steps
 
 STEPS, BATCH, BANK = 3, 8, 64
 
@@ -93,16 +93,7 @@ def test_gradient_accumulation_fills_the_bank_with_every_micro_batch_and_counts_
 
 
 def test_torch_compile_forward_has_no_graph_break():
-    model, loss_fn = _make()
-    x, y = _batch(0)
-    explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    model._take_capture()
-    compiled = torch.compile(model)
-    loss = loss_fn(compiled(x), y)
-    loss.backward()
-    model2, loss_fn2 = _make()
-    torch.testing.assert_close(loss, loss_fn2(model2(x), y), atol=1e-5, rtol=1e-5)
+    assert_compiles_without_graph_break(_make, _batch)
 
 
 def test_checkpoint_resume_in_a_fresh_process_is_bit_exact(tmp_path):

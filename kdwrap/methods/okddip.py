@@ -19,13 +19,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..base import EVAL_CAPTURE, KDLoss, KeepReachable, route_options
+from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
 from ..surgery import Piece, count_parameters
 from ..taps import classifier_input, classifier_name, graph_with_outputs
 from .branched import BranchedModel
-from .one import _cross_entropy_rows, global_pool, ramp_weight
-from .soft_targets import check_temperature, softened_kl
+from .one import RampedLoss, _cross_entropy_rows, global_pool
+from .soft_targets import softened_kl
 
 __all__ = ["PeerAttention", "OKDDipModel", "OKDDipLoss", "build_okddip", "with_classifier_input"]
 
@@ -152,7 +152,7 @@ class OKDDipModel(BranchedModel):
         return f"split={self.split!r}, branches={self.num_branches}, classifier={self.classifier!r}"
 
 
-class OKDDipLoss(KDLoss):
+class OKDDipLoss(RampedLoss):
     """``sum_i CE(z_i, y) + CE(z_L, y) + w(t) [sum_i KL_T(z_i <- t_i) + KL_T(z_L <- mean_i z_i)]`` over the
     peers ``i`` and the leader ``L``; nothing detached (the reference code's choice: the attention learns through
     the targets). After an eval-mode forward it returns plain cross-entropy. ``parts``: ``"loss"``, ``"ce"`` (per
@@ -166,23 +166,6 @@ class OKDDipLoss(KDLoss):
         accumulation_steps: loss calls per optimizer step under gradient accumulation (for the ramp clock).
         check_finite: stop with a ``FloatingPointError`` at the first NaN/Inf in the logits (one host sync).
     """
-
-    def __init__(
-        self,
-        model: OKDDipModel,
-        *,
-        temperature: float = 3.0,
-        rampup_steps: int = 0,
-        accumulation_steps: int = 1,
-        check_finite: bool = False,
-    ) -> None:
-        super().__init__(model, check_finite)
-        self.temperature = check_temperature("okddip", temperature)
-        if isinstance(rampup_steps, bool) or not isinstance(rampup_steps, int) or rampup_steps < 0:
-            raise ValueError(f"kdwrap okddip: rampup_steps must be an int >= 0 (0: no ramp-up), got {rampup_steps!r}")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(f"kdwrap okddip: accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
-        self.rampup_steps, self.accumulation_steps = rampup_steps, accumulation_steps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The OKDDip loss of the preceding training forward (``logits`` is what it returned); cross-entropy after
@@ -203,19 +186,12 @@ class OKDDipLoss(KDLoss):
                 softened_kl(peers, targets.float(), self.temperature),  # P
                 softened_kl(z[-1], peers.mean(0), self.temperature).unsqueeze(0),
             ])
-            weight = ramp_weight(self.step // self.accumulation_steps, self.rampup_steps)
+            weight = self.ramp()
             loss = ce.sum() + weight * kl.sum()
         self.step += 1
         self.parts = {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
                       "attention": attention.float().mean(0), "ramp_weight": torch.tensor(weight)}
         return loss
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "temperature": self.temperature, "rampup_steps": self.rampup_steps,
-                "accumulation_steps": self.accumulation_steps}
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, rampup_steps={self.rampup_steps}, step={self.step}"
 
 
 def build_okddip(net: nn.Module, **options: Any) -> tuple[OKDDipModel, OKDDipLoss]:

@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._timing import median_ms, timing_may_decide
-from ..base import EVAL_CAPTURE, KDLoss, KeepReachable, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
 from ..fused import FusedBranches, FusionError, fuse_branches
 from ..surgery import count_parameters, example_input, forward_flops
 from .branched import BranchedModel
+from .soft_targets import check_ramp_options, check_temperature
 
 __all__ = [
     "EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one",
-    "ramp_weight",
+    "ramp_weight", "RampedLoss",
 ]
 
 EXECUTIONS = ("auto", "sequential", "fused")
@@ -422,7 +423,48 @@ def ramp_weight(step: int, rampup_steps: int) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-class ONELoss(KDLoss):
+class RampedLoss(KDLoss):
+    """A loss whose distillation term at temperature ``T`` is weighted by ONE's sigmoid ramp-up (ONE, OKDDip).
+
+    Args:
+        temperature: ``T`` of the distillation term.
+        rampup_steps: optimizer steps of the sigmoid ramp-up of its weight (0: full weight from the start).
+        accumulation_steps: loss calls per optimizer step under gradient accumulation (the ramp clock counts
+            optimizer steps).
+        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in the logits (one
+            host sync per step).
+    """
+
+    def __init__(
+        self,
+        model: KDModel,
+        *,
+        temperature: float = 3.0,
+        rampup_steps: int = 0,
+        accumulation_steps: int = 1,
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__(model, check_finite)
+        self.temperature = check_temperature(model.method, temperature)
+        self.rampup_steps, self.accumulation_steps = check_ramp_options(
+            model.method, rampup_steps, accumulation_steps)
+        # self.step (KDLoss) counts training-mode calls; the ramp clock is step // accumulation_steps
+
+    def ramp(self) -> float:
+        """The distillation weight at this step."""
+        return ramp_weight(self.step // self.accumulation_steps, self.rampup_steps)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(), "temperature": self.temperature, "rampup_steps": self.rampup_steps,
+            "accumulation_steps": self.accumulation_steps,
+        }
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, rampup_steps={self.rampup_steps}, step={self.step}"
+
+
+class ONELoss(RampedLoss):
     """``sum_i CE(z_i, y) + CE(z_e, y) + w(t) T^2 sum_i KL(softmax_T(sg(z_e)) || softmax_T(z_i))``.
 
     Call it once per training forward with the forward's output and the labels. ``step`` counts training calls
@@ -437,26 +479,6 @@ class ONELoss(KDLoss):
         check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in the branch
             logits or gate (one host sync per step).
     """
-
-    def __init__(
-        self,
-        model: ONEModel,
-        *,
-        temperature: float = 3.0,
-        rampup_steps: int = 0,
-        accumulation_steps: int = 1,
-        check_finite: bool = False,
-    ) -> None:
-        super().__init__(model, check_finite)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if rampup_steps < 0:
-            raise ValueError(f"rampup_steps must be >= 0 (0 disables the ramp-up), got {rampup_steps}")
-        if accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
-        self.temperature, self.rampup_steps = float(temperature), int(rampup_steps)
-        self.accumulation_steps = int(accumulation_steps)
-        # self.step (KDLoss) counts training-mode calls; the ramp clock is step // accumulation_steps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The ONE loss of the preceding training forward (``logits`` is what it returned); cross-entropy after
@@ -482,7 +504,7 @@ class ONELoss(KDLoss):
         # KL(teacher || branch_i), summed over classes, averaged over the batch: F.kl_div's "batchmean" per branch.
         cross = (teacher * F.log_softmax(z / T, dim=-1)).sum(-1)  # m x B
         kl = (torch.xlogy(teacher, teacher).sum(-1) - cross).mean(-1)
-        weight = ramp_weight(self.step // self.accumulation_steps, self.rampup_steps)
+        weight = self.ramp()
         loss = ce_all.sum() + (weight * T * T) * kl.sum()  # sum_i CE(z_i, y) + CE(z_e, y) + w T^2 sum_i KL_i
         self.step += 1
         ce = ce_all.detach()
@@ -491,15 +513,6 @@ class ONELoss(KDLoss):
             "ramp_weight": torch.tensor(weight),
         }
         return loss
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            **super().get_extra_state(), "temperature": self.temperature, "rampup_steps": self.rampup_steps,
-            "accumulation_steps": self.accumulation_steps,
-        }
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, rampup_steps={self.rampup_steps}, step={self.step}"
 
 
 def _cross_entropy_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

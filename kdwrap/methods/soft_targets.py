@@ -1,5 +1,5 @@
-"""Distillation towards temperature-softened targets, shared by the methods that use it (KD, DML), and the checks
-of its options."""
+"""Distillation towards temperature-softened targets, shared by the methods that use it (ONE, KD, DML, OKDDip, BYOT),
+and the checks of its options."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["softened_kl", "check_temperature", "check_fraction"]
+__all__ = ["softened_kl", "check_temperature", "check_fraction", "check_ramp_options"]
 
 
 def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -45,3 +45,13 @@ def check_fraction(method: str, name: str, value: Any, meaning: str) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"kdwrap {method}: {name}={value} is outside [0, 1]; {meaning}")
     return float(value)
+
+
+def check_ramp_options(method: str, rampup_steps: Any, accumulation_steps: Any) -> tuple[int, int]:
+    """``(rampup_steps, accumulation_steps)`` of a ramped-up distillation weight (ONE, OKDDip), checked."""
+    if isinstance(rampup_steps, bool) or not isinstance(rampup_steps, numbers.Integral) or rampup_steps < 0:
+        raise ValueError(f"kdwrap {method}: rampup_steps must be an int >= 0 (0: no ramp-up), got {rampup_steps!r}")
+    if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
+            or accumulation_steps < 1):
+        raise ValueError(f"kdwrap {method}: accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+    return int(rampup_steps), int(accumulation_steps)
