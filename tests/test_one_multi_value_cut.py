@@ -101,7 +101,8 @@ def test_the_gate_pools_the_largest_crossing_tensor_and_the_ensemble_exports():
 
 def test_fused_execution_falls_back_with_the_reason():
     model, _ = kdwrap.one(TwoStream(), split="a2", input_size=(3, 16, 16))
-    assert "crossed by 2 values" in model.fusion_error and "crossed by 2 values" in kdwrap.summary(model)
+    assert "crossed by 2 values" in model.fusion_error
+    assert "cut: crossed by 2 values" in kdwrap.summary(model) and "the gate pools" in kdwrap.summary(model)
     with pytest.raises(FusionError, match="crossed by 2 values"):
         kdwrap.one(TwoStream(), split="a2", input_size=(3, 16, 16), execution="fused")
 

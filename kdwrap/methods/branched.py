@@ -66,6 +66,7 @@ class BranchedModel(KDModel):
         # A cut crossed by several values: the trunk returns them all, every branch takes them all, and the gate
         # pools the main one.
         self.cut_values, self.main_value = max(1, len(cut.crossing)), cut.main_value
+        self.crossing = list(cut.crossing)
         self.trunk = cut.trunk
         copies = [copy.deepcopy(cut.tail) for _ in range(branches - 1)]
         if reinit_branches:
@@ -88,6 +89,13 @@ class BranchedModel(KDModel):
     def _main(self, f: Any) -> torch.Tensor:
         """The trunk output the gate pools: the trunk's output, or the main one of the values crossing the cut."""
         return f[self.main_value] if self.cut_values > 1 else f
+
+    def _describe_cut(self) -> str | None:
+        """A summary line for a cut crossed by several values, else None."""
+        if self.cut_values == 1:
+            return None
+        return (f"  cut: crossed by {self.cut_values} values ({', '.join(self.crossing)}), all handed to every "
+                f"branch; the gate pools {self.crossing[self.main_value]} (the largest tensor)")
 
     def _tail_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The model inputs besides the image that the tail reads too (timm ViT's ``attn_mask``), by name."""

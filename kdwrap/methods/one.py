@@ -300,6 +300,8 @@ class ONEModel(BranchedModel):
             f"  parameters: trunk {trunk_p:,} | one branch {branch_p:,} | gate {gate_p:,} | "
             f"wrapper {count_parameters([self]):,} | deployed {trunk_p + branch_p:,}",
         ]
+        if self._describe_cut():
+            lines.append(self._describe_cut())
         lines.append("  execution: " + self._describe_execution())
         try:
             flops = self._flops(input_size)
