@@ -87,7 +87,10 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> Dif
 
 
 def verdict(diff: Difference) -> str:
-    """``"gain beyond noise"``, ``"loss beyond noise"`` or ``"within noise"``."""
+    """``"gain beyond noise"``, ``"loss beyond noise"``, ``"within noise"``, or ``"no verdict (1 seed)"``: one seed
+    gives no interval, so noise cannot be told from a difference."""
+    if diff.low is None:
+        return "no verdict (1 seed)"
     if not diff.beyond_noise:
         return "within noise"
     return "gain beyond noise" if diff.mean > 0 else "loss beyond noise"

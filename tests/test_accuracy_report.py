@@ -75,7 +75,7 @@ def test_unfinished_and_unpaired_runs(tmp_path: Path) -> None:
     runs.append({"variant": "plain", "seed": 1, "out": tmp_path / "absent", "name": "absent"})
     rows = {r["reported"]: r for r in accuracy.summarise(runs, ["plain", "one-m2"])}
     d = rows["ONE m=2 (branch 0)"]["last_diff"]
-    assert d["seeds"] == [0] and d["low"] is None and d["verdict"] == "within noise"  # one pair: no interval
+    assert d["seeds"] == [0] and d["low"] is None and d["verdict"] == "no verdict (1 seed)"  # one pair: no interval
 
 
 def test_every_protocol_names_known_variants_and_plain_first() -> None:

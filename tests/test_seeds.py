@@ -47,7 +47,7 @@ def test_verdicts() -> None:
     assert paired_difference([60.0, 61.0, 59.5], [61.0, 62.2, 60.4]).verdict == "loss beyond noise"
     assert paired_difference([60.0, 62.0, 59.0], [61.0, 60.0, 60.0]).verdict == "within noise"
     one = paired_difference([70.0], [60.0])
-    assert one.low is None and not one.beyond_noise and one.verdict == "within noise"
+    assert one.low is None and not one.beyond_noise and one.verdict == "no verdict (1 seed)"
     assert "no interval" in str(one)
     with pytest.raises(ValueError, match="one value per seed"):
         paired_difference([1.0, 2.0], [1.0])

@@ -323,7 +323,8 @@ def _verdicts(rows: list[DemoRow]) -> list[str]:
         d = paired_difference(r.accuracies, rows[0].accuracies)
         what = {"gain beyond noise": "better than plain beyond noise",
                 "loss beyond noise": "worse than plain beyond noise",
-                "within noise": "not distinguishable from plain (within noise)"}[d.verdict]
+                "within noise": "not distinguishable from plain (within noise)",
+                "no verdict (1 seed)": "one seed: no interval, so no verdict (run more seeds)"}[d.verdict]
         lines.append(f"{r.method}: {d.mean:+.2f} points over {d.n} seed(s), {what}")
     return lines
 
