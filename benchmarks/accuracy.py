@@ -174,6 +174,9 @@ def parse_args() -> argparse.Namespace:
                    "this run's in the tables, so a table grows by seeds across sessions")
     p.add_argument("--baseline", default="plain", metavar="VARIANT",
                    help="the variant every row is compared with (default plain), e.g. plain-lr0.3x")
+    p.add_argument("--name", default="", metavar="NAME",
+                   help="added to the result files' names (accuracy_<protocol>-NAME_...), so that two tables of one "
+                   "protocol and day do not overwrite each other, e.g. --name family-lr0.3x")
     p.add_argument("--train-args", default="", help="extra arguments for train_cifar.py, e.g. \"--channels-last\"")
     args = p.parse_args()
     args.variants = with_needs(args.variants or PROTOCOLS[args.protocol]["variants"])
@@ -486,7 +489,7 @@ def main() -> None:
             "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
             # relative to the repository: a record names no path of the machine it ran on
             "train_command_example": " ".join(runs[0]["cmd"][1:]).replace(f"{ROOT}{os.sep}", "")}
-    stem = f"accuracy_{args.protocol}{'_smoke' if args.smoke else ''}_{tag}_{date}"
+    stem = f"accuracy_{args.protocol}{'-' + args.name if args.name else ''}{'_smoke' if args.smoke else ''}_{tag}_{date}"
     out = RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
