@@ -170,7 +170,7 @@ def test_wrap_by_name_and_summary():
     assert isinstance(model, DMLModel) and isinstance(loss_fn, DMLLoss)
     assert loss_fn.config() == {"temperature": 2.0}
     text = kdwrap.summary(model)
-    assert "3 peers (forward returns peer 0)" in text and "T = 2" in text and "not yet measured" in text
+    assert "3 peers (forward returns peer 0)" in text and "T = 2" in text and "measured step times: docs/methods.md" in text
 
 
 # ------------------------------------------------------------------------------------------------------ errors

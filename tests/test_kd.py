@@ -160,7 +160,7 @@ def test_wrap_by_name_and_summary():
     assert loss_fn.config() == {"temperature": 3.0, "alpha": 0.9}
     text = kdwrap.summary(model)
     assert "teacher: TinyNet" in text and "0.1 * CE(z_s, y) + 0.9 * T^2" in text and "T = 3" in text
-    assert "not yet measured" in text
+    assert "measured step times: docs/methods.md" in text
 
 
 # ------------------------------------------------------------------------------------------------------ errors

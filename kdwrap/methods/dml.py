@@ -144,7 +144,8 @@ class DMLModel(KDModel):
                 "  loss: sum_k [CE(z_k, y) + 1/(K-1) sum_{l != k} T^2 KL(softmax_T(sg(z_l)) || softmax_T(z_k))], "
                 f"T = {self.loss_options['temperature']:g}; peers updated together from one forward each"
             )
-        lines.append("  cost: every peer's forward and backward per training step; time not yet measured")
+        lines.append(
+            "  cost: every peer's forward and backward per training step (measured step times: docs/methods.md)")
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
