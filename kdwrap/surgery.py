@@ -426,8 +426,10 @@ def split_model(
     else:
         dim, main = 1, 0
         if len(crossing) > 1:
-            out = _run_trunk(net, trunk, input_size, "to know which value crossing the cut the gate pools")
-            main = _main_value(tuple(out))
+            try:
+                main = _main_value(tuple(_run_trunk(net, trunk, input_size, "the value the gate pools")))
+            except SplitError:  # the caller gave the channels; without a trial forward, the first value
+                main = 0
     if gate_channels_dim is not None:
         if gate_channels_dim not in (1, -1):
             raise ValueError(
