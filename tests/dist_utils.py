@@ -10,6 +10,9 @@ def _entry(rank, store_file, fn, args):
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:
         fn(rank, *args)
+        # Both ranks done before either tears the group down: a rank that destroys it while the other still
+        # finishes (saving, freeing DDP's reducer) can abort the other's gloo threads.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
