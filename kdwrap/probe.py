@@ -3,14 +3,15 @@ at a cut (read off the module that makes it, or from a trial forward), and which
 gate pools."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
 
 from .errors import SplitError
 
-__all__ = ["example_input"]
+__all__ = ["example_input", "trial_mode"]
 
 
 # Ops through which a channel count read off a module upstream may no longer hold.
@@ -19,6 +20,20 @@ _SHAPE_CHANGING = {
     "matmul", "bmm", "einsum", "pixel_shuffle", "pixel_unshuffle", "unfold", "fold", "transpose", "permute",
     "mean", "sum", "amax", "max", "squeeze", "unsqueeze", "expand", "repeat", "tensor_split", "unbind",
 }
+
+
+@contextmanager
+def trial_mode(net: nn.Module) -> Iterator[None]:
+    """Every module of ``net`` in eval mode, no autograd, for a trial forward; each module's own mode restored
+    after (a user's frozen BatchNorm stays frozen)."""
+    modes = [m.training for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(net.modules(), modes):
+            m.training = mode
 
 
 def example_input(net: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1) -> torch.Tensor:

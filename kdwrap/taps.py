@@ -11,7 +11,8 @@ import torch
 from torch import fx, nn
 
 from .errors import SplitError
-from .surgery import _cut_graph, _downsamples, _module_paths_with_nodes, _Traced, example_input
+from .probe import example_input, trial_mode
+from .surgery import _cut_graph, _downsamples, _module_paths_with_nodes, _Traced
 
 __all__ = [
     "classifier_name", "classifier_input", "graph_with_outputs", "stage_starts", "stage_input", "stage_end",
@@ -166,16 +167,11 @@ def graph_stage_starts(net: nn.Module, traced: _Traced, input_size: Sequence[int
     every stage's start in order, the first stage's included (it may be the network's first module); ``[]`` when
     the network has no map that shrinks or the trial forward fails (pass ``input_size``)."""
     shapes = _Shapes(fx.GraphModule(net, traced.graph))
-    modes = [m.training for m in net.modules()]
-    net.eval()
     try:
-        with torch.no_grad():
+        with trial_mode(net):
             shapes.run(example_input(net, input_size))
     except Exception:  # no shapes, no rule: the caller's error asks for a split or an input size
         return []
-    finally:
-        for m, mode in zip(net.modules(), modes):
-            m.training = mode
     nodes = list(traced.graph.nodes)
 
     def shape(n: fx.Node) -> Sequence[int]:

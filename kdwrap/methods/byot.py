@@ -23,7 +23,7 @@ from torch import fx, nn
 from .._deploy import rebuild_original
 from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
 from ..errors import SplitError
-from ..probe import _producer_channels, example_input
+from ..probe import _producer_channels, example_input, trial_mode
 from ..surgery import Piece, _check_split_name, count_parameters, select_output, trace
 from ..taps import classifier_input, classifier_name, graph_with_outputs, stage_end, stage_input, stage_starts
 from .one import _cross_entropy_rows, global_pool
@@ -142,19 +142,14 @@ class BYOTModel(KDModel):
         probe = fx.GraphModule(net, graph_with_outputs(traced.graph, [classifier_input(traced.graph, self.classifier),
                                                                        last, *nodes]))
         x = example_input(net, self.input_size, batch=2)
-        modes = [m.training for m in net.modules()]
-        net.eval()
         try:
-            with torch.no_grad():
+            with trial_mode(net):
                 logits, h, deepest, *values = probe(x)
         except Exception as err:
             raise SplitError(
                 f"kdwrap byot sizes its exit heads with a trial forward on a {tuple(x.shape)} input, which failed "
                 f"({type(err).__name__}: {err}); pass input_size=(C, H, W) of your inputs"
             ) from err
-        finally:
-            for m, mode in zip(net.modules(), modes):
-                m.training = mode
         features, classes = global_pool(h, -1).shape[-1], logits.shape[-1]
         heads = []
         for node, value in zip(nodes, values):
