@@ -187,7 +187,9 @@ def _downsamples(module: nn.Module) -> bool:
     return False
 
 
-def auto_split(net: nn.Module, traced: _Traced | None = None, input_size: Sequence[int] | None = None) -> str:
+def auto_split(
+    net: nn.Module, traced: _Traced | None = None, input_size: Sequence[int] | None = None, *, explain: bool = False
+) -> Any:
     """The default split: the start of the last resolution stage, or the last quarter of a transformer's blocks.
 
     Rule: walk down the containers (the model itself, ``nn.Sequential``/``nn.ModuleList``) following the last child
@@ -197,53 +199,14 @@ def auto_split(net: nn.Module, traced: _Traced | None = None, input_size: Sequen
     longest stack of identical blocks. Where neither applies (a hand-written LeNet whose downsampling is
     ``F.max_pool2d``), the start of the last of the resolution stages read from the graph
     (:func:`kdwrap.taps.graph_stage_starts`, a trial forward at ``input_size``).
+
+    Returns the module name; with ``explain=True`` a :class:`kdwrap.split_candidates.SplitChoice`: the name, the
+    rule that chose it as a sentence, and the cuts that rule considered.
     """
-    traced = traced or trace(net, training=False)
-    order = _module_paths_with_nodes(traced)
+    from .split_candidates import choose_split  # it builds on this module
 
-    def children(path: str) -> list[str]:
-        mod = net.get_submodule(path) if path else net
-        names = [f"{path}.{n}" if path else n for n, _ in mod.named_children()]
-        return sorted((n for n in names if n in order), key=order.__getitem__)
-
-    def is_container(path: str) -> bool:
-        return path == "" or isinstance(net.get_submodule(path), (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-
-    def last_stage(path: str) -> str | None:
-        if not is_container(path):
-            return None
-        downs = [c for c in children(path) if _downsamples(net.get_submodule(c))]
-        if not downs:
-            return None
-        if len(downs) == 1:  # a single multi-stage child such as torchvision's `features`
-            return last_stage(downs[0])
-        return last_stage(downs[-1]) or downs[-1]
-
-    choice = last_stage("")
-    if choice is not None and choice != next(iter(order), None):
-        return choice
-    # Transformers: the longest run of same-class blocks.
-    best: tuple[int, str] | None = None
-    for path, mod in net.named_modules():
-        if path in order and isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) >= 4:
-            kinds = {type(c) for c in mod}
-            if len(kinds) == 1 and (best is None or len(mod) > best[0]):
-                best = (len(mod), path)
-    if best is not None:
-        n, path = best
-        name = list(net.get_submodule(path).named_children())[n - n // 4][0]
-        return f"{path}.{name}"
-    from .taps import graph_stage_starts  # taps builds on this module
-
-    stages = graph_stage_starts(net, traced, input_size)
-    if len(stages) >= 2:
-        return stages[-1]
-    raise SplitError(
-        f"kdwrap could not choose a split for {type(net).__name__} automatically; pass split=<module name>, "
-        f"the first module of the part to replicate, e.g. one of: {', '.join(children('')[-6:])}; or, if the model "
-        "downsamples inside forward (F.max_pool2d), input_size=(C, H, W) of your inputs, from which kdwrap reads "
-        "its resolution stages"
-    )
+    choice = choose_split(net, traced or trace(net, training=False), input_size)
+    return choice if explain else choice.split
 
 
 def _valid_splits(traced: _Traced, net: nn.Module) -> list[str]:
@@ -378,6 +341,7 @@ class SplitResult:
     tail_inputs: list[str]  # those of them the tail reads too (passed by name)
     crossing: list[str] = field(default_factory=list)  # the values crossing the cut (graph node names)
     main_value: int = 0  # which of them the gate pools (the largest tensor with a batch axis)
+    choice: Any = None  # a kdwrap.split_candidates.SplitChoice (that module builds on this one): why this split
 
 
 def split_model(
@@ -399,11 +363,14 @@ def split_model(
     eval_t = trace(net, False, leaf_modules, autowrap_functions)
     select_output(train_t, net, output, training=True)
     select_output(eval_t, net, output, training=False)
-    if split is None:
-        split = auto_split(net, eval_t, input_size)
-    elif not isinstance(split, str):
+    from .split_candidates import given_split  # it builds on this module
+
+    choice = auto_split(net, eval_t, input_size, explain=True) if split is None else None
+    split = choice.split if choice is not None else split
+    if not isinstance(split, str):
         raise TypeError(f"split must be a dotted module name (str), got {type(split).__name__}")
     _check_split_name(net, split, eval_t)
+    choice = choice or given_split(net, eval_t, split)
     cut_train, cut_eval = _cut_graph(train_t, split), _cut_graph(eval_t, split)
     trunk = Piece(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
     tail = Piece(net, cut_train.tail, cut_eval.tail, class_name="Tail")
@@ -439,7 +406,7 @@ def split_model(
     input_names = [n.name for n in cut_eval.trunk.nodes if n.op == "placeholder"]
     tail_inputs = sorted(set(cut_train.tail_inputs) | set(cut_eval.tail_inputs), key=input_names.index)
     return SplitResult(split, trunk, tail, int(gate_channels), dim, input_names, tail_inputs,
-                       [n.name for n in crossing], main)
+                       [n.name for n in crossing], main, choice)
 
 
 def _check_no_shared_parameters(trunk: nn.Module, tail: nn.Module, split: str) -> None:

@@ -31,6 +31,11 @@ class BranchedModel(KDModel):
         leaf_modules, autowrap_functions: passed to the fx tracer for code fx cannot trace into.
         output: index, key or field of the logits when ``net`` returns a tuple, dict or namedtuple.
         gate_channels, gate_channels_dim: override the inferred channel count (and its axis) of the trunk output.
+
+    Attributes:
+        split_choice: why the split is where it is (:class:`kdwrap.split_candidates.SplitChoice`), for ``summary()``.
+        first_input_size: (C, H, W) of the first batch ``forward`` saw (``None`` before it, and under
+            ``torch.compile``): ``summary()`` measures FLOPs there when no input size was given.
     """
 
     min_branches = 2
@@ -61,6 +66,10 @@ class BranchedModel(KDModel):
             gate_channels=gate_channels, gate_channels_dim=gate_channels_dim, output=output,
         )
         self.split, self.input_size, self.output = cut.split, input_size, output
+        # Why this split and what the summary re-traces with to list the other cuts (kdwrap.split_candidates).
+        self.split_choice, self._trace_options = cut.choice, (tuple(leaf_modules), tuple(autowrap_functions))
+        # (C, H, W) of the first batch forward saw: summary's FLOPs at a real input size when none was given.
+        self.first_input_size: tuple[int, ...] | None = None
         self._input_names, self._tail_inputs = cut.input_names, cut.tail_inputs
         self.trunk_channels, self.trunk_channels_dim = cut.channels, cut.channels_dim
         # A cut crossed by several values: the trunk returns them all, every branch takes them all, and the gate
@@ -82,6 +91,15 @@ class BranchedModel(KDModel):
     def num_branches(self) -> int:
         return len(self.branches)
 
+    def _note_input(self, x: Any) -> None:
+        """Called first in forward: keep the first batch's (C, H, W) in a plain attribute (no buffer: the
+        state_dict keys stay the model's). Skipped inside torch.compile, where it would cost a graph break."""
+        if (
+            not torch.compiler.is_compiling() and isinstance(x, torch.Tensor)
+            and getattr(self, "first_input_size", None) is None  # wrappers pickled before this attribute existed
+        ):
+            self.first_input_size = tuple(x.shape[1:])
+
     def _branch_inputs(self, f: Any) -> tuple:
         """The trunk's output as the branches' positional inputs."""
         return tuple(f) if self.cut_values > 1 else (f,)
@@ -95,7 +113,8 @@ class BranchedModel(KDModel):
         if self.cut_values == 1:
             return None
         return (f"  cut: crossed by {self.cut_values} values ({', '.join(self.crossing)}), all handed to every "
-                f"branch; the gate pools {self.crossing[self.main_value]} (the largest tensor)")
+                f"branch; the gate pools {self.crossing[self.main_value]} (the largest tensor with one row per "
+                "sample)")
 
     def _tail_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The model inputs besides the image that the tail reads too (timm ViT's ``attn_mask``), by name."""

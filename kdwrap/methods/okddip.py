@@ -21,6 +21,7 @@ from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
+from ..split_candidates import describe_split
 from ..surgery import Piece, count_parameters
 from ..taps import classifier_input, classifier_name, graph_with_outputs
 from .branched import BranchedModel
@@ -115,6 +116,7 @@ class OKDDipModel(BranchedModel):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture the logits and the peers' targets, return the leader's logits.
         Eval: run only the leader (the deployed model's computation)."""
+        self._note_input(x)
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
@@ -135,8 +137,10 @@ class OKDDipModel(BranchedModel):
         """The deployable model: the user's class holding the trunk and the leader (or ``branch``)."""
         return self._export_branch(self.leader if branch is None else branch)
 
-    def summary(self, **kwargs: Any) -> str:
-        """Split, classifier, parameter counts (options such as ``input_size`` are accepted and ignored)."""
+    def summary(self, input_size: Sequence[int] | None = None, **kwargs: Any) -> str:
+        """Split (the rule that chose it, and the nearest other cuts with their tails' FLOP shares, measured as
+        :meth:`kdwrap.methods.one.ONEModel.summary` does), classifier, parameter counts (other options are accepted
+        and ignored)."""
         trunk_p, branch_p = count_parameters([self.trunk]), count_parameters([self.branches[0]])
         return "\n".join([
             f"kdwrap OKDDip: {type(self._original).__name__} split at '{self.split}', {self.num_branches - 1} peers "
@@ -145,6 +149,7 @@ class OKDDipModel(BranchedModel):
             f"  parameters: trunk {trunk_p:,} | one branch {branch_p:,} | attention "
             f"{count_parameters([self.attention]):,} | wrapper {count_parameters([self]):,} | deployed "
             f"{trunk_p + branch_p:,}",
+            *describe_split(self, input_size),
             "  execution: sequential (the peers' features come from each branch's classifier input)",
         ])
 

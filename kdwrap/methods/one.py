@@ -17,6 +17,7 @@ from torch import nn
 from .._timing import median_ms, timing_may_decide
 from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
 from ..fused import FusedBranches, FusionError, fuse_branches
+from ..split_candidates import describe_split, flop_input_size, not_measured_line
 from ..surgery import count_parameters, example_input, forward_flops
 from .branched import BranchedModel
 from .soft_targets import check_ramp_options, check_temperature
@@ -142,6 +143,7 @@ class ONEModel(BranchedModel):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture their logits and the gate for the loss, return branch
         ``branch``'s logits. Eval: run only that branch (the deployed model's computation)."""
+        self._note_input(x)
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
@@ -290,7 +292,10 @@ class ONEModel(BranchedModel):
         return self._export_branch(self.branch if branch is None else branch)
 
     def summary(self, input_size: Sequence[int] | None = None) -> str:
-        """Split, parameter counts of trunk / one branch / gate, and forward-FLOP shares (batch of 1)."""
+        """Split (the rule that chose it, and the nearest other cuts with their tails' FLOP shares), parameter
+        counts of trunk / one branch / gate, and forward FLOPs (batch of 1). FLOPs are measured at ``input_size``,
+        else the wrapper's ``input_size``, else the (C, H, W) of the first batch ``forward`` saw, else the model's
+        declared size (timm's ``img_size`` or ``pretrained_cfg``); with none of them, the summary says so."""
         trunk_p = count_parameters([self.trunk])
         branch_p = count_parameters([self.branches[0]])
         gate_p = count_parameters([self.gate])
@@ -302,9 +307,13 @@ class ONEModel(BranchedModel):
         ]
         if self._describe_cut():
             lines.append(self._describe_cut())
+        lines += describe_split(self, input_size)
         lines.append("  execution: " + self._describe_execution())
+        size = flop_input_size(self, input_size)
+        if size is None:
+            return "\n".join(lines + [not_measured_line("FLOPs")])
         try:
-            flops = self._flops(input_size)
+            flops = self._flops(size)
         except Exception as err:  # FLOPs are informative only; say why they are missing
             lines.append(f"  FLOPs: not measured ({type(err).__name__}: {err}); pass input_size=(C, H, W)")
         else:
@@ -342,8 +351,8 @@ class ONEModel(BranchedModel):
             )
         return "\n".join(lines)
 
-    def _flops(self, input_size: Sequence[int] | None) -> tuple[int, int, int, tuple[int, ...]]:
-        x = example_input(self._original, input_size or self.input_size)
+    def _flops(self, input_size: Sequence[int]) -> tuple[int, int, int, tuple[int, ...]]:
+        x = example_input(self._original, input_size)
         modes = [m.training for m in (self.trunk, self.branches[0], self.gate)]
         for m in (self.trunk, self.branches[0], self.gate):
             m.eval()
