@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from .errors import SplitError
 
-__all__ = ["example_input", "trial_mode"]
+__all__ = ["example_input", "declared_input_size", "trial_mode"]
 
 
 # Ops through which a channel count read off a module upstream may no longer hold.
@@ -108,38 +108,54 @@ def _producer_channels(net: nn.Module, cut: fx.Node) -> tuple[int, int, bool] | 
     return fallback
 
 
-def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
-    """(C, H, W) of a plausible input: the model's image-size attribute or timm cfg, channels of its first conv;
-    (D,) for a model whose first layer is a Linear."""
+def _first_layer(net: nn.Module) -> nn.Module | None:
+    return next((m for m in net.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
+
+
+def declared_input_size(net: nn.Module) -> tuple[int, ...] | None:
+    """(C, H, W) the model states for its inputs, ``None`` when it states none: its image size (timm's
+    ``img_size``, torchvision ViT's ``image_size``, on the model or its ``patch_embed``; a Hugging Face config's
+    ``image_size``), else timm's ``pretrained_cfg["input_size"]``."""
+    config = getattr(net, "config", None)
+    config = getattr(config, "vision_config", None) or config  # HF models with a vision tower (SigLIP, CLIP)
     size = None
-    for owner in (net, getattr(net, "patch_embed", None)):
-        for attr in ("img_size", "image_size"):
-            value = getattr(owner, attr, None) if owner is not None else None
-            if value is not None:
-                size = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-                break
-        if size:
+    for owner in (net, getattr(net, "patch_embed", None), config):
+        value = next((v for a in ("img_size", "image_size") if (v := getattr(owner, a, None)) is not None), None)
+        if value is not None:
+            size = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
             break
-    cfg_size = None
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(net, attr, None)
-        if isinstance(cfg, dict) and cfg.get("input_size"):
-            cfg_size = tuple(cfg["input_size"])
-            break
-    first = next((m for m in net.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
-    if isinstance(first, nn.Linear) and size is None and cfg_size is None:
+    cfg = next((c for a in ("pretrained_cfg", "default_cfg")
+                if isinstance(c := getattr(net, a, None), dict) and c.get("input_size")), None)
+    cfg_size = tuple(cfg["input_size"]) if cfg else None
+    if size is None:  # the image size first: timm keeps pretrained_cfg's 224 x 224 for a model built with 64
+        if cfg_size is None:
+            return None
+        size = cfg_size[1:]
+    # The model's own word first (timm's in_chans, HF num_channels, pretrained_cfg): the first convolution in module
+    # order need not be the first one called (timm CSATv2 registers a 64-channel convolution before its stem).
+    first = _first_layer(net)
+    chans = getattr(net, "in_chans", None) or getattr(config, "num_channels", None) or (
+        cfg_size[0] if cfg_size else None) or (first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else 3)
+    return (chans, *size)
+
+
+def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) of a plausible input: the size the model declares, else (D,) for a model whose first layer is a
+    Linear, else its first convolution's channels at 224 x 224."""
+    declared = declared_input_size(net)
+    if declared is not None:
+        return declared
+    first = _first_layer(net)
+    if isinstance(first, nn.Linear):
         return (first.in_features,)  # an MLP: its first layer states the (flattened) input size
-    # The model's own word first (timm's in_chans and pretrained_cfg): the first convolution in module order need
-    # not be the first one called (timm CSATv2 registers a 64-channel convolution before its stem).
-    chans = getattr(net, "in_chans", None) or (cfg_size[0] if cfg_size else None) or (
-        first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else 3)
-    hw = size or (cfg_size[1:] if cfg_size else (224, 224))
-    return (chans, *hw)
+    chans = getattr(net, "in_chans", None) or (first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else 3)
+    return (chans, 224, 224)
 
 
 def _run_trunk(net: nn.Module, trunk: nn.Module, input_size: Sequence[int] | None, why: str) -> Any:
     """The trunk's eval-mode output on an example input; a SplitError asking for ``input_size`` if it fails."""
-    x = example_input(net, input_size)
+    # Two samples, so that the batch axis is told apart from axes that fold samples with patches (MobileViT).
+    x = example_input(net, input_size, batch=_TRIAL_BATCH)
     was_training = trunk.training
     trunk.eval()
     try:
@@ -154,9 +170,15 @@ def _run_trunk(net: nn.Module, trunk: nn.Module, input_size: Sequence[int] | Non
         trunk.train(was_training)
 
 
-def _main_value(values: Sequence[Any]) -> int:
-    """Which of the values crossing a cut the gate pools: the largest tensor with the batch axis of the others."""
+_TRIAL_BATCH = 2
+
+
+def _main_value(values: Sequence[Any], batch: int | None = _TRIAL_BATCH) -> int:
+    """Which of the values crossing a cut the gate pools: the largest tensor whose first axis is the batch (one
+    value per sample, not samples folded with patches), else the largest tensor."""
     tensors = [(v.numel(), -i) for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.ndim >= 2]
+    per_sample = [t for t in tensors if values[-t[1]].shape[0] == batch]
+    tensors = per_sample or tensors
     if not tensors:
         raise SplitError("no tensor with a batch axis crosses this cut; choose another split")
     return -max(tensors)[1]

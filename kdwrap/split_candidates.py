@@ -16,12 +16,12 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SplitError
-from .probe import example_input, trial_mode
+from .probe import declared_input_size, example_input, trial_mode
 from .surgery import _check_split_name, _downsamples, _module_paths_with_nodes, _Traced, select_output, trace
 from .taps import _is_stage, graph_stage_starts
 
 __all__ = ["SplitChoice", "Candidate", "choose_split", "given_split", "candidates", "describe_split",
-           "flop_input_size", "declared_input_size"]
+           "flop_input_size"]
 
 SHOWN = 5  # the candidates a summary lists, the chosen split included
 _NOT_MEASURED = "not measured yet: pass input_size=(C, H, W) or run one batch first"
@@ -184,24 +184,6 @@ def _tail_shares(net: nn.Module, traced: _Traced, cuts: dict[str, int], x: torch
     return {name: from_here[i] / total for name, i in cuts.items()}
 
 
-def declared_input_size(net: nn.Module) -> tuple[int, ...] | None:
-    """(C, H, W) the model states for its inputs: its image size (timm's ``img_size``, torchvision ViT's
-    ``image_size``, on the model or its ``patch_embed``), else timm's ``pretrained_cfg["input_size"]``; ``None``
-    when it states none."""
-    cfg = next((c for a in ("pretrained_cfg", "default_cfg")
-                if isinstance(c := getattr(net, a, None), dict) and c.get("input_size")), None)
-    cfg_size = tuple(cfg["input_size"]) if cfg else None
-    # The image size first: timm keeps pretrained_cfg's 224 x 224 for a model built with img_size=64.
-    for owner in (net, getattr(net, "patch_embed", None)):
-        size = getattr(owner, "img_size", None) or getattr(owner, "image_size", None)
-        if size:
-            conv = next((m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-            chans = getattr(net, "in_chans", None) or (cfg_size or (None,))[0] or getattr(conv, "in_channels", None)
-            if chans:
-                return (chans, *(tuple(size) if isinstance(size, (tuple, list)) else (size, size)))
-    return cfg_size
-
-
 def flop_input_size(model: Any, input_size: Sequence[int] | None = None) -> tuple[int, ...] | None:
     """The input at which ``summary()`` measures FLOPs: ``input_size``, else the wrapper's ``input_size``, else the
     first batch it saw, else the model's declared size; ``None`` when none is known."""
@@ -216,7 +198,7 @@ def candidates(model: Any, input_size: Sequence[int] | None = None, limit: int =
     ``limit`` in all, nearest first, the chosen one first), with each tail's share of the forward FLOPs at
     :func:`flop_input_size`."""
     choice, net = model.split_choice, model._original
-    traced = trace(net, False, *model._trace_options)
+    traced = trace(net, False, *model._trace_options, model.input_size)
     select_output(traced, net, model.output, training=False)
     cuts = _valid_cuts(net, traced, [choice.split, *choice.considered])
     pos = {n: i for i, n in enumerate(sorted(cuts, key=cuts.__getitem__))}

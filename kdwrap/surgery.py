@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule, NodePathTracer
 
+from .concrete_trace import ConcreteTracerMixin, check_batch_free, root_forward_without_varargs
 from .errors import SplitError, TraceError
 from .probe import _main_value, _run_trunk, _trunk_channels, example_input
 
@@ -66,6 +67,43 @@ def _optional_inputs_branched_on(graph: fx.Graph) -> list[str]:
 class _Traced:
     graph: fx.Graph
     qualnames: dict[fx.Node, str]
+    # The input the graph was traced with concrete values on (None: plain symbolic tracing); branches the forward
+    # took on shapes follow that input's.
+    example: torch.Tensor | None = None
+
+
+class _ConcreteTracer(ConcreteTracerMixin, _Tracer):
+    """kdwrap's tracer with values (:mod:`kdwrap.concrete_trace`), tracing ``root_fn`` in place of the forward."""
+
+    def __init__(self, root_fn: Callable | None, example: torch.Tensor, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root_fn, self.example, self.fed = root_fn, example, False
+        self.set_inputs({})
+
+    def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> Any:
+        return super().create_args_for_root(self.root_fn or root_fn, is_module, concrete_args)
+
+    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        if kind == "placeholder":  # the first input is the example; the others keep their defaults
+            if not self.fed:
+                self.fed = True
+                return self.example
+            return args[0] if args else None
+        return super()._evaluate(kind, target, args, kwargs)
+
+
+def _trace_with(make_tracer: Callable[[], _Tracer], net: nn.Module) -> tuple[fx.Graph, _Tracer]:
+    tracer = make_tracer()
+    try:
+        graph = tracer.trace(net)
+        branched = _optional_inputs_branched_on(graph)
+        if branched:
+            tracer = make_tracer()
+            graph = tracer.trace(net, concrete_args={name: None for name in branched})
+    except Exception as err:
+        err.failed_in = tracer.failed_in  # type: ignore[attr-defined]
+        raise
+    return graph, tracer
 
 
 def trace(
@@ -73,37 +111,62 @@ def trace(
     training: bool,
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Sequence[Callable] = (),
+    input_size: Sequence[int] | None = None,
 ) -> _Traced:
-    """Trace ``net`` in the given mode, tagging each node with the module path it belongs to."""
+    """Trace ``net`` in the given mode, tagging each node with the module path it belongs to.
+
+    Plain symbolic tracing first; where it fails, or the forward takes ``*args``/``**kwargs`` (Hugging Face models),
+    tracing with concrete values on an example input (:mod:`kdwrap.concrete_trace`) at ``input_size`` or the
+    model's own declared size."""
     kwargs = _timm_tracer_kwargs()
-    tracer = _Tracer(
-        leaf_modules=kwargs["leaf_modules"] + list(leaf_modules),
-        autowrap_functions=kwargs["autowrap_functions"] + list(autowrap_functions),
-    )
+    options = dict(leaf_modules=kwargs["leaf_modules"] + list(leaf_modules),
+                   autowrap_functions=kwargs["autowrap_functions"] + list(autowrap_functions))
+    root_fn = root_forward_without_varargs(net)
     was_training = net.training
     net.train(training)
+    # A forward may store what it computes on its modules (HF Swin: self.window_size = min(height, width)); under
+    # tracing that is a proxy, which must not outlive the trace in the user's model.
+    attributes = [(m, dict(vars(m))) for m in net.modules()]
+    plain_err: Exception | None = None
+    example: torch.Tensor | None = None
     try:
-        graph = tracer.trace(net)
-        branched = _optional_inputs_branched_on(graph)
-        if branched:
-            tracer = _Tracer(
-                leaf_modules=kwargs["leaf_modules"] + list(leaf_modules),
-                autowrap_functions=kwargs["autowrap_functions"] + list(autowrap_functions),
-            )
-            graph = tracer.trace(net, concrete_args={name: None for name in branched})
-    except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
-        where = tracer.failed_in or f"the forward of {type(net).__name__} itself"
+        if root_fn is None:
+            try:
+                graph, tracer = _trace_with(lambda: _Tracer(**options), net)
+                return _Traced(graph, dict(tracer.node_to_qualname))
+            except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
+                plain_err = err
+        example = example_input(net, input_size, batch=2)
+        buffers = [(b, b.detach().clone()) for b in net.buffers()]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                graph, tracer = _trace_with(lambda: _ConcreteTracer(root_fn, example, **options), net)
+        finally:
+            with torch.no_grad():  # leaf modules ran on the example (BatchNorm statistics): undo that
+                for b, saved in buffers:
+                    b.copy_(saved)
+        return _Traced(graph, dict(tracer.node_to_qualname), example)
+    except Exception as err:
+        first = plain_err or err
+        where = getattr(first, "failed_in", None) or f"the forward of {type(net).__name__} itself"
+        at = tuple(example.shape) if example is not None else "guessed"
+        also = (f"; tracing with values on a {at} example failed too ({type(err).__name__}: "
+                f"{str(err)[:300]})") if plain_err is not None and err is not plain_err else ""
         raise TraceError(
             f"torch.fx cannot trace {type(net).__name__}: the failure is in module '{where}' "
-            f"({type(err).__name__}: {err}). kdwrap's ONE needs an fx-traceable model. Fixes: pass "
-            "leaf_modules=[TheModuleClass] so fx runs that module as a black box (it must lie wholly in the "
+            f"({type(first).__name__}: {str(first)[:500]}){also}. kdwrap's ONE needs an fx-traceable model. Fixes: "
+            "pass leaf_modules=[TheModuleClass] so fx runs that module as a black box (it must lie wholly in the "
             "trunk or wholly in the tail), or autowrap_functions=[fn] for a free function with data-dependent "
             "control flow, or rewrite the offending control flow (see torch.fx's 'Limitations of Symbolic "
-            "Tracing'). OSAKD (kdwrap.osakd) needs no tracing."
-        ) from err
+            "Tracing'); if the model's input is not an image of its declared size, pass input_size=(C, H, W). "
+            "OSAKD (kdwrap.osakd) needs no tracing."
+        ) from first
     finally:
+        for m, saved in attributes:  # new attributes stay (fx's tensor constants), unless they hold a proxy
+            added = {k: v for k, v in vars(m).items() if k not in saved and not isinstance(v, fx.Proxy)}
+            vars(m).clear()
+            vars(m).update(saved, **added)
         net.train(was_training)
-    return _Traced(graph, dict(tracer.node_to_qualname))
 
 
 def _describe(value: Any) -> tuple[str, dict[Any, Any] | None]:
@@ -359,10 +422,12 @@ def split_model(
 
     ``output`` names the logits (index, key or field) when ``net`` returns a tuple, dict or namedtuple.
     """
-    train_t = trace(net, True, leaf_modules, autowrap_functions)
-    eval_t = trace(net, False, leaf_modules, autowrap_functions)
+    train_t = trace(net, True, leaf_modules, autowrap_functions, input_size)
+    eval_t = trace(net, False, leaf_modules, autowrap_functions, input_size)
     select_output(train_t, net, output, training=True)
     select_output(eval_t, net, output, training=False)
+    if eval_t.example is not None:
+        check_batch_free(fx.GraphModule(net, eval_t.graph), net, eval_t.example, output)
     from .split_candidates import given_split  # it builds on this module
 
     choice = auto_split(net, eval_t, input_size, explain=True) if split is None else None

@@ -1,5 +1,5 @@
 """kdwrap.integrations.hf: the Hugging Face Trainer trains a kdwrap model (timm with ONE and OSAKD, an HF image
-classifier with OSAKD), accumulates gradients as the plain loop does, checkpoints and resumes the loss's state,
+classifier with ONE and OSAKD), accumulates gradients as the plain loop does, checkpoints and resumes the loss's state,
 and exports the deployable model; kdwrap itself never imports transformers."""
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ WRAPPERS = {
                                            accumulation_steps=2),
     "timm lenet5, osakd": lambda: kdwrap.osakd(timm.create_model("lenet5", num_classes=10), k=2, bank_size=16),
     "hf resnet, osakd": lambda: kdwrap.osakd(hf_resnet(), output="logits", k=2, bank_size=16),
+    "hf resnet, one": lambda: kdwrap.one(hf_resnet(), branches=2, output="logits", accumulation_steps=2),
 }
 
 
@@ -169,12 +170,6 @@ def test_settings_that_would_train_wrongly_are_refused(tmp_path):
         KDTrainer(model=other, kd_loss=loss_fn, args=training_args(tmp_path), train_dataset=Images(8))
     with pytest.raises(TypeError, match="kd_loss must be the loss"):
         KDTrainer(model=model, kd_loss=torch.nn.CrossEntropyLoss(), args=training_args(tmp_path))
-
-
-def test_one_on_an_hf_model_fails_with_the_tracing_error_and_points_to_osakd():
-    """A known limit (docs/integrations.md): torch.fx cannot trace transformers' image classifiers."""
-    with pytest.raises(kdwrap.TraceError, match=r"cannot trace ResNetForImageClassification.*OSAKD"):
-        kdwrap.one(hf_resnet(), branches=2, output="logits")
 
 
 def test_kdwrap_imports_no_integration_library_and_a_missing_one_names_its_extra():
