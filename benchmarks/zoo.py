@@ -137,6 +137,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["one", "osakd"])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model and method (default 300)")
+    p.add_argument("--retry-timeout", type=float, default=None, metavar="SECONDS",
+                   help="after the pass, run each model that ran out of time or whose process died again, alone, "
+                        "with this limit (a model that is only slow on a loaded machine is not a failure)")
     p.add_argument("--make-list", action="store_true", help="rewrite zoo_models.txt and exit")
     p.add_argument("--check", default=None, help=argparse.SUPPRESS)  # one model, in this process (a worker)
     p.add_argument("--out", type=Path, default=None)
@@ -160,6 +163,16 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda job: run_isolated(*job, args.timeout), jobs):
             rows.append(row)
+            print(f"{row['model']:<40} {row['method']:<6} {row['status']:<7} {row['seconds']:>6.1f} s  "
+                  f"{row.get('error', row.get('split', ''))}", flush=True)
+    retry = [i for i, r in enumerate(rows) if r["status"] == "timeout" or r.get("stage") == "process"]
+    if args.retry_timeout and retry:
+        print(f"\nretrying {len(retry)} alone, {args.retry_timeout:.0f} s each at most", flush=True)
+        for i in retry:
+            first = rows[i]
+            row = run_isolated(first["model"], first["method"], args.retry_timeout)
+            row["first_attempt"] = {k: first[k] for k in ("status", "seconds", "error") if k in first}
+            rows[i] = row
             print(f"{row['model']:<40} {row['method']:<6} {row['status']:<7} {row['seconds']:>6.1f} s  "
                   f"{row.get('error', row.get('split', ''))}", flush=True)
     wall = time.time() - t0

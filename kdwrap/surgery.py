@@ -439,6 +439,14 @@ def split_model(
     cut_train, cut_eval = _cut_graph(train_t, split), _cut_graph(eval_t, split)
     trunk = Piece(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
     tail = Piece(net, cut_train.tail, cut_eval.tail, class_name="Tail")
+    later = _after_shared_parameters(net, eval_t, _shared_parameters(trunk, tail)) if choice.automatic else None
+    if later is not None:  # the automatic split would untie weights (timm CoaT's position encodings): move on
+        shared = ", ".join(sorted({n.rsplit(".", 1)[0] for n in _shared_parameters(trunk, tail)})[:4])
+        choice.rule += f", moved to the first module after the last use of weights the trunk shares ({shared})"
+        choice.split = split = later
+        cut_train, cut_eval = _cut_graph(train_t, split), _cut_graph(eval_t, split)
+        trunk = Piece(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
+        tail = Piece(net, cut_train.tail, cut_eval.tail, class_name="Tail")
     for piece in (trunk, tail):
         piece.train(net.training)
     if not any(True for _ in tail.parameters()):
@@ -472,6 +480,35 @@ def split_model(
     tail_inputs = sorted(set(cut_train.tail_inputs) | set(cut_eval.tail_inputs), key=input_names.index)
     return SplitResult(split, trunk, tail, int(gate_channels), dim, input_names, tail_inputs,
                        [n.name for n in crossing], main, choice)
+
+
+def _shared_parameters(trunk: nn.Module, tail: nn.Module) -> list[str]:
+    """The tail's names of parameters the trunk uses too."""
+    trunk_ids = {id(p) for p in trunk.parameters()}
+    return [n for n, p in tail.named_parameters() if id(p) in trunk_ids]
+
+
+def _after_shared_parameters(net: nn.Module, traced: _Traced, shared: Sequence[str]) -> str | None:
+    """The outermost module that starts after the last use of the ``shared`` parameters and leaves a tail with
+    parameters; None when nothing is shared or no such module exists."""
+    if not shared:
+        return None
+    owners = {name.rsplit(".", 1)[0] for name in shared}
+    nodes = list(traced.graph.nodes)
+    # Node targets, not paths: a module's later calls are tagged "<name>_1", "<name>_2" ... in the paths.
+    last = max(i for i, n in enumerate(nodes) if n.op in ("call_module", "get_attr")
+               and any(_in_module(n.target, o) for o in owners))
+    order = _module_paths_with_nodes(traced)
+    with_params = [i for i, n in enumerate(nodes) if n.op in ("call_module", "get_attr")]
+    later = [(path.count("."), i, path) for path, i in order.items() if i > last and path
+             and any(j >= i for j in with_params)]
+    for _, _, path in sorted(later):
+        try:
+            _check_split_name(net, path, traced)
+        except SplitError:
+            continue
+        return path
+    return None
 
 
 def _check_no_shared_parameters(trunk: nn.Module, tail: nn.Module, split: str) -> None:

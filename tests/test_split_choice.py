@@ -127,3 +127,38 @@ def test_okddip_summary_names_the_rule_and_the_candidates():
     assert "  split: 'stage2', chosen as the start of the last resolution stage" in text
     assert re.search(r"candidates \(tail share of forward FLOPs at input \(3, 16, 16\)\): stage2 [\d.]+% \(chosen\)",
                      text)
+
+
+class SharedPositionConv(nn.Module):
+    """A position-encoding convolution used in two stages (timm CoaT's shared ``cpe``): a tail holding its second
+    use would untie it from the trunk's first."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.stage1 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.stage2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.stage3 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pos(x)
+        x = self.stage2(self.stage1(x))
+        x = x + self.pos(x)
+        return self.head(self.stage3(x).mean((2, 3)))
+
+
+def test_an_automatic_split_moves_past_weights_the_trunk_shares_and_a_given_one_names_them():
+    model, loss_fn = kdwrap.one(SharedPositionConv(), branches=2, input_size=(3, 16, 16))
+    assert model.split == "stage3"  # the stage rule's 'stage2' would hold pos's second use
+    assert "after the last use of weights the trunk shares (pos)" in model.summary()
+    x = torch.randn(4, 3, 16, 16)
+    loss_fn(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    assert model.trunk.pos.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(kdwrap.export(model).eval()(x), model(x))
+    with pytest.raises(kdwrap.SplitError, match=r"split='stage2': parameters are used both before and after"):
+        kdwrap.one(SharedPositionConv(), branches=2, split="stage2")
