@@ -71,9 +71,10 @@ def osakd(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
 def kd(student: nn.Module, teacher: nn.Module | None = None, **kwargs: Any) -> tuple[KDModel, KDLoss]:
     """Wrap ``student`` for KD (Hinton et al.) from a trained, frozen ``teacher``. Returns ``(model, loss_fn)``.
 
-    Options (``temperature``, ``alpha``, ...): see :class:`kdwrap.methods.kd.HintonKDLoss`; an unknown one raises
-    :class:`OptionError` listing the valid ones. The teacher is not in ``model.parameters()`` nor in
-    ``model.state_dict()``: to resume, rebuild the wrapper with the same teacher, then load the checkpoint.
+    Options (``temperature``, ``alpha``, ``output``, ...): see :class:`kdwrap.methods.kd.HintonKDLoss` and
+    :class:`kdwrap.methods.kd.HintonKDModel`; an unknown one raises :class:`OptionError` listing the valid ones.
+    The teacher is not in ``model.parameters()`` nor in ``model.state_dict()``: to resume, rebuild the wrapper
+    with the same teacher, then load the checkpoint.
     """
     from .methods.kd import build_kd
 
@@ -93,7 +94,7 @@ def dml(
     """Wrap ``net`` for DML (Deep Mutual Learning). Returns ``(model, loss_fn)``.
 
     ``net`` is one network, copied into ``peers`` independently initialised peers (default 2), or a list of
-    networks (the peers, possibly of different architectures). Options (``reinit_peers``, ``peer``,
+    networks (the peers, possibly of different architectures). Options (``reinit_peers``, ``peer``, ``output``,
     ``temperature``, ...): see :class:`kdwrap.methods.dml.DMLModel` and :class:`kdwrap.methods.dml.DMLLoss`; an
     unknown one raises :class:`OptionError` listing the valid ones.
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -12,7 +13,10 @@ from torch import nn
 
 from .errors import OptionError
 
-__all__ = ["EVAL_CAPTURE", "KDModel", "KDLoss", "KeepReachable", "check_target", "route_options", "unwrap"]
+__all__ = [
+    "EVAL_CAPTURE", "KDModel", "KDLoss", "KeepReachable", "check_output_option", "check_target", "route_options",
+    "select_logits", "unwrap",
+]
 
 # What a wrapper's eval-mode forward leaves as its capture: the loss then returns plain cross-entropy.
 EVAL_CAPTURE = "eval"
@@ -163,6 +167,47 @@ def check_target(target: Any, b: int, c: int, method: str) -> tuple[torch.Tensor
         torch._assert_async(((target >= 0) & (target < c)).all(), msg)
     target = target.long()  # cross_entropy takes int64 (or uint8) class indices only
     return target, target
+
+
+def check_output_option(method: str, value: Any, name: str = "output") -> int | str | None:
+    """``value`` if it can name the logits inside a net's output (``None``, an int index or a str key), else a
+    clear error."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        raise TypeError(f"kdwrap {method}: {name} must be an int index or a str key, got {type(value).__name__}")
+    return value
+
+
+def select_logits(
+    out: Any, output: int | str | None, method: str, source: str = "the model", option: str = "output"
+) -> torch.Tensor:
+    """The logits tensor inside a net's output: the output itself if it is a tensor, else ``out[output]`` (index
+    or key; a string also names an attribute, e.g. of a namedtuple or a ``ModelOutput``). ``method``, ``source``
+    (which net) and ``option`` (which keyword names the logits) word the errors."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if output is None:
+        what = f"a dict with keys {list(out.keys())}" if isinstance(out, Mapping) else type(out).__name__
+        hint = f"{option}='logits'" if isinstance(out, Mapping) else f"{option}=0"
+        raise TypeError(
+            f"kdwrap {method}: {source} returned {what}, not a logits tensor; name the logits with "
+            f"kdwrap.{method}(..., {hint}) (an index for tuples/lists, a key or attribute name otherwise)"
+        )
+    try:
+        if isinstance(out, Mapping) or isinstance(output, int):
+            logits = out[output]
+        else:
+            logits = getattr(out, output)
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+        raise TypeError(
+            f"kdwrap {method}: {option}={output!r} does not name an element of the {type(out).__name__} that "
+            f"{source} returned ({e!r})"
+        ) from e
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"kdwrap {method}: {option}={output!r} names a {type(logits).__name__} in {source}'s output, not a logits "
+            "tensor"
+        )
+    return logits
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -53,3 +53,26 @@ class FunctionalLeNet(nn.Module):
         x = nn.functional.max_pool2d(nn.functional.relu(self.conv2(x)), 2)
         x = torch.flatten(x, 1)
         return self.fc3(nn.functional.relu(self.fc2(nn.functional.relu(self.fc1(x)))))
+
+
+class DictTinyNet(TinyNet):
+    """TinyNet whose forward returns ``{"logits": ...}``: a container output, with no ``output=`` to name it."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": super().forward(x)}
+
+
+def tiny_hf_vit(seed: int = 0) -> nn.Module:
+    """A tiny Hugging Face ``ViTForImageClassification`` (10 classes, 32x32 inputs), which returns an
+    ``ImageClassifierOutput``; skips the test where transformers is not installed."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=10)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return transformers.ViTForImageClassification(config)
+
+
+def vit_batch(seed: int = 0, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)

@@ -1,6 +1,7 @@
 """DML: the loss and its gradients against a hand-written reference of METHODS.md, peers, export, checkpoints,
 errors."""
 import copy
+from collections import namedtuple
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdwrap
-from conftest import TinyNet
+from conftest import DictTinyNet, TinyNet, tiny_hf_vit, vit_batch
 from kdwrap import OptionError
 from kdwrap.methods.dml import DMLLoss, DMLModel
 from loop_utils import assert_resume_in_process_is_exact
@@ -185,7 +186,9 @@ def test_wrap_by_name_and_summary():
     (lambda: kdwrap.dml(TinyNet(), peer=2), ValueError, r"peer must be an int in \[0, 2\)"),
     (lambda: kdwrap.dml(TinyNet(), temperature=0), ValueError, "temperature=0 is invalid"),
     (lambda: kdwrap.dml(TinyNet(), tempreature=2), OptionError, "did you mean 'temperature'"),
-    (lambda: kdwrap.dml(TinyNet(), alpha=0.5), OptionError, "valid options: peers, reinit_peers, peer, temperature"),
+    (lambda: kdwrap.dml(TinyNet(), alpha=0.5), OptionError,
+     "valid options: peers, reinit_peers, peer, output, temperature"),
+    (lambda: kdwrap.dml(TinyNet(), output=1.5), TypeError, "output must be an int index or a str key"),
 ])
 def test_bad_input_is_a_clear_error(build, exc, match):
     with pytest.raises(exc, match=match):
@@ -196,3 +199,60 @@ def test_peers_of_different_classes_are_an_error_naming_each():
     model, _ = kdwrap.dml([TinyNet(num_classes=5), TinyNet(num_classes=7)])
     with pytest.raises(ValueError, match="peer 0: 5, peer 1: 7"):
         model(_batch(0)[0])
+
+
+# ------------------------------------------------------------------------------------------------ container outputs
+def test_hf_classifier_with_output_logits_matches_the_reference_and_exports_as_is():
+    model, loss_fn = kdwrap.wrap(tiny_hf_vit(), method="dml", peers=2, output="logits")
+    x, y = vit_batch()
+    ref_peers = copy.deepcopy(model.peers)
+    z = model(x)
+    assert type(z) is torch.Tensor and z.shape == (4, 10)
+    loss = loss_fn(z, y)
+    loss.backward()
+    ref = reference_loss([p(x).logits.double() for p in ref_peers], y, 1.0)
+    assert abs(loss.item() - ref.item()) < 1e-6
+    ref.backward()
+    assert all(p.grad is not None for p in model.parameters())  # every peer learns
+    for got, want in zip(_grads(model.peers), _grads(ref_peers)):
+        torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=1e-5)
+
+    model.eval()
+    deployed = kdwrap.export(model)
+    assert type(deployed) is type(model.peers[0])
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x).logits, model(x))
+
+
+_Outputs = namedtuple("_Outputs", ["logits", "aux_logits"])
+
+
+class _AuxInTraining(TinyNet):
+    """torchvision GoogLeNet's contract: a namedtuple with auxiliary logits in training, the logits in eval."""
+
+    def forward(self, x):
+        z = super().forward(x)
+        return _Outputs(z, z.detach() * 0) if self.training else z
+
+
+@pytest.mark.parametrize("output", ["logits", 0])
+def test_a_namedtuple_output_is_named_by_field_or_index(output):
+    model, loss_fn = kdwrap.dml(_AuxInTraining(), output=output)
+    x, y = _batch(0)
+    z = model(x)
+    torch.testing.assert_close(z, model.peers[0](x).logits)
+    loss_fn(z, y).backward()
+    model.eval()
+    torch.testing.assert_close(model(x), model.peers[0](x))
+
+
+def test_a_container_output_without_output_is_an_error_naming_the_option():
+    model, _ = kdwrap.dml(DictTinyNet())
+    x = _batch(0)[0]
+    for mode in (True, False):
+        model.train(mode)
+        with pytest.raises(TypeError, match=r"peer 0 returned a dict with keys \['logits'\].*output='logits'"):
+            model(x)
+    model, _ = kdwrap.dml(DictTinyNet(), output="scores")
+    with pytest.raises(TypeError, match="output='scores' does not name an element of the dict that peer 0"):
+        model(x)

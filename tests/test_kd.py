@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdwrap
-from conftest import TinyNet
+from conftest import DictTinyNet, TinyNet, tiny_hf_vit, vit_batch
 from kdwrap import OptionError
 from kdwrap.methods.kd import HintonKDLoss, HintonKDModel
 from loop_utils import assert_resume_in_process_is_exact
@@ -187,7 +187,9 @@ def test_a_teacher_of_other_classes_is_an_error_naming_both_numbers():
     (dict(alpha=-0.1), ValueError, r"outside \[0, 1\]"),
     (dict(alpha=True), TypeError, "alpha must be a float"),
     (dict(temprature=2), OptionError, "did you mean 'temperature'"),
-    (dict(branches=2), OptionError, "valid options: temperature, alpha, check_finite"),
+    (dict(branches=2), OptionError, "valid options: temperature, alpha, check_finite, output, teacher_output"),
+    (dict(output=1.5), TypeError, "output must be an int index or a str key"),
+    (dict(teacher_output=["logits"]), TypeError, "teacher_output must be an int index or a str key"),
 ])
 def test_bad_options_are_clear_errors(options, exc, match):
     with pytest.raises(exc, match=match):
@@ -205,3 +207,48 @@ def test_a_missing_or_wrong_teacher_is_a_clear_error():
     wrapped, _ = kdwrap.osakd(TinyNet())
     with pytest.raises(ValueError, match=r"kdwrap.export\(teacher_wrapper\)"):
         kdwrap.kd(student, wrapped)
+
+
+# ------------------------------------------------------------------------------------------------ container outputs
+def test_hf_classifiers_with_output_logits_match_the_reference_and_export_as_is():
+    student, teacher = tiny_hf_vit(seed=1), tiny_hf_vit(seed=2)
+    model, loss_fn = kdwrap.wrap(student, method="kd", teacher=teacher, output="logits")
+    assert model.teacher_output == "logits"  # defaults to output
+    x, y = vit_batch()
+    before = copy.deepcopy(student)
+    z = model(x)
+    assert type(z) is torch.Tensor
+    loss = loss_fn(z, y)
+    loss.backward()
+    with torch.no_grad():
+        z_t = teacher(x).logits
+    ref = reference_loss(before(x).logits, z_t, y, 4.0, 0.9)
+    assert abs(loss.item() - ref.item()) < 1e-6
+    ref.backward()
+    for (name, got), want in zip(student.named_parameters(), before.parameters()):
+        assert got.grad is not None, name
+        torch.testing.assert_close(got.grad, want.grad.float(), atol=1e-6, rtol=1e-5)
+    assert all(p.grad is None for p in teacher.parameters())
+
+    model.eval()
+    deployed = kdwrap.export(model)
+    assert type(deployed) is type(student)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x).logits, model(x))
+
+
+def test_only_the_teacher_returns_a_container():
+    student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    x, y = vit_batch()
+    model, _ = kdwrap.kd(student, tiny_hf_vit())
+    with pytest.raises(TypeError, match=r"the teacher returned a dict .*teacher_output='logits'"):
+        model(x)
+    model, loss_fn = kdwrap.kd(student, tiny_hf_vit(), teacher_output="logits")
+    loss_fn(model(x), y).backward()
+    assert model.output is None and student[1].weight.grad is not None
+
+
+def test_a_container_output_without_output_is_an_error_naming_the_option():
+    model, _ = kdwrap.kd(DictTinyNet(), _teacher())
+    with pytest.raises(TypeError, match=r"the student returned a dict with keys \['logits'\].*output='logits'"):
+        model(_batch(0)[0])

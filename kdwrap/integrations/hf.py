@@ -34,8 +34,7 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
     )
 
 from ..api import export
-from ..base import KDLoss, unwrap
-from ..methods.osakd import select_logits
+from ..base import KDLoss, select_logits, unwrap
 
 __all__ = ["KDTrainer", "LOSS_STATE_FILE", "DEPLOYED_FILE"]
 
@@ -54,7 +53,8 @@ class KDTrainer(Trainer):
     ``batch[input_key]`` goes to the model as its first positional argument, so the same batches serve a timm
     model (``forward(x)``) and an HF image classifier (``forward(pixel_values, ...)``); the labels go to the loss,
     never to the model (an HF model would compute a loss of its own); any other key goes to the model as a keyword.
-    An HF classifier returns an output object: wrap it with ``kdwrap.osakd(net, output="logits")``.
+    An HF classifier returns an output object: wrap it with ``output="logits"``, e.g.
+    ``kdwrap.osakd(net, output="logits")`` (every method takes it).
 
     Gradient accumulation: kdwrap's losses are batch means, so the Trainer divides each micro-batch's loss by
     ``gradient_accumulation_steps``, as the plain-PyTorch recipe of docs/training.md does; ``num_items_in_batch``
@@ -139,7 +139,8 @@ class KDTrainer(Trainer):
         outputs = model(x, **inputs)
         loss = self.kd_loss(outputs, labels)
         if return_outputs:
-            return loss, {"logits": select_logits(outputs, getattr(self.kd_loss.model, "output", None))}
+            wrapped = self.kd_loss.model
+            return loss, {"logits": select_logits(outputs, getattr(wrapped, "output", None), wrapped.method)}
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

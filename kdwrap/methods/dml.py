@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, check_output_option, route_options, select_logits
 from ..surgery import count_parameters
 from .branch_init import reinitialise_like
 from .soft_targets import check_temperature, softened_kl
@@ -53,6 +53,9 @@ class DMLModel(KDModel):
             (:func:`kdwrap.methods.branch_init.reinitialise_like`; default). ``False``: they start as exact copies,
             the choice for fine-tuning a pretrained model. A list of networks is used as given.
         peer: the peer ``forward`` returns and :func:`kdwrap.export` keeps (default 0).
+        output: index, key or field of the logits when the peers return a tuple, dict or namedtuple (an HF
+            classifier's ``ImageClassifierOutput``: ``"logits"``). ``model(x)`` then returns the logits tensor;
+            ``export`` returns the peer as it is, outputs and all.
     """
 
     method = "dml"
@@ -64,6 +67,7 @@ class DMLModel(KDModel):
         peers: int | None = None,
         reinit_peers: bool = True,
         peer: int = 0,
+        output: int | str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(net, nn.Module):
@@ -94,6 +98,7 @@ class DMLModel(KDModel):
             raise ValueError(f"kdwrap dml: peer must be an int in [0, {len(nets)}), got {peer!r}")
         self.peers = nn.ModuleList(nets)
         self.peer = int(peer)
+        self.output = check_output_option("dml", output)
         # The loss's options, set by build_dml for summary(); not "config": HF's Trainer reads model.config.
         self.loss_options: dict[str, Any] = {}
         self.train(nets[0].training)
@@ -107,8 +112,8 @@ class DMLModel(KDModel):
         only that peer (the deployed model's computation)."""
         if not self.training:
             self._put_capture(EVAL_CAPTURE)
-            return self.peers[self.peer](x, *args, **kwargs)
-        logits = [_check_logits(p(x, *args, **kwargs), i) for i, p in enumerate(self.peers)]
+            return self._logits(self.peer, x, *args, **kwargs)
+        logits = [_check_logits(self._logits(i, x, *args, **kwargs), i) for i in range(self.num_peers)]
         classes = [z.shape[-1] for z in logits]
         if len(set(classes)) > 1:
             raise ValueError(
@@ -119,6 +124,9 @@ class DMLModel(KDModel):
         self._put_capture(logits)
         others = [z for i, z in enumerate(logits) if i != self.peer]
         return KeepReachable.apply(logits[self.peer], *others)
+
+    def _logits(self, i: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return select_logits(self.peers[i](x, *args, **kwargs), self.output, "dml", f"peer {i}")
 
     def export(self, peer: int | None = None) -> nn.Module:
         """Peer ``peer`` (default: the one ``model(x)`` returns) as a deep copy: the user's own class with its
@@ -137,6 +145,8 @@ class DMLModel(KDModel):
         lines = [f"kdwrap DML (Deep Mutual Learning): {self.num_peers} peers (forward returns peer {self.peer})"]
         for i, p in enumerate(self.peers):
             lines.append(f"  peer {i}: {type(p).__name__}, {count_parameters([p]):,} parameters")
+        if self.output is not None:
+            lines.append(f"  logits: element {self.output!r} of each peer's output")
         deployed = count_parameters([self.peers[self.peer]])
         lines.append(f"  parameters: wrapper {count_parameters([self]):,} | deployed {deployed:,}")
         if self.loss_options:
@@ -149,7 +159,8 @@ class DMLModel(KDModel):
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
-        return f"peers={self.num_peers}, peer={self.peer}"
+        output = "" if self.output is None else f", output={self.output!r}"
+        return f"peers={self.num_peers}, peer={self.peer}{output}"
 
 
 def _check_logits(z: Any, i: int) -> torch.Tensor:
@@ -219,7 +230,7 @@ def build_dml(net: nn.Module | Sequence[nn.Module], **options: Any) -> tuple[DML
     """Wrap ``net`` (one network, copied into ``peers`` peers, or a list of networks) for DML. Returns
     ``(model, loss_fn)``; use ``loss = loss_fn(model(x), y)``.
 
-    Each option goes, unchanged, to the class that owns it: ``peers``, ``reinit_peers`` and ``peer`` to
+    Each option goes, unchanged, to the class that owns it: ``peers``, ``reinit_peers``, ``peer`` and ``output`` to
     :class:`DMLModel`, ``temperature`` and ``check_finite`` to :class:`DMLLoss`; their docstrings document them.
     An unknown option raises :class:`kdwrap.OptionError` listing the valid ones.
     """

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import EVAL_CAPTURE, KDLoss, KDModel, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, check_output_option, route_options, select_logits
 from ..surgery import count_parameters
 from .soft_targets import check_fraction, check_temperature, softened_kl
 
@@ -57,11 +57,25 @@ class HintonKDModel(KDModel):
     not in ``parameters()`` (so never in the optimizer), not in ``state_dict()`` (a checkpoint holds the student
     under ``student.*``; rebuild the wrapper with the same teacher to resume), ``train()`` leaves it in eval mode,
     and ``.to()`` / ``.cuda()`` / ``.half()`` move it with the student.
+
+    Args:
+        output: index, key or field of the logits when the student returns a tuple, dict or namedtuple (an HF
+            classifier's ``ImageClassifierOutput``: ``"logits"``). ``model(x)`` then returns the logits tensor;
+            ``export`` returns the student as it is, outputs and all.
+        teacher_output: the same for the teacher (default: ``output``; a teacher that returns a tensor needs
+            none).
     """
 
     method = "kd"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        output: int | str | None = None,
+        teacher_output: int | str | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"kdwrap kd: the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
@@ -79,6 +93,10 @@ class HintonKDModel(KDModel):
         if n_teacher is not None and n_student is not None and n_teacher != n_student:
             raise _class_mismatch(n_teacher, n_student)
         self.student = student
+        self.output = check_output_option("kd", output)
+        self.teacher_output = check_output_option("kd", teacher_output, "teacher_output")
+        if self.teacher_output is None:  # a teacher of the student's family returns the same container
+            self.teacher_output = self.output
         teacher.requires_grad_(False)
         # Not a submodule: outside parameters() and state_dict(); _apply and train keep it moved and in eval mode.
         self.__dict__["_teacher"] = teacher.eval()
@@ -106,13 +124,14 @@ class HintonKDModel(KDModel):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The student's logits. Training: the teacher's logits on the same input are captured for the loss."""
-        z = self.student(x, *args, **kwargs)
+        z = select_logits(self.student(x, *args, **kwargs), self.output, "kd", "the student")
         if not self.training:
             self._put_capture(EVAL_CAPTURE)
             return z
         _logits(z, "student")
         with torch.no_grad():
-            t = _logits(self.teacher(x, *args, **kwargs), "teacher")
+            t = self.teacher(x, *args, **kwargs)
+            t = _logits(select_logits(t, self.teacher_output, "kd", "the teacher", "teacher_output"), "teacher")
         if t.shape[-1] != z.shape[-1]:
             raise _class_mismatch(t.shape[-1], z.shape[-1])
         self._put_capture(t)
@@ -145,6 +164,9 @@ class HintonKDModel(KDModel):
             f"  teacher: {type(self.teacher).__name__}, {count_parameters([self.teacher]):,} parameters, frozen "
             "(eval mode, no gradients; not in parameters() or state_dict())",
         ]
+        if self.output is not None or self.teacher_output is not None:
+            lines.append(f"  logits: element {self.output!r} of the student's output, {self.teacher_output!r} of "
+                         "the teacher's")
         if cfg:
             alpha, T = cfg["alpha"], cfg["temperature"]
             lines.append(
@@ -211,11 +233,12 @@ class HintonKDLoss(KDLoss):
 def build_kd(student: nn.Module, teacher: nn.Module, **options: Any) -> tuple[HintonKDModel, HintonKDLoss]:
     """Wrap ``student`` for KD from ``teacher``. Returns ``(model, loss_fn)``; use ``loss = loss_fn(model(x), y)``.
 
-    The options (``temperature``, ``alpha``, ``check_finite``) go to :class:`HintonKDLoss`, whose docstring
-    documents them. An unknown option raises :class:`kdwrap.OptionError` listing the valid ones.
+    Each option goes, unchanged, to the class that owns it: ``temperature``, ``alpha`` and ``check_finite`` to
+    :class:`HintonKDLoss`, ``output`` and ``teacher_output`` to :class:`HintonKDModel`; their docstrings document
+    them. An unknown option raises :class:`kdwrap.OptionError` listing the valid ones.
     """
-    (loss_options,) = route_options("kd", options, HintonKDLoss)
-    model = HintonKDModel(student, teacher)
+    loss_options, model_options = route_options("kd", options, HintonKDLoss, HintonKDModel)
+    model = HintonKDModel(student, teacher, **model_options)
     loss_fn = HintonKDLoss(model, **loss_options)
     model.loss_options = loss_fn.config()
     return model, loss_fn

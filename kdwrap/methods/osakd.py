@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -18,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._timing import median_ms, timing_may_decide
-from ..base import KDLoss, KDModel, check_target, route_options
+from ..base import KDLoss, KDModel, check_output_option, check_target, route_options, select_logits
 from ..knn import BACKENDS, DISTANCES, faiss_available, knn_soft_labels, resolve_backend
 from ..memory_bank import MemoryBank
 
-__all__ = ["DEFAULT_ALPHA", "DISTILL", "OSAKDModel", "OSAKDLoss", "build_osakd", "select_logits"]
+__all__ = ["DEFAULT_ALPHA", "DISTILL", "OSAKDModel", "OSAKDLoss", "build_osakd"]
 
 DISTILL = ("mse", "kl")
 # The weight of CE, the paper's. A lower alpha looked like a gain on CIFAR-10, but plain training at the same
@@ -34,33 +33,6 @@ DEFAULT_ALPHA = 0.9
 # probability vector in L2, and at cosine distance > 1 from every non-negative vector, so never a neighbour while
 # k valid points exist.
 _FAR = -1e4
-
-
-def select_logits(out: Any, output: int | str | None) -> torch.Tensor:
-    """The logits tensor inside a net's output: the output itself if it is a tensor, else ``out[output]`` (index
-    or key; a string also names an attribute, e.g. of a namedtuple or a ``ModelOutput``)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if output is None:
-        what = f"a dict with keys {list(out.keys())}" if isinstance(out, Mapping) else type(out).__name__
-        hint = "output='logits'" if isinstance(out, Mapping) else "output=0"
-        raise TypeError(
-            f"kdwrap osakd: the model returned {what}, not a logits tensor; name the logits with "
-            f"kdwrap.osakd(net, {hint}) (an index for tuples/lists, a key or attribute name otherwise)"
-        )
-    try:
-        if isinstance(out, Mapping) or isinstance(output, int):
-            logits = out[output]
-        else:
-            logits = getattr(out, output)
-    except (KeyError, IndexError, AttributeError, TypeError) as e:
-        raise TypeError(
-            f"kdwrap osakd: output={output!r} does not name an element of the model's {type(out).__name__} "
-            f"output ({e!r})"
-        ) from e
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"kdwrap osakd: output={output!r} names a {type(logits).__name__}, not a logits tensor")
-    return logits
 
 
 class OSAKDModel(KDModel):
@@ -75,10 +47,8 @@ class OSAKDModel(KDModel):
 
     def __init__(self, net: nn.Module, *, output: int | str | None = None) -> None:
         super().__init__()
-        if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
-            raise TypeError(f"kdwrap osakd: output must be an int index or a str key, got {type(output).__name__}")
         self.model = net
-        self.output = output
+        self.output = check_output_option("osakd", output)
         # The loss's options, set by build_osakd for summary(); not "config": HF's Trainer reads model.config.
         self.loss_options: dict[str, Any] = {}
 
@@ -86,7 +56,7 @@ class OSAKDModel(KDModel):
         """Exactly what the wrapped net returns; in training mode it also records a capture for the loss."""
         out = self.model(*args, **kwargs)
         if self.training:
-            self._put_capture(tuple(select_logits(out, self.output).shape))
+            self._put_capture(tuple(select_logits(out, self.output, "osakd").shape))
         return out
 
     def export(self, copy_model: bool = True, **kwargs: Any) -> nn.Module:
@@ -242,7 +212,7 @@ class OSAKDLoss(KDLoss):
         """The OSAKD loss of the preceding training forward (soft labels from the bank and the batch, then the
         bank is updated); cross-entropy after an eval forward."""
         model = self.model
-        logits = select_logits(outputs, model.output)
+        logits = select_logits(outputs, model.output, "osakd")
         if logits.dim() != 2:
             raise ValueError(
                 f"kdwrap osakd: expected logits of shape (B, C), got {tuple(logits.shape)}; OSAKD is for "
