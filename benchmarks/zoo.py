@@ -8,8 +8,9 @@ The list (in the repository, so a sweep is repeatable) holds one model per timm 
 by name: atto/femto/pico/nano/tiny/small before the others) and every torchvision classifier. Per model and method,
 in its own process with a time limit (--timeout): build it (pretrained=False, 10 classes), wrap it, one training
 step on a batch of 2 at the model's own input size, export, and compare the exported model's eval outputs with the
-wrapper's. --jobs processes run at once (default: one per core). Prints a table and a summary per method and writes
-benchmarks/results/zoo_<device>_<date>.json.
+wrapper's. --jobs processes run at once (default: one per core); --retry-timeout runs the models that ran out of
+time (or whose process died) again, one at a time, with a longer limit. Prints a table and a summary per method and
+writes benchmarks/results/zoo_<device>_<date>.json.
 """
 from __future__ import annotations
 

@@ -36,14 +36,16 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
      ["kdwrap.methods.one.build_one", "kdwrap.methods.one.ONEModel", "kdwrap.methods.one.ONELoss",
       "kdwrap.methods.one.ONEEnsemble", "kdwrap.methods.one.ONEGate", "kdwrap.methods.one.ramp_weight",
       "kdwrap.methods.branched.BranchedModel", "kdwrap.methods.branch_init.reinitialise_like"]),
-    ("Surgery (`kdwrap.surgery`, `kdwrap.split_candidates`, `kdwrap.taps`, `kdwrap.probe`)", "Cutting a traced "
+    ("Surgery (`kdwrap.surgery`, `kdwrap.concrete_trace`, `kdwrap.split_candidates`, `kdwrap.taps`, `kdwrap.probe`)",
+     "Cutting a traced "
      "model, why it is cut where it is, reading it besides its output, and what kdwrap reads off a model it was not "
      "told about; see [one.md](one.md#choosing-the-split).",
      ["kdwrap.surgery.split_model", "kdwrap.surgery.auto_split", "kdwrap.surgery.SplitResult",
       "kdwrap.split_candidates.SplitChoice", "kdwrap.split_candidates.candidates",
       "kdwrap.split_candidates.Candidate",
       "kdwrap.taps.stage_starts", "kdwrap.taps.graph_stage_starts", "kdwrap.taps.classifier_name",
-      "kdwrap.taps.graph_with_outputs", "kdwrap.probe.example_input"]),
+      "kdwrap.taps.graph_with_outputs", "kdwrap.probe.example_input", "kdwrap.probe.declared_input_size",
+      "kdwrap.surgery.trace", "kdwrap.concrete_trace.check_batch_free"]),
     ("Fused branches (`kdwrap.fused`)", "ONE's branches as one graph; see [one.md](one.md#how-the-branches-run).",
      ["kdwrap.fused.fuse_branches", "kdwrap.fused.FusedBranches", "kdwrap.fused.register_module_rule",
       "kdwrap.fused.ModuleRule"]),
