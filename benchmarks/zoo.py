@@ -123,8 +123,12 @@ def run_isolated(name: str, method: str, timeout: float) -> dict[str, Any]:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), None)
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        if out.returncode < 0:  # killed: the kernel's OOM killer sends SIGKILL and the process prints nothing
+            last = f"the process was killed by signal {-out.returncode}" + (
+                " (SIGKILL: out of memory, see dmesg)" if out.returncode == -9 else "")
         row = json.loads(line) if line else {"model": name, "method": method, "status": "error", "stage": "process",
-                                             "error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                                             "error": last}
     except subprocess.TimeoutExpired:
         row = {"model": name, "method": method, "status": "timeout", "error": f"over {timeout:.0f} s"}
     row["seconds"] = round(time.time() - t0, 1)

@@ -2,8 +2,9 @@
 
 Plain fx fails on code that asks a traced value a question: ``if x.shape[1] != self.num_patches``, ``int(n ** 0.5)``,
 ``len(x.shape)``, a root ``forward(self, *args, **kwargs)`` under a decorator (Hugging Face transformers, whose own fx
-tracer is gone from transformers 5). This tracer runs every traced operation on a real example input as it records
-it (transformers' former ``HFTracer`` did the same with meta tensors), so such questions get the example's answer:
+tracer is gone from transformers 5). This tracer runs every traced operation on an example input as it records it,
+on the meta device (shapes, no data; transformers' former ``HFTracer`` did the same), so such questions get the
+example's answer:
 shapes stay symbolic in the graph wherever the code keeps them as tensors' sizes, and only branches taken on them
 are fixed to the example's path. :func:`check_batch_free` then runs the graph on a batch of another size against
 the model itself, so a batch size frozen into the graph is an error at wrap time, not at the first step.
@@ -16,14 +17,16 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx.experimental.meta_tracer import gen_constructor_wrapper
 from torch.fx.proxy import Attribute
 
 from .errors import TraceError
 from .probe import trial_mode
 
-__all__ = ["ConcreteTracerMixin", "root_forward_without_varargs", "check_batch_free"]
+__all__ = ["ConcreteTracerMixin", "plain_fx_can_take_inputs", "first_input_forward", "check_batch_free"]
 
 _MISSING = object()
+_CONSTRUCTORS = ("arange", "zeros", "ones", "full", "empty", "eye", "rand", "randn", "randint", "linspace")
 
 
 # What a value may be read off without reading a tensor's data: questions on these (and on Python arithmetic over
@@ -64,6 +67,21 @@ class ConcreteTracerMixin:
     """Mixed in before an ``fx.Tracer``: records each node's value on the example ``inputs`` (placeholder name ->
     value) while tracing. Values are computed without autograd; the caller restores buffers a leaf module changed."""
 
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        # Sizes are proxies here, and torch's constructors do not dispatch on proxies given as sizes
+        # (``torch.ones(b, n)``): record them as graph calls, as fx's MetaTracer does.
+        patched = {name: gen_constructor_wrapper(getattr(torch, name)) for name in _CONSTRUCTORS}
+        for name, (wrapper, _) in patched.items():
+            setattr(torch, name, wrapper)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for name, (_, original) in patched.items():
+                setattr(torch, name, original)
+
+    # Where the values live: "meta" (shapes only; see the placeholder of kdwrap.surgery's tracer).
+    device = torch.device("meta")
+
     def set_inputs(self, inputs: dict[str, Any]) -> None:
         self.inputs = inputs
         self.values: dict[fx.Node, Any] = {}
@@ -101,13 +119,12 @@ class ConcreteTracerMixin:
 
     def shape_value_of(self, proxy: fx.Proxy) -> Any:
         """The value of a question on shapes; a TraceError for one on a tensor's data."""
-        value = self.value_of(proxy)
         if proxy.node in self.data:
             raise fx.proxy.TraceError(
                 f"the forward branches on the values in a tensor ({proxy.node.format_node()}): data-dependent "
                 "control flow, which a graph cannot hold"
             )
-        return value
+        return self.value_of(proxy)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.shape_value_of(obj))
@@ -155,14 +172,20 @@ class ConcreteTracerMixin:
             return self.inputs.get(target, _MISSING)
         # fx's patches (module attribute reads and calls made into graph nodes) must not see the real run.
         with _maybe_revert_all_patches(), torch.no_grad():
+            # Parameters and buffers as meta tensors too: some kernels refuse a meta input with a CPU weight, and
+            # a leaf module's in-place updates (BatchNorm statistics) then touch copies.
             if kind == "get_attr":
-                return _attribute(self.root, target)
+                value = _attribute(self.root, target)
+                return value.to(self.device) if isinstance(value, torch.Tensor) else value
             if kind == "call_function":
                 return target(*args, **kwargs)
             if kind == "call_method":
                 return getattr(args[0], target)(*args[1:], **kwargs)
             if kind == "call_module":
-                return self.root.get_submodule(target)(*args, **kwargs)
+                module = self.root.get_submodule(target)
+                tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+                tensors = {k: v.to(self.device) for k, v in tensors.items()}
+                return torch.func.functional_call(module, tensors, tuple(args), kwargs)
         return _MISSING
 
 
@@ -173,17 +196,21 @@ def _attribute(root: nn.Module, dotted: str) -> Any:
     return value
 
 
-def root_forward_without_varargs(net: nn.Module) -> Callable | None:
-    """A stand-in for ``type(net).forward`` taking only its first input, when the real one (under its decorators)
-    takes ``*args`` or ``**kwargs``, which fx cannot make placeholders of; None when fx can trace it as it is.
-    The other inputs keep their defaults (a Hugging Face classifier's labels, masks and flags)."""
+def plain_fx_can_take_inputs(net: nn.Module) -> bool:
+    """Whether fx can make placeholders of the forward's inputs: not if the forward (under its decorators) takes
+    ``*args`` or ``**kwargs`` (every Hugging Face model)."""
     forward = type(net).forward
     params = list(inspect.signature(inspect.unwrap(forward)).parameters.values())[1:]
-    kinds = {p.kind for p in params}
-    if not kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD} and forward is inspect.unwrap(
-        forward
-    ):
-        return None
+    varargs = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    return forward is inspect.unwrap(forward) and not {p.kind for p in params} & varargs
+
+
+def first_input_forward(net: nn.Module) -> Callable:
+    """A stand-in for ``type(net).forward`` taking only its first input: the others keep their defaults (a Hugging
+    Face classifier's labels, masks and flags; optional masks the forward tests with ``is None``, which a proxy
+    would answer wrongly)."""
+    forward = type(net).forward
+    params = list(inspect.signature(inspect.unwrap(forward)).parameters.values())[1:]
     first = next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), "x")
     namespace: dict[str, Any] = {"forward_": forward}
     # The stand-in's argument carries the real input's name, which becomes the graph's placeholder name.
@@ -194,7 +221,7 @@ def root_forward_without_varargs(net: nn.Module) -> Callable | None:
 def check_batch_free(graph_module: nn.Module, net: nn.Module, example: torch.Tensor, output: Any) -> None:
     """Run the eval graph and the model on a batch of another size than the traced one: a batch size frozen into
     the graph (``torch.zeros(int(x.shape[0]), ...)``) fails here, with the fix."""
-    x = torch.cat([example, example[:1]])
+    x = example[:1] if example.shape[0] > 1 else torch.cat([example, example])
     with trial_mode(net):
         want = net(x)
         try:

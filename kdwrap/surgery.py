@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule, NodePathTracer
 
-from .concrete_trace import ConcreteTracerMixin, check_batch_free, root_forward_without_varargs
+from .concrete_trace import ConcreteTracerMixin, check_batch_free, first_input_forward, plain_fx_can_take_inputs
 from .errors import SplitError, TraceError
 from .probe import _main_value, _run_trunk, _trunk_channels, example_input
 
@@ -87,7 +87,9 @@ class _ConcreteTracer(ConcreteTracerMixin, _Tracer):
         if kind == "placeholder":  # the first input is the example; the others keep their defaults
             if not self.fed:
                 self.fed = True
-                return self.example
+                # On the meta device: shapes without data, so that holding every value of the trace costs no
+                # memory (a ViT at 768 x 768 would need tens of GB) and questions on data cannot be answered.
+                return self.example.to(self.device)
             return args[0] if args else None
         return super()._evaluate(kind, target, args, kwargs)
 
@@ -121,7 +123,6 @@ def trace(
     kwargs = _timm_tracer_kwargs()
     options = dict(leaf_modules=kwargs["leaf_modules"] + list(leaf_modules),
                    autowrap_functions=kwargs["autowrap_functions"] + list(autowrap_functions))
-    root_fn = root_forward_without_varargs(net)
     was_training = net.training
     net.train(training)
     # A forward may store what it computes on its modules (HF Swin: self.window_size = min(height, width)); under
@@ -130,7 +131,7 @@ def trace(
     plain_err: Exception | None = None
     example: torch.Tensor | None = None
     try:
-        if root_fn is None:
+        if plain_fx_can_take_inputs(net):
             try:
                 graph, tracer = _trace_with(lambda: _Tracer(**options), net)
                 return _Traced(graph, dict(tracer.node_to_qualname))
@@ -140,6 +141,7 @@ def trace(
         buffers = [(b, b.detach().clone()) for b in net.buffers()]
         try:
             with torch.random.fork_rng(devices=[]):
+                root_fn = first_input_forward(net)
                 graph, tracer = _trace_with(lambda: _ConcreteTracer(root_fn, example, **options), net)
         finally:
             with torch.no_grad():  # leaf modules ran on the example (BatchNorm statistics): undo that
