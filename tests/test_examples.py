@@ -1,4 +1,5 @@
 """The example scripts run end to end on tiny offline data (a synthetic CIFAR pack, scikit-learn's digits)."""
+import importlib
 import importlib.util
 import json
 import os
@@ -11,8 +12,9 @@ import pytest
 import timm
 import torch
 
-import kdwrap.models  # noqa: F401  (registers cifar_resnet* with timm)
 from test_data import _fake_pack
+
+importlib.import_module("kdwrap.models")  # registers cifar_resnet* with timm
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
