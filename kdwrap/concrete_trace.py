@@ -64,8 +64,18 @@ class _ConcreteAttribute(Attribute, _ConcreteProxy):
 
 
 class ConcreteTracerMixin:
-    """Mixed in before an ``fx.Tracer``: records each node's value on the example ``inputs`` (placeholder name ->
-    value) while tracing. Values are computed without autograd; the caller restores buffers a leaf module changed."""
+    """Mixed in before an ``fx.Tracer``: records each node's value while tracing, on the meta device (shapes, no
+    data: holding every value of a trace costs no memory, and questions on data cannot be answered). The traced
+    forward is :func:`first_input_forward`'s stand-in; its input is ``example``."""
+
+    device = torch.device("meta")
+
+    def __init__(self, example: torch.Tensor, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+        self.errors: dict[fx.Node, Exception] = {}
+        self.data: set[fx.Node] = set()  # nodes whose values derive from tensor data, not only from shapes
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         # Sizes are proxies here, and torch's constructors do not dispatch on proxies given as sizes
@@ -79,14 +89,9 @@ class ConcreteTracerMixin:
             for name, (_, original) in patched.items():
                 setattr(torch, name, original)
 
-    # Where the values live: "meta" (shapes only; see the placeholder of kdwrap.surgery's tracer).
-    device = torch.device("meta")
-
-    def set_inputs(self, inputs: dict[str, Any]) -> None:
-        self.inputs = inputs
-        self.values: dict[fx.Node, Any] = {}
-        self.errors: dict[fx.Node, Exception] = {}
-        self.data: set[fx.Node] = set()  # nodes whose values derive from tensor data, not only from shapes
+    def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> Any:
+        stand_in = first_input_forward(self.root) if is_module else root_fn
+        return super().create_args_for_root(stand_in, is_module, concrete_args)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
@@ -110,7 +115,7 @@ class ConcreteTracerMixin:
                 continue
             seen.add(n)
             if n in self.errors and not isinstance(self.errors[n], LookupError):
-                found = n if found is None or n.name < found.name else found
+                found = n if found is None or _before(n, found) else found
             stack.extend(a for a in n.all_input_nodes if a not in self.values)
         if found is None:
             return ""
@@ -168,8 +173,8 @@ class ConcreteTracerMixin:
             return a
 
         args, kwargs = fx.node.map_aggregate(args, value), fx.node.map_aggregate(kwargs, value)
-        if kind == "placeholder":
-            return self.inputs.get(target, _MISSING)
+        if kind == "placeholder":  # the stand-in forward's one input
+            return self.example.to(self.device)
         # fx's patches (module attribute reads and calls made into graph nodes) must not see the real run.
         with _maybe_revert_all_patches(), torch.no_grad():
             # Parameters and buffers as meta tensors too: some kernels refuse a meta input with a CPU weight, and
@@ -187,6 +192,14 @@ class ConcreteTracerMixin:
                 tensors = {k: v.to(self.device) for k, v in tensors.items()}
                 return torch.func.functional_call(module, tensors, tuple(args), kwargs)
         return _MISSING
+
+
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node ``a`` comes before ``b`` in their graph."""
+    for n in a.graph.nodes:
+        if n is a or n is b:
+            return n is a
+    return False
 
 
 def _attribute(root: nn.Module, dotted: str) -> Any:

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule, NodePathTracer
 
-from .concrete_trace import ConcreteTracerMixin, check_batch_free, first_input_forward, plain_fx_can_take_inputs
+from .concrete_trace import ConcreteTracerMixin, check_batch_free, plain_fx_can_take_inputs
 from .errors import SplitError, TraceError
 from .probe import _main_value, _run_trunk, _trunk_channels, example_input
 
@@ -73,25 +73,7 @@ class _Traced:
 
 
 class _ConcreteTracer(ConcreteTracerMixin, _Tracer):
-    """kdwrap's tracer with values (:mod:`kdwrap.concrete_trace`), tracing ``root_fn`` in place of the forward."""
-
-    def __init__(self, root_fn: Callable | None, example: torch.Tensor, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.root_fn, self.example, self.fed = root_fn, example, False
-        self.set_inputs({})
-
-    def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> Any:
-        return super().create_args_for_root(self.root_fn or root_fn, is_module, concrete_args)
-
-    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
-        if kind == "placeholder":  # the first input is the example; the others keep their defaults
-            if not self.fed:
-                self.fed = True
-                # On the meta device: shapes without data, so that holding every value of the trace costs no
-                # memory (a ViT at 768 x 768 would need tens of GB) and questions on data cannot be answered.
-                return self.example.to(self.device)
-            return args[0] if args else None
-        return super()._evaluate(kind, target, args, kwargs)
+    """kdwrap's tracer with values (:mod:`kdwrap.concrete_trace`): node paths, buffers as graph reads."""
 
 
 def _trace_with(make_tracer: Callable[[], _Tracer], net: nn.Module) -> tuple[fx.Graph, _Tracer]:
@@ -141,8 +123,7 @@ def trace(
         buffers = [(b, b.detach().clone()) for b in net.buffers()]
         try:
             with torch.random.fork_rng(devices=[]):
-                root_fn = first_input_forward(net)
-                graph, tracer = _trace_with(lambda: _ConcreteTracer(root_fn, example, **options), net)
+                graph, tracer = _trace_with(lambda: _ConcreteTracer(example, **options), net)
         finally:
             with torch.no_grad():  # leaf modules ran on the example (BatchNorm statistics): undo that
                 for b, saved in buffers:
