@@ -4,10 +4,10 @@ Plain fx fails on code that asks a traced value a question: ``if x.shape[1] != s
 ``len(x.shape)``, a root ``forward(self, *args, **kwargs)`` under a decorator (Hugging Face transformers, whose own fx
 tracer is gone from transformers 5). This tracer runs every traced operation on an example input as it records it,
 on the meta device (shapes, no data; transformers' former ``HFTracer`` did the same), so such questions get the
-example's answer:
-shapes stay symbolic in the graph wherever the code keeps them as tensors' sizes, and only branches taken on them
-are fixed to the example's path. :func:`check_batch_free` then runs the graph on a batch of another size against
-the model itself, so a batch size frozen into the graph is an error at wrap time, not at the first step.
+example's answer: shapes stay symbolic in the graph wherever the code keeps them as tensors' sizes, and only
+branches taken on them are fixed to the example's path. Questions on a tensor's data stay errors.
+:func:`check_batch_free` then runs the graph on a batch of another size against the model itself, so a batch size
+frozen into the graph is an error at wrap time, not at the first step.
 """
 from __future__ import annotations
 
