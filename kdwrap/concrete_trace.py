@@ -11,6 +11,7 @@ frozen into the graph is an error at wrap time, not at the first step.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -180,7 +181,7 @@ class ConcreteTracerMixin:
             # Parameters and buffers as meta tensors too: some kernels refuse a meta input with a CPU weight, and
             # a leaf module's in-place updates (BatchNorm statistics) then touch copies.
             if kind == "get_attr":
-                value = _attribute(self.root, target)
+                value = functools.reduce(getattr, target.split("."), self.root)
                 return value.to(self.device) if isinstance(value, torch.Tensor) else value
             if kind == "call_function":
                 return target(*args, **kwargs)
@@ -200,13 +201,6 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
         if n is a or n is b:
             return n is a
     return False
-
-
-def _attribute(root: nn.Module, dotted: str) -> Any:
-    value: Any = root
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def plain_fx_can_take_inputs(net: nn.Module) -> bool:
