@@ -1,5 +1,6 @@
 """Run a function on 2 CPU processes (gloo) from a test."""
 import os
+import sys
 import tempfile
 
 import torch.distributed as dist
@@ -15,6 +16,12 @@ def _entry(rank, store_file, fn, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: objects freed there (DDP's reducer, gloo's threads) can call
+    # std::terminate ("terminate called without an active exception", SIGABRT) after the work is done and checked.
+    # Reached only when fn returned: an exception above still reaches mp.spawn with its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_two_ranks(fn, *args) -> None:
