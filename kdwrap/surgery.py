@@ -120,14 +120,10 @@ def trace(
             except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
                 plain_err = err
         example = example_input(net, input_size, batch=2)
-        buffers = [(b, b.detach().clone()) for b in net.buffers()]
-        try:
-            with torch.random.fork_rng(devices=[]):
-                graph, tracer = _trace_with(lambda: _ConcreteTracer(example, **options), net)
-        finally:
-            with torch.no_grad():  # leaf modules ran on the example (BatchNorm statistics): undo that
-                for b, saved in buffers:
-                    b.copy_(saved)
+        # Values run on meta copies of the parameters and buffers (BatchNorm statistics stay as they are); random
+        # ops on them must still not advance the user's generator.
+        with torch.random.fork_rng(devices=[]):
+            graph, tracer = _trace_with(lambda: _ConcreteTracer(example, **options), net)
         return _Traced(graph, dict(tracer.node_to_qualname), example)
     except Exception as err:
         first = plain_err or err
