@@ -6,7 +6,6 @@ node by node: a cut's tail is every node from the cut's first node on, so its FL
 """
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -17,7 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SplitError
 from .probe import declared_input_size, example_input, trial_mode
-from .surgery import _check_split_name, _downsamples, _module_paths_with_nodes, _Traced, select_output, trace
+from .surgery import (
+    _check_split_name, _downsamples, _module_paths_with_nodes, _ParameterUse, _Traced, select_output, trace,
+)
 from .taps import _is_stage, graph_stage_starts
 
 __all__ = ["SplitChoice", "Candidate", "choose_split", "given_split", "candidates", "describe_split",
@@ -121,19 +122,6 @@ def given_split(net: nn.Module, traced: _Traced, split: str) -> SplitChoice:
     return SplitChoice(split, f"given by the user (split={split!r})", automatic=False, considered=siblings)
 
 
-def _parameters_read(net: nn.Module, node: fx.Node) -> set[int]:
-    """The parameters a node reads: its module's, or those of the parameter reads (get_attr) among its inputs."""
-    if node.op == "call_module":
-        return {id(p) for p in net.get_submodule(node.target).parameters()}
-    found = set()
-    for a in node.all_input_nodes:
-        if a.op == "get_attr":
-            value = functools.reduce(getattr, a.target.split("."), net)
-            if isinstance(value, nn.Parameter):
-                found.add(id(value))
-    return found
-
-
 def _valid_cuts(net: nn.Module, traced: _Traced, names: Sequence[str]) -> dict[str, int]:
     """The names that cut the graph as :func:`kdwrap.surgery.split_model` needs (a module called once, a trunk
     before it, parameters after it, none on both sides), with their first node's index; one name per cut, the
@@ -141,7 +129,7 @@ def _valid_cuts(net: nn.Module, traced: _Traced, names: Sequence[str]) -> dict[s
     nodes = list(traced.graph.nodes)
     where = {n: i for i, n in enumerate(nodes)}
     first = _module_paths_with_nodes(traced)
-    reads = [_parameters_read(net, n) for n in nodes]
+    use = _ParameterUse.of(net, traced)
     valid: dict[str, int] = {names[0]: first[names[0]]}  # the split in use: split_model checked it
     for name in names[1:]:
         if name not in first or first[name] in valid.values():
@@ -154,8 +142,7 @@ def _valid_cuts(net: nn.Module, traced: _Traced, names: Sequence[str]) -> dict[s
         crossed = any(
             n.op not in ("get_attr", "placeholder") and any(where[u] >= i for u in n.users) for n in nodes[:i]
         )
-        head, tail = set().union(*reads[:i]), set().union(*reads[i:])
-        if crossed and tail and not head & tail:
+        if crossed and use.tail_learns(i) and not use.unties(i):
             valid[name] = i
     return valid
 

@@ -9,6 +9,7 @@ original model's own tensors and whose ``state_dict`` keys are the original mode
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -418,10 +419,11 @@ def split_model(
     cut_train, cut_eval = _cut_graph(train_t, split), _cut_graph(eval_t, split)
     trunk = Piece(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
     tail = Piece(net, cut_train.tail, cut_eval.tail, class_name="Tail")
-    later = _after_shared_parameters(net, eval_t, _shared_parameters(trunk, tail)) if choice.automatic else None
+    shared = sorted({n.rsplit(".", 1)[0] for n in _shared_parameters(trunk, tail)})
+    later = _after_shared_parameters(net, eval_t, split) if choice.automatic and shared else None
     if later is not None:  # the automatic split would untie weights (timm CoaT's position encodings): move on
-        shared = ", ".join(sorted({n.rsplit(".", 1)[0] for n in _shared_parameters(trunk, tail)})[:4])
-        choice.rule += f", moved to the first module after the last use of weights the trunk shares ({shared})"
+        choice.rule += (f", moved to the first module after the last use of weights the trunk shares "
+                        f"({', '.join(shared[:4])})")
         choice.split = split = later
         cut_train, cut_eval = _cut_graph(train_t, split), _cut_graph(eval_t, split)
         trunk = Piece(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
@@ -461,38 +463,67 @@ def split_model(
                        [n.name for n in crossing], main, choice)
 
 
-def _shared_parameters(trunk: nn.Module, tail: nn.Module) -> list[str]:
-    """The tail's names of parameters the trunk uses too."""
-    trunk_ids = {id(p) for p in trunk.parameters()}
-    return [n for n, p in tail.named_parameters() if id(p) in trunk_ids]
+def _shared_parameters(trunk: nn.Module, tail: nn.Module) -> dict[str, str]:
+    """The parameters the trunk uses too: the tail's name -> the trunk's name."""
+    trunk_names = {id(p): n for n, p in trunk.named_parameters()}
+    return {n: trunk_names[id(p)] for n, p in tail.named_parameters() if id(p) in trunk_names}
 
 
-def _after_shared_parameters(net: nn.Module, traced: _Traced, shared: Sequence[str]) -> str | None:
-    """The outermost module that starts after the last use of the ``shared`` parameters and leaves a tail with
-    parameters; None when nothing is shared or no such module exists."""
-    if not shared:
-        return None
-    owners = {name.rsplit(".", 1)[0] for name in shared}
-    nodes = list(traced.graph.nodes)
-    # Node targets, not paths: a module's later calls are tagged "<name>_1", "<name>_2" ... in the paths.
-    last = max(i for i, n in enumerate(nodes) if n.op in ("call_module", "get_attr")
-               and any(_in_module(n.target, o) for o in owners))
-    order = _module_paths_with_nodes(traced)
-    with_params = [i for i, n in enumerate(nodes) if n.op in ("call_module", "get_attr")]
-    later = [(path.count("."), i, path) for path, i in order.items() if i > last and path
-             and any(j >= i for j in with_params)]
-    for _, _, path in sorted(later):
-        try:
-            _check_split_name(net, path, traced)
-        except SplitError:
-            continue
-        return path
+def _parameters_read(net: nn.Module, node: fx.Node) -> set[int]:
+    """The parameters a node reads: its module's, or those of the parameter reads (get_attr) among its inputs."""
+    if node.op == "call_module":
+        return {id(p) for p in net.get_submodule(node.target).parameters()}
+    found = set()
+    for a in node.all_input_nodes:
+        if a.op == "get_attr":
+            value = functools.reduce(getattr, a.target.split("."), net)
+            if isinstance(value, nn.Parameter):
+                found.add(id(value))
+    return found
+
+
+@dataclass
+class _ParameterUse:
+    """Where in the graph (node indices) each parameter is read first and last."""
+
+    spans: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, net: nn.Module, traced: _Traced) -> "_ParameterUse":
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for i, node in enumerate(traced.graph.nodes):
+            for p in _parameters_read(net, node):
+                first.setdefault(p, i)
+                last[p] = i
+        return cls([(first[p], last[p]) for p in first])
+
+    def tail_learns(self, i: int) -> bool:
+        """A cut at node ``i`` leaves parameters after it."""
+        return any(end >= i for _, end in self.spans)
+
+    def unties(self, i: int) -> bool:
+        """A cut at node ``i`` falls between two reads of one parameter, which replication would untie."""
+        return any(start < i <= end for start, end in self.spans)
+
+
+def _after_shared_parameters(net: nn.Module, traced: _Traced, split: str) -> str | None:
+    """The outermost module that starts after ``split`` at a cut that unties no parameter and leaves a tail with
+    parameters (timm CoaT: after the last use of the position encodings its stages share); None if there is none."""
+    use, order = _ParameterUse.of(net, traced), _module_paths_with_nodes(traced)
+    later = sorted((path.count("."), i, path) for path, i in order.items() if path and i > order[split])
+    for _, i, path in later:
+        if use.tail_learns(i) and not use.unties(i):
+            try:
+                _check_split_name(net, path, traced)
+            except SplitError:
+                continue
+            return path
     return None
 
 
 def _check_no_shared_parameters(trunk: nn.Module, tail: nn.Module, split: str) -> None:
-    trunk_ids = {id(p): n for n, p in trunk.named_parameters()}
-    shared = [f"{n} (trunk: {trunk_ids[id(p)]})" for n, p in tail.named_parameters() if id(p) in trunk_ids]
+    shared = [f"{n} (trunk: {t})" for n, t in _shared_parameters(trunk, tail).items()]
     if shared:
         raise SplitError(
             f"split={split!r}: parameters are used both before and after the split ({', '.join(shared[:5])}); "

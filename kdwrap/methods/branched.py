@@ -95,8 +95,8 @@ class BranchedModel(KDModel):
         """Called first in forward: keep the first batch's (C, H, W) in a plain attribute (no buffer: the
         state_dict keys stay the model's). Skipped inside torch.compile, where it would cost a graph break."""
         if (
-            not torch.compiler.is_compiling() and isinstance(x, torch.Tensor)
-            and getattr(self, "first_input_size", None) is None  # wrappers pickled before this attribute existed
+            getattr(self, "first_input_size", None) is None  # wrappers pickled before this attribute existed
+            and isinstance(x, torch.Tensor) and not torch.compiler.is_compiling()
         ):
             self.first_input_size = tuple(x.shape[1:])
 
