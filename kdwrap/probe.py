@@ -133,10 +133,16 @@ def declared_input_size(net: nn.Module) -> tuple[int, ...] | None:
         size = cfg_size[1:]
     # The model's own word first (timm's in_chans, HF num_channels, pretrained_cfg): the first convolution in module
     # order need not be the first one called (timm CSATv2 registers a 64-channel convolution before its stem).
+    return (_input_channels(net, getattr(config, "num_channels", None) or (cfg_size[0] if cfg_size else None)),
+            *size)
+
+
+def _input_channels(net: nn.Module, stated: int | None = None) -> int:
+    """timm's ``in_chans``, else what the model ``stated`` elsewhere (HF ``num_channels``, ``pretrained_cfg``), else
+    its first convolution's input channels, else 3."""
     first = _first_layer(net)
-    chans = getattr(net, "in_chans", None) or getattr(config, "num_channels", None) or (
-        cfg_size[0] if cfg_size else None) or (first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else 3)
-    return (chans, *size)
+    return getattr(net, "in_chans", None) or stated or (
+        first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else 3)
 
 
 def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
@@ -148,8 +154,7 @@ def _guess_input_size(net: nn.Module) -> tuple[int, ...]:
     first = _first_layer(net)
     if isinstance(first, nn.Linear):
         return (first.in_features,)  # an MLP: its first layer states the (flattened) input size
-    chans = getattr(net, "in_chans", None) or (first.in_channels if isinstance(first, nn.modules.conv._ConvNd) else 3)
-    return (chans, 224, 224)
+    return (_input_channels(net), 224, 224)
 
 
 def _run_trunk(net: nn.Module, trunk: nn.Module, input_size: Sequence[int] | None, why: str) -> Any:
