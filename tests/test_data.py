@@ -287,3 +287,18 @@ def test_pillow_and_torchvision_decoders_agree(tmp_path: Path) -> None:
     with np.load(pack) as z:
         blob, offsets = z["train_jpeg"], z["train_offsets"]
     assert np.array_equal(data._decode_jpegs(blob, offsets), data._decode_jpegs_pil(blob, offsets))
+
+
+def test_holdout_moves_a_stratified_split_of_the_training_set_into_the_test_slot() -> None:
+    pytest.importorskip("sklearn")
+    ds = data.load_digits()
+    v1, v2 = ds.holdout(200), ds.holdout(200)
+    assert len(v1.y_test) == 200 and torch.equal(v1.x_test, v2.x_test)
+    assert len(v1.y_train) + len(v1.y_test) == len(ds.y_train)
+    assert torch.bincount(v1.y_test, minlength=10).min() >= 18
+    # no image is in both halves, and the test set is never read
+    train_rows = {tuple(r.tolist()) for r in v1.x_train.flatten(1)}
+    assert not any(tuple(r.tolist()) in train_rows for r in v1.x_test.flatten(1))
+    assert ds.holdout(None) is ds and ds.holdout(0) is ds
+    with pytest.raises(ValueError, match="holdout"):
+        ds.holdout(len(ds.y_train))

@@ -80,6 +80,20 @@ class Dataset(NamedTuple):
         return self._replace(x_train=self.x_train[idx], y_train=self.y_train[idx])
 
 
+    def holdout(self, n: int | None, seed: int = 0) -> "Dataset":
+        """The training set split in two: a seeded, class-stratified ``n`` of its images become the test set
+        (a validation split, for choosing settings without looking at the test set), the rest stay for training."""
+        if not n:
+            return self
+        if not 0 < n < len(self.y_train):
+            raise ValueError(f"holdout must be between 1 and {len(self.y_train) - 1} images, got {n}")
+        held = _stratified_subset(self.y_train, n, seed)
+        keep = torch.ones(len(self.y_train), dtype=torch.bool)
+        keep[held] = False
+        return self._replace(x_train=self.x_train[keep], y_train=self.y_train[keep],
+                             x_test=self.x_train[held], y_test=self.y_train[held])
+
+
 def _stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     # Stratified so that tiny subsets (tests, --limit-train) still contain every class in its original proportion.
     g = torch.Generator().manual_seed(seed)
