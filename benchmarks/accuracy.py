@@ -14,6 +14,9 @@ loop), with data on the device. The CIFAR-10 JPEG pack ships with the repository
     python benchmarks/accuracy.py --protocol one-resnet20-fit --seeds 0 1
     # ONE's protocol on the whole set, CIFAR ResNet-32, 30 epochs (a GPU job)
     python benchmarks/accuracy.py --protocol one-resnet32 --seeds 0 1
+    # CIFAR ResNet-32 in one 10-minute GPU call: plain, ONE m=3, OSAKD, 3 seeds, CUDA graphs; prints its expected
+    # wall time first, stops the runs at the deadline (they resume) and writes the table there
+    python benchmarks/accuracy.py --protocol one-resnet32-gpu-call --deadline 450 --results $OUT
     # DML (2 peers) and KD on the LeNet-5 protocol: KD's teacher, a plain CIFAR ResNet-20 (TEACHER_MODELS), is
     # trained first (once, seed 0) in the same --out folder and reported as its own row
     python benchmarks/accuracy.py --protocol osakd-cifar10 --variants plain dml-2 kd --seeds 0 1 2
@@ -34,6 +37,7 @@ Writes benchmarks/results/accuracy_<protocol>_<device>_<date>.json and a PNG of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -44,9 +48,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from common import markdown_table
+from common import Deadline, Stopped, command_line, markdown_table, stop_on_sigterm, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_cifar.py"
@@ -67,6 +71,10 @@ VARIANTS: dict[str, list[str]] = {
     "osakd-k8-alpha0.1": ["--method", "osakd", "--k", "8", "--alpha", "0.1"],
     # Control for OSAKD's alpha 0.3 without weight decay: CE weighted by 0.3 is plain SGD at 0.3x the learning rate.
     "plain-lr0.3x": ["--method", "plain", "--lr", "{lr_times_0_3}"],
+    # Control for the other reading of the paper's alpha (distillation weight 0.9, CE weight 0.1): plain at 0.1x lr.
+    "plain-lr0.1x": ["--method", "plain", "--lr", "{lr_times_0_1}"],
+    # Neighbours from the whole training set's latest outputs: a bank of one epoch of batches (drop_last).
+    "osakd-k8-bank-epoch": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--bank-size", "{epoch_samples}"],
     # OSAKD at that learning rate, the paper's alpha: does distillation add to a better-tuned step size?
     "osakd-k8-lr0.3x": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--lr", "{lr_times_0_3}"],
     "one-m3-lr0.3x": ["--method", "one", "--branches", "3", "--lr", "{lr_times_0_3}"],
@@ -96,13 +104,14 @@ ONE_SEED = {"teacher": 0}
 # --merge compares, and the published tables' setups stay as they were.
 TEACHER_MODELS = {"osakd-cifar10": "cifar_resnet20", "osakd-fmnist": "cifar_resnet20",
                   "one-resnet20-subset": "cifar_resnet56", "one-resnet20-fit": "cifar_resnet56",
-                  "one-resnet32": "cifar_resnet110"}
+                  "one-resnet32": "cifar_resnet110", "one-resnet32-gpu-call": "cifar_resnet110"}
 REFERENCE_RAMPUP_SHARE = 80 / 300
 LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN",  # alpha 0.9, see VARIANTS
           "osakd-k8-inbatch": "OSAKD 8-NN in-batch",
           "osakd-k8-alpha0.5": "OSAKD 8-NN alpha 0.5",
           "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-alpha0.1": "OSAKD 8-NN alpha 0.1",
-          "plain-lr0.3x": "plain, 0.3x learning rate", "osakd-k8-lr0.3x": "OSAKD 8-NN, 0.3x learning rate",
+          "plain-lr0.3x": "plain, 0.3x learning rate", "plain-lr0.1x": "plain, 0.1x learning rate",
+          "osakd-k8-bank-epoch": "OSAKD 8-NN, bank of one epoch", "osakd-k8-lr0.3x": "OSAKD 8-NN, 0.3x learning rate",
           "one-m3-lr0.3x": "ONE m=3, 0.3x learning rate", "dml-2-lr0.3x": "DML 2 peers (peer 0), 0.3x learning rate",
           "okddip-4-lr0.3x": "OKDDip 3 peers + leader (leader), 0.3x learning rate",
           "byot-lr0.3x": "BYOT (deepest exit), 0.3x learning rate",
@@ -128,6 +137,14 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "osakd-cifar10": {"dataset": "cifar10-pack", "model": "lenet5", "epochs": 20, "batch_size": 64, "lr": 0.01,
                       "weight_decay": 0.0, "schedule": "constant", "nesterov": False, "augment": False,
                       "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
+    # The paper's whole protocol: 100 epochs, the paper's reading (best over epochs) and the last. The paper's learning
+    # rate is lost from the text we have: "lr" is the one `--select-lr 0.01 0.003 0.001` chose for plain on 5,000
+    # training images held out (accuracy_osakd-cifar10-paper-lr-selection_*.json), used for every row.
+    "osakd-cifar10-paper": {"dataset": "cifar10-pack", "model": "lenet5", "epochs": 100, "batch_size": 64,
+                            "lr": 0.003, "weight_decay": 0.0, "schedule": "constant", "nesterov": False,
+                            "augment": False,
+                            "variants": ["plain", "osakd-k8", "osakd-k8-alpha0.1", "plain-lr0.1x", "osakd-k16",
+                                         "osakd-k8-bank-epoch"]},
     "osakd-fmnist": {"dataset": "fashion-mnist", "model": "small_cnn", "epochs": 20, "batch_size": 64, "lr": 0.01,
                      "weight_decay": 0.0, "schedule": "constant", "nesterov": False, "augment": False,
                      "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
@@ -145,10 +162,37 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "one-resnet32": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 30, "batch_size": 128,
                      "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True, "augment": True,
                      "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
+    # The ONE protocol's ResNet-32 on the whole set in one 10-minute device call on an H200: plain, ONE m=3 and
+    # OSAKD, seeds 0 1 2 (nine runs at once), compiled with CUDA graphs ("cuda_args"; on a CPU the runs stay eager:
+    # inductor took 62 s to compile plain ResNet-32 on the 2-core CPU, so the dry run would only compile). The plan,
+    # from GPU_PLANS' figures (the command prints the expected wall time before it starts):
+    #   steps: 50,000 // 128 = 390 per epoch. CUDA-graph steps on the H200 (speed.py, 2026-12-04): plain 5.57 ms,
+    #   ONE m=3 fused 8.74 ms; OSAKD ~6.6 ms (plain + ~1 ms of k-NN search and bank update, eager: train_cifar.py
+    #   compiles the model, not the loss). Nine processes share the GPU and under CUDA graphs they take turns, so
+    #   their steps add up: 390 x (5.57 + 8.74 + 6.6) ms = 8.2 s per seed, 24.5 s per epoch of all nine, plus ~0.3 s
+    #   of evaluation (10,000 test images, eager) per run: ~27 s per epoch.
+    #   fixed: ~20 s of start-up (imports, CUDA contexts, data onto the GPU) and ~90 s of compiling (nine processes
+    #   at once on 16 cores; ONE m=3 alone took 35 s).
+    #   epochs: the 15-minute plan (benchmarks/README.md) leaves this call --deadline 450 after the speed suite:
+    #   (450 - 110) / (27 x 1.15 margin) = 10.9, so 10 epochs, expected 110 + 10 x 27 = 380 s; a call of its own
+    #   (--deadline 540) has room to spare. Runs cut by the deadline resume with the same command while the machine
+    #   is still warm; more seeds join the table in a later call with --seeds 3 4 5 --merge <this call's JSON>.
+    "one-resnet32-gpu-call": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 10, "batch_size": 128,
+                              "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
+                              "augment": True, "variants": ["plain", "one-m3", "osakd-k8"],
+                              "cuda_args": ["--compile", "--compile-mode", "reduce-overhead", "--channels-last"]},
 }
 SMOKE = {"epochs": 1, "limit_train": 512, "limit_test": 256}
+# A GPU protocol's expected wall time (see its comment in PROTOCOLS): milliseconds per training step of each variant
+# (runs taking turns on the GPU add theirs up), seconds of start-up and compiling, and of one run's evaluation.
+GPU_PLANS: dict[str, dict[str, Any]] = {
+    "one-resnet32-gpu-call": {"step_ms": {"plain": 5.57, "one-m3": 8.74, "osakd-k8": 6.6}, "startup_s": 20.0,
+                              "compile_s": 90.0, "eval_s": 0.3},
+}
+RESERVE_S = 20.0  # before --deadline: stopping the runs, the tables, the JSON and the plot
+REFRESH_S = 30.0  # while epochs finish, the JSON and plot are rewritten at most this often
 TRAIN_KEYS = ("dataset", "model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "limit_train",
-              "limit_test")
+              "limit_test", "holdout")
 
 
 def parse_args() -> argparse.Namespace:
@@ -169,6 +213,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="run folders (default runs/accuracy-<protocol>[-smoke])")
     p.add_argument("--report-only", action="store_true",
                    help="summarise the runs already in --out (finished or not) without training")
+    p.add_argument("--finished-only", action="store_true",
+                   help="leave the runs that have not finished every epoch out of the tables (listed as not finished): "
+                   "a report of a table still growing then mixes no partial curve into a mean")
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                    help="earlier results of the same protocol (benchmarks/results/accuracy_*.json): their seeds join "
                    "this run's in the tables, so a table grows by seeds across sessions")
@@ -177,8 +224,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--name", default="", metavar="NAME",
                    help="added to the result files' names (accuracy_<protocol>-NAME_...), so that two tables of one "
                    "protocol and day do not overwrite each other, e.g. --name family-lr0.3x")
+    p.add_argument("--select-lr", nargs="+", type=float, default=None, metavar="LR",
+                   help="choose the protocol's learning rate: plain at each LR, evaluated on a validation split held "
+                   "out of the training set (--holdout), never on the test set; the table's best row is the choice")
+    p.add_argument("--holdout", type=int, default=5000, metavar="N",
+                   help="with --select-lr: training images held out as the validation split (default 5000)")
     p.add_argument("--train-args", default="", help="extra arguments for train_cifar.py, e.g. \"--channels-last\"")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="seconds from the start: start no run after, and stop the running ones (each keeps its last "
+                   "finished epoch and resumes with the same command) in time to write the tables, JSON and plot")
+    p.add_argument("--results", default=str(RESULTS), metavar="DIR",
+                   help="where the JSON and PNG go (default benchmarks/results), rewritten as epochs finish")
     args = p.parse_args()
+    if args.select_lr:
+        if args.variants:
+            p.error("--select-lr runs plain at each learning rate: drop --variants")
+        args.variants = lr_variants(args.select_lr)
+        args.baseline = args.variants[0]
+        args.name = args.name or "lr-selection"
+    elif PROTOCOLS[args.protocol]["lr"] is None:
+        p.error(f"--protocol {args.protocol} has no learning rate yet: choose it with --select-lr LR [LR ...]")
     args.variants = with_needs(args.variants or PROTOCOLS[args.protocol]["variants"])
     if args.baseline not in VARIANTS:
         p.error(f"--baseline {args.baseline!r} is not a variant; valid: {', '.join(VARIANTS)}")
@@ -203,11 +268,45 @@ def placeholders(protocol: str, setup: dict[str, Any], out_root: Path, seed: int
     """The values of the ``{...}`` placeholders of :data:`VARIANTS` and :data:`LABELS` for a protocol's runs of
     ``seed``."""
     fill = {"reference_rampup_epochs": f"{REFERENCE_RAMPUP_SHARE * setup['epochs']:g}",
-            "lr_times_0_3": f"{0.3 * setup['lr']:g}",
+            "lr_times_0_3": f"{0.3 * setup['lr']:g}", "lr_times_0_1": f"{0.1 * setup['lr']:g}",
+            "epoch_samples": str(epoch_samples(setup)),
             "teacher_model": TEACHER_MODELS.get(protocol, setup["model"])}
     for need in NEEDS.values():
         fill[f"{need}_run"] = str(out_root / run_name(need, ONE_SEED.get(need, seed)))
     return fill
+
+
+# Training images per dataset (before a subset or a held-out split).
+TRAIN_SIZES = {"cifar10-pack": 50_000, "fashion-mnist": 60_000}
+
+
+def epoch_samples(setup: dict[str, Any]) -> int:
+    """Samples one epoch of the protocol trains on (train_cifar.py drops the last partial batch)."""
+    n = TRAIN_SIZES[setup["dataset"]]
+    n -= setup.get("holdout") or 0
+    n = min(n, setup.get("limit_train") or n)
+    return n // setup["batch_size"] * setup["batch_size"]
+
+
+def lr_variants(lrs: list[float]) -> list[str]:
+    """Plain at each of ``lrs`` (--select-lr), added to VARIANTS and LABELS."""
+    names = []
+    for lr in lrs:
+        name = f"plain-lr{lr:g}"
+        VARIANTS[name] = ["--method", "plain", "--lr", f"{lr:g}"]
+        LABELS[name] = f"plain, lr {lr:g}"
+        names.append(name)
+    return names
+
+
+def choose_lr(rows: list[dict[str, Any]], epochs: int) -> float | None:
+    """The learning rate of the --select-lr row with the highest best-over-epochs accuracy (the protocol's own
+    reading), mean over seeds, among the rows whose runs all finished; None if none did."""
+    done = [r for r in rows if min(r["epochs_done"]) >= epochs]
+    if not done:
+        return None
+    cmd = VARIANTS[max(done, key=lambda r: r["best_mean"])["variant"]]
+    return float(cmd[cmd.index("--lr") + 1])
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -254,12 +353,28 @@ def run_command(args: argparse.Namespace, setup: dict[str, Any], variant: str, s
     cmd += ["--augment" if setup["augment"] else "--no-augment", "--nesterov" if setup["nesterov"] else "--no-nesterov"]
     if args.data:
         cmd += ["--data", args.data]
+    if device.startswith("cuda"):
+        cmd += setup.get("cuda_args", [])
     return cmd + [a.format(**fill) for a in VARIANTS[variant]] + args.train_args.split()
 
 
-def launch_all(runs: list[dict[str, Any]], jobs: int, threads: int, total_epochs: int) -> None:
+def expected_seconds(protocol: str, setup: dict[str, Any], runs: list[dict[str, Any]], device: str) -> float | None:
+    """The wall time GPU_PLANS expects for ``runs`` of ``protocol`` on a GPU (None: no plan for it or not a GPU)."""
+    plan = GPU_PLANS.get(protocol)
+    if plan is None or not device.startswith("cuda"):
+        return None
+    steps = epoch_samples(setup) // setup["batch_size"]
+    slowest = max(plan["step_ms"].values())
+    epoch_s = sum(steps * plan["step_ms"].get(r["variant"], slowest) / 1e3 + plan["eval_s"] for r in runs)
+    return plan["startup_s"] + plan["compile_s"] + setup["epochs"] * epoch_s
+
+
+def launch_all(runs: list[dict[str, Any]], jobs: int, threads: int, total_epochs: int,
+               deadline: Deadline | None = None, refresh: Callable[[], None] | None = None) -> None:
     """Run every command, ``jobs`` at a time, each once the runs it needs have finished; a progress bar counts
-    finished epochs over all runs."""
+    finished epochs over all runs. When ``deadline`` leaves only RESERVE_S, or on SIGTERM, the runs still going are
+    stopped (each keeps its last finished epoch: its checkpoint and history.json are written after every epoch) and
+    the others are not started. ``refresh()`` is called as epochs finish, at most every REFRESH_S."""
     from tqdm import tqdm
 
     pending, active, finished = list(runs), [], set()
@@ -269,32 +384,59 @@ def launch_all(runs: list[dict[str, Any]], jobs: int, threads: int, total_epochs
     # PYTHONPATH: the runs import this checkout's kdwrap even where it is not installed (the GPU machine).
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", PYTHONPATH=path)
-    while pending or active:
-        ready = [r for r in pending if finished.issuperset(r.get("needs", ()))]
-        if not ready and not active and pending:
-            raise SystemExit(f"runs {[r['name'] for r in pending]} need runs that are not scheduled")
-        for r in ready[:jobs - len(active)]:
-            pending.remove(r)
-            r["log_file"] = open(r["log"], "a")
-            r["proc"] = subprocess.Popen(r["cmd"], stdout=r["log_file"], stderr=subprocess.STDOUT, env=env)
-            r["start"] = time.time()
-            active.append(r)
-        time.sleep(2)
-        for r in list(active):
-            if r["proc"].poll() is not None:
-                r["log_file"].close()
-                r["seconds"] = time.time() - r["start"]
-                active.remove(r)
-                finished.add(r["name"])
-                tqdm.write(f"{r['name']}: exit {r['proc'].returncode} after {r['seconds']:.0f} s")
-                if r["proc"].returncode != 0:
-                    tail = "".join(Path(r["log"]).read_text().splitlines(keepends=True)[-15:])
-                    for other in active:
-                        other["proc"].terminate()
-                    raise SystemExit(f"run {r['name']} failed (exit {r['proc'].returncode}); end of {r['log']}:\n{tail}")
-        bar.n = sum(count_epochs(r["out"]) for r in runs)
-        bar.refresh()
-    bar.close()
+    refreshed, epochs_seen = time.monotonic(), 0
+    try:
+        while pending or active:
+            if deadline is not None and not deadline.allows(RESERVE_S):
+                tqdm.write(f"deadline: stopping {len(active)} run(s); {len(pending)} not started")
+                break
+            ready = [r for r in pending if finished.issuperset(r.get("needs", ()))]
+            if not ready and not active and pending:
+                raise SystemExit(f"runs {[r['name'] for r in pending]} need runs that are not scheduled")
+            for r in ready[:jobs - len(active)]:
+                pending.remove(r)
+                r["log_file"] = open(r["log"], "a")
+                r["proc"] = subprocess.Popen(r["cmd"], stdout=r["log_file"], stderr=subprocess.STDOUT, env=env)
+                r["start"] = time.time()
+                active.append(r)
+            time.sleep(2)
+            for r in list(active):
+                if r["proc"].poll() is not None:
+                    r["log_file"].close()
+                    r["seconds"] = time.time() - r["start"]
+                    active.remove(r)
+                    finished.add(r["name"])
+                    tqdm.write(f"{r['name']}: exit {r['proc'].returncode} after {r['seconds']:.0f} s")
+                    if r["proc"].returncode != 0:
+                        tail = "".join(Path(r["log"]).read_text().splitlines(keepends=True)[-15:])
+                        raise SystemExit(f"run {r['name']} failed (exit {r['proc'].returncode}); end of "
+                                         f"{r['log']}:\n{tail}")
+            bar.n = epochs = sum(count_epochs(r["out"]) for r in runs)
+            bar.refresh()
+            if refresh is not None and epochs != epochs_seen and time.monotonic() - refreshed >= REFRESH_S:
+                refresh()
+                refreshed, epochs_seen = time.monotonic(), epochs
+    except Stopped:
+        tqdm.write(f"SIGTERM: stopping {len(active)} run(s); {len(pending)} not started")
+    finally:
+        stop_runs(active)
+        bar.close()
+
+
+def stop_runs(active: list[dict[str, Any]], grace_s: float = 10.0) -> None:
+    """Stop the running ``active`` runs: SIGTERM, then SIGKILL after ``grace_s``. Each checkpoint is written to a
+    temporary file and renamed, so a run stopped while saving keeps its previous epoch."""
+    for r in active:
+        r["proc"].terminate()
+    until = time.monotonic() + grace_s
+    for r in active:
+        try:
+            r["proc"].wait(timeout=max(0.1, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r["proc"].kill()
+            r["proc"].wait()
+        r["log_file"].close()
+        r["stopped"] = True
 
 
 def count_epochs(run_dir: Path) -> int:
@@ -409,6 +551,8 @@ def format_table(rows: list[dict[str, Any]], kind: str) -> str:
 
 def main() -> None:
     args = parse_args()
+    deadline = Deadline(args.deadline)
+    stop_on_sigterm()
     setup = dict(PROTOCOLS[args.protocol])
     if args.smoke:
         setup.update(SMOKE)
@@ -419,7 +563,10 @@ def main() -> None:
         setup["epochs"] = args.epochs
     if args.limit_train is not None:
         setup["limit_train"] = args.limit_train or None
-    out_root = Path(args.out or ROOT / "runs" / f"accuracy-{args.protocol}{'-smoke' if args.smoke else ''}")
+    if args.select_lr:
+        setup.update(lr=args.select_lr[0], holdout=args.holdout)  # each variant passes its own --lr
+    suffix = ("-lr-selection" if args.select_lr else "") + ("-smoke" if args.smoke else "")
+    out_root = Path(args.out or ROOT / "runs" / f"accuracy-{args.protocol}{suffix}")
     out_root.mkdir(parents=True, exist_ok=True)
 
     if setup["dataset"] == "cifar10-pack" and not args.report_only:
@@ -443,10 +590,29 @@ def main() -> None:
         print(f"{len(runs)} runs of {setup['model']} on {setup['dataset']}, {setup['epochs']} epoch(s), {jobs} at a "
               f"time on {desc}; logs and run folders in {out_root}", flush=True)
         print("first command:", " ".join(runs[0]["cmd"]), flush=True)
+        expected = expected_seconds(args.protocol, setup, runs, device)
+        print("expected wall time: " + (f"{expected:.0f} s ({expected / 60:.1f} min; GPU_PLANS)" if expected else
+                                        f"no plan for {args.protocol} on {device}")
+              + (f"; deadline {args.deadline:g} s from the start" if args.deadline else ""), flush=True)
         t0 = time.time()
-        launch_all(runs, jobs, threads, len(runs) * setup["epochs"])
-        wall = time.time() - t0
 
+        def refresh() -> None:  # a call cut short still leaves the JSON and plot of every epoch so far
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                try:
+                    report(args, setup, runs, fill, out_root, device, jobs, time.time() - t0, in_progress=True)
+                except SystemExit:  # no finished epoch yet
+                    pass
+
+        launch_all(runs, jobs, threads, len(runs) * setup["epochs"], deadline, refresh)
+        wall = time.time() - t0
+    report(args, setup, runs, fill, out_root, device, jobs, wall)
+
+
+def report(args: argparse.Namespace, setup: dict[str, Any], runs: list[dict[str, Any]], fill: dict[str, str],
+           out_root: Path, device: str, jobs: int, wall: float, in_progress: bool = False) -> None:
+    """Print the tables of the runs in ``out_root`` (finished or not) and write their JSON and plot;
+    ``in_progress``: a refresh while they train."""
+    tag, desc = device_description(device)
     earlier = []
     for path in args.merge:
         old = json.loads(Path(path).read_text())
@@ -454,19 +620,31 @@ def main() -> None:
             raise SystemExit(f"--merge {path}: its protocol or setup differs from this run's; only runs of the same "
                              f"setup can share a table (it: {old['meta']['protocol']} {old['meta']['setup']})")
         earlier.append(old["results"])
-    rows = summarise(runs, args.variants, tuple(earlier), fill, args.baseline)
+    in_table = runs
+    if getattr(args, "finished_only", False):
+        in_table = [r for r in runs if count_epochs(r["out"]) >= setup["epochs"]]
+    rows = summarise(in_table, args.variants, tuple(earlier), fill, args.baseline)
     if not rows:
         raise SystemExit(f"no finished epoch in {out_root}")
     date = datetime.date.today().isoformat()
     subset = f", {setup['limit_train']:,}-image class-balanced training subset" if setup.get("limit_train") else ""
     what = (f"{setup['model']} on {setup['dataset']}{subset}, {setup['epochs']} epoch(s), batch {setup['batch_size']}, "
-            f"SGD {'Nesterov ' if setup['nesterov'] else ''}momentum 0.9, lr {setup['lr']} {setup['schedule']}, "
+            f"SGD {'Nesterov ' if setup['nesterov'] else ''}momentum 0.9, "
+            f"lr {' / '.join(f'{lr:g}' for lr in args.select_lr) if args.select_lr else setup['lr']} {setup['schedule']}, "
             f"wd {setup['weight_decay']}, {'pad-4 crop + flip' if setup['augment'] else 'no augmentation'}, "
             f"seeds {sorted({s for r in rows if r['variant'] not in ONE_SEED for s in r['seeds']})}")
-    print(f"\nTest accuracy (%), {what}; {desc}" + (f"; wall time {wall:.0f} s" if wall else ""))
+    if args.select_lr:
+        what += f"; evaluated on {setup['holdout']:,} training images held out (validation), not on the test set"
+    print(f"\n{'Validation' if args.select_lr else 'Test'} accuracy (%), {what}; {desc}"
+          + (f"; wall time {wall:.0f} s" if wall else ""))
     unfinished = [r["name"] for r in runs if count_epochs(r["out"]) < setup["epochs"]]
     if unfinished:
-        print(f"NOT FINISHED (partial curves): {', '.join(unfinished)}")
+        left_out = " left out of the tables" if in_table is not runs else " (partial curves)"
+        print(f"NOT FINISHED{left_out}: {', '.join(unfinished)}")
+    # Runs without a finished epoch have no row: a deadline or a stop came first.
+    not_measured = [r["name"] for r in runs if count_epochs(r["out"]) == 0]
+    if not_measured:
+        print(f"NOT MEASURED (no finished epoch; not in the tables): {', '.join(not_measured)}")
     for kind in ("best", "last"):
         print(f"\n{kind} epoch:\n" + format_table(rows, kind))
     print("\nONE (branch 0) is the deployed model (kdwrap.export); ONE-E is the gated ensemble of all branches from "
@@ -482,17 +660,22 @@ def main() -> None:
         print("SMOKE RUN: 1 epoch on 512 training images, tested on 256; the accuracies are meaningless (they only "
               "show that the plumbing works).")
 
-    meta = {"date": date, "device": desc, "protocol": args.protocol, "setup": setup, "seeds": args.seeds,
+    chosen = choose_lr(rows, setup["epochs"]) if args.select_lr else None
+    if args.select_lr:
+        print("\nno learning rate chosen: no run has finished" if chosen is None else
+              f"\nchosen learning rate: {chosen:g} (the best validation accuracy over epochs, mean over seeds); "
+              "set it as the protocol's lr in PROTOCOLS")
+    meta = {"date": date, "chosen_lr": chosen, "device": desc, "protocol": args.protocol, "setup": setup, "seeds": args.seeds,
             "merged": args.merge, "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
-            "wall_seconds": round(wall, 1), "unfinished": unfinished,
+            "wall_seconds": round(wall, 1), "unfinished": unfinished, "not_measured": not_measured,
+            "deadline_s": args.deadline, "in_progress": in_progress,
             **({"teacher_model": fill["teacher_model"]} if "teacher" in args.variants else {}),
-            "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
+            "command": command_line("benchmarks/accuracy.py", sys.argv[1:]),
             # relative to the repository: a record names no path of the machine it ran on
             "train_command_example": " ".join(runs[0]["cmd"][1:]).replace(f"{ROOT}{os.sep}", "")}
     stem = f"accuracy_{args.protocol}{'-' + args.name if args.name else ''}{'_smoke' if args.smoke else ''}_{tag}_{date}"
-    out = RESULTS / f"{stem}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    out = Path(args.results) / f"{stem}.json"
+    write_json(out, {"meta": meta, "results": rows})  # whole even if the call is cut while it writes
     print(f"\nwrote {out}")
     title = (f"{what}\nmean, band: min-max over seeds; {desc}, {date}"
              + ("\nSMOKE RUN: the accuracies are meaningless" if args.smoke else ""))

@@ -1,6 +1,13 @@
-"""Helpers shared by the benchmark scripts: markdown tables and an optional matplotlib."""
+"""Helpers shared by the benchmark scripts: markdown tables, an optional matplotlib, files that are always whole, and
+the deadline that makes a script stop starting new work in time to write what it measured."""
 from __future__ import annotations
 
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -25,3 +32,72 @@ def pyplot() -> Any:
         print("matplotlib is not installed: no PNG")
         return None
     return plt
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as JSON in ``path``, through a temporary file renamed over it: a reader, a packer or a kill in the
+    middle never meets half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Like :func:`write_json`, for text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _process_start() -> float:
+    """``time.monotonic()`` when this process started (Linux's /proc), else now: a deadline counts the imports too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.monotonic() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+class Deadline:
+    """``seconds`` after the script's process started (``None``: none). A script asks :meth:`allows` before each
+    piece of work with what it expects that work to take, plus the time to write its table and plot."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._at = None if seconds is None else _process_start() + seconds
+
+    def left(self) -> float:
+        return math.inf if self._at is None else self._at - time.monotonic()
+
+    def allows(self, seconds: float) -> bool:
+        return self.left() >= seconds
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (``timeout``, the end of a device call): the script writes what it has, then exits."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Stopped`, so that a killed script still writes its table and plot."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """The command that produced a result, as its JSON records it: paths inside the repository relative to it,
+    other absolute paths (a temporary folder, a device call's output folder) by their last part, so that a record
+    names no folder of the machine it ran on."""
+    root = Path(__file__).resolve().parents[1]
+
+    def portable(arg: str) -> str:
+        if not arg.startswith("/"):
+            return arg
+        path = Path(arg)
+        return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+    return " ".join(["python", script, *map(portable, argv)])

@@ -32,7 +32,11 @@ loss (which adds OSAKD's k-NN distance computation).
 operator table of 20 training steps (top 25 by device time on GPU, self CPU time on CPU) to
 <json stem>_profile.txt: where a variant's time goes.
 
-Prints a table and writes benchmarks/results/speed_<device>_<date>.json and .png.
+Prints a table and writes benchmarks/results/speed_<device>_<date>.json and .png. The JSON is on disk from the
+start and rewritten after every round of timed steps: "results" holds the rows measured so far (with the steps they
+have), "not_measured" every planned row without a measurement and why (pending, deadline, skipped). --deadline
+SECONDS (from the process's start) stops building variants and timing rounds in time to write the table and plot;
+SIGTERM (timeout) writes them too. --report FILE prints the table and draws the plot of such a file, finished or not.
 """
 from __future__ import annotations
 
@@ -62,7 +66,8 @@ from kdwrap.base import unwrap  # noqa: E402
 from kdwrap.fused import FusionError  # noqa: E402
 from kdwrap._timing import elapsed_ms  # noqa: E402
 from kdwrap.methods.one import EXECUTIONS  # noqa: E402
-from common import markdown_table, pyplot  # noqa: E402
+from common import (Deadline, Stopped, command_line, markdown_table, pyplot, stop_on_sigterm,  # noqa: E402
+                    write_json, write_text)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (batch, pixels, classes) per device kind.
@@ -96,11 +101,17 @@ WRAPPERS: dict[str, Callable[[nn.Module, int, dict[str, Any]], tuple[nn.Module, 
 
 
 GiB = 2**30
+RESERVE_S = 10.0  # the last JSON, the table and the plot, kept free before a deadline
+# A variant's build (creation, warm-up, FLOPs, memory) before any of its kind was built in this model: eager builds
+# take about a second on a GPU; CUDA-graph compiles of ResNet-32 took 35 s for ONE m=3 on the H200.
+FIRST_BUILD_GUESS_S = {False: 2.0, True: 45.0}
+TIMING_SLACK = 1.25  # step-time spread over the estimate of one step
 
 
 @dataclass
 class Variant:
     name: str
+    method: str
     model: nn.Module
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     optimizer: torch.optim.Optimizer
@@ -108,6 +119,49 @@ class Variant:
     cudagraphs: bool = False
     times_ms: list[float] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
+    build_s: float = 0.0  # creation to the first timed round: what the next build of its kind may take
+    est_ms: float = 0.0  # one step after warm-up: what a round will take
+
+
+class Results:
+    """speed.py's JSON, kept on disk: every planned row is in "not_measured" (reason "pending") until it has timed
+    steps, then in "results"; a row the deadline or an error left out keeps its reason there."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path, self.meta = path, meta
+        self.order: list[tuple[Any, ...]] = []
+        self.rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self.missing: dict[tuple[Any, ...], str] = {}
+
+    @staticmethod
+    def key(model: str, batch: int, px: int, variant: str) -> tuple[Any, ...]:
+        return model, batch, px, variant
+
+    def plan(self, key: tuple[Any, ...]) -> None:
+        self.order.append(key)
+        self.missing[key] = "pending"
+
+    def skip(self, key: tuple[Any, ...], reason: str) -> None:
+        self.missing[key] = reason
+
+    def measured(self, row: dict[str, Any]) -> None:
+        key = self.key(row["model"], row["batch"], row["px"], row["variant"])
+        self.rows[key] = row
+        self.missing.pop(key, None)
+
+    def finish(self, reason: str) -> None:
+        """Rows never reached get ``reason``."""
+        for key, why in self.missing.items():
+            if why == "pending":
+                self.missing[key] = reason
+
+    def save(self) -> None:
+        write_json(self.path, {
+            "meta": self.meta,
+            "results": [self.rows[k] for k in self.order if k in self.rows],
+            "not_measured": [{"model": k[0], "batch": k[1], "px": k[2], "variant": k[3], "reason": self.missing[k]}
+                             for k in self.order if k in self.missing],
+        })
 
 
 def parse_model(spec: str, device: str) -> tuple[str, int, int, int]:
@@ -122,9 +176,18 @@ def parse_model(spec: str, device: str) -> tuple[str, int, int, int]:
     return name, batch, px, classes
 
 
+def compiled_suffix(compile_: bool, mode: str, backend: str) -> str:
+    """What a compiled row's name adds: ' +compile', ' +compile(reduce-overhead)', ' +compile(eager)'."""
+    if not compile_:
+        return ""
+    if backend != "inductor":  # the dry runs' backend: a mode is inductor's
+        return f" +compile({backend})"
+    return " +compile" if mode == "default" else f" +compile({mode})"
+
+
 def build_variant(name: str, method: str, kw: dict[str, Any], model_name: str, px: int, classes: int,
                   device: torch.device, memory_format: torch.memory_format, compile_: bool,
-                  compile_mode: str = "default") -> Variant:
+                  compile_mode: str = "default", compile_backend: str = "inductor") -> Variant:
     import timm
 
     torch.manual_seed(0)  # every variant starts from the same network
@@ -136,11 +199,14 @@ def build_variant(name: str, method: str, kw: dict[str, Any], model_name: str, p
     if method == "osakd":
         fill_bank(loss_fn, classes, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    if compile_:
+    if compile_ and compile_backend == "inductor":
         model = torch.compile(model, dynamic=False, mode=compile_mode)
-    suffix = "" if not compile_ else " +compile" if compile_mode == "default" else f" +compile({compile_mode})"
-    cudagraphs = compile_ and device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")
-    return Variant(name + suffix, model, loss_fn, optimizer, compile_, cudagraphs)
+    elif compile_:
+        model = torch.compile(model, dynamic=False, backend=compile_backend)
+    cudagraphs = (compile_ and compile_backend == "inductor" and device.type == "cuda"
+                  and compile_mode in ("reduce-overhead", "max-autotune"))
+    return Variant(name + compiled_suffix(compile_, compile_mode, compile_backend), method, model, loss_fn, optimizer,
+                   compile_, cudagraphs)
 
 
 @torch.no_grad()
@@ -255,7 +321,22 @@ def device_tag(device: torch.device) -> tuple[str, str]:
     return "cpu", f"{os.cpu_count()}-core {platform.machine()} CPU{gpu}"
 
 
-def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def wanted_variants(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
+    """The variants --variants keeps (plain always: it is every ratio's base)."""
+    return [(n, m, kw) for n, m, kw in variant_specs(args.executions)
+            if not args.variants or n == "plain" or re.search(args.variants, n)]
+
+
+def timing_s(variants: list[Variant], rounds: int) -> float:
+    """Seconds that ``rounds`` side-by-side rounds of ``variants`` are expected to take."""
+    return TIMING_SLACK * rounds * sum(v.est_ms for v in variants) / 1e3
+
+
+def bench_model(spec: str, args: argparse.Namespace, device: torch.device, results: Results,
+                deadline: Deadline) -> None:
+    """Build, time and (--profile) profile one model's variants, keeping ``results`` on disk after every round.
+    A variant is built only if its build and the timed rounds of everything built so far fit before ``deadline``
+    (its plain row first: without it a ratio has no base); rounds stop when the next would not fit."""
     name, batch, px, classes = parse_model(spec, device.type)
     on_gpu = device.type == "cuda"
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
@@ -266,18 +347,30 @@ def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> li
     print(f"\n{name}, batch {batch}, {px} px, {classes} classes, "
           f"{'bf16 autocast, channels_last' if on_gpu else 'fp32'}; building variants...", flush=True)
 
+    def key(vname: str) -> tuple[Any, ...]:
+        return Results.key(name, batch, px, vname)
+
     variants: list[Variant] = []
     for compile_ in ([False, True] if args.compile else [False]):
-        for vname, method, kw in variant_specs(args.executions):
-            if args.variants and vname != "plain" and not re.search(args.variants, vname):
+        suffix = compiled_suffix(compile_, args.compile_mode, args.compile_backend)
+        for vname, method, kw in wanted_variants(args):
+            if method != "plain" and not any(v.compiled == compile_ and v.method == "plain" for v in variants):
+                why = results.missing.get(key("plain" + suffix), "")  # a ratio needs its base: plain's reason
+                why = why if why.startswith("not measured") else "not measured: no plain row"
+                results.skip(key(vname + suffix), why)
                 continue
-            try:
-                v = build_variant(vname, method, kw, name, px, classes, device, memory_format, compile_,
-                                  args.compile_mode)
-            except FusionError as err:  # this model's tail has an op with no fusion rule: say which, go on
-                print(f"  {vname}: skipped, {err}", flush=True)
+            guess = max((v.build_s for v in variants if v.compiled == compile_), default=FIRST_BUILD_GUESS_S[compile_])
+            if not deadline.allows(guess + timing_s(variants, args.repeats) + RESERVE_S):
+                results.skip(key(vname + suffix), "not measured: deadline")
                 continue
             t0 = time.perf_counter()
+            try:
+                v = build_variant(vname, method, kw, name, px, classes, device, memory_format, compile_,
+                                  args.compile_mode, args.compile_backend)
+            except FusionError as err:  # this model's tail has an op with no fusion rule: say which, go on
+                print(f"  {vname}: skipped, {err}", flush=True)
+                results.skip(key(vname + suffix), f"skipped: {err}")
+                continue
             for _ in range(args.warmup):  # the first steps compile, autotune and allocate
                 train_step(v, x, y, autocast)
             if on_gpu:
@@ -286,43 +379,73 @@ def bench_model(spec: str, args: argparse.Namespace, device: torch.device) -> li
             v.result["gflops_forward"], v.result["gflops_forward_loss"] = count_flops(v, x, y)
             v.result["peak_gib"] = peak_memory(v, x, y, autocast, device) if on_gpu else None
             v.result["execution"] = execution_used(v, batch, device)
+            v.est_ms = timed_step(v, x, y, autocast, device)
+            v.build_s = time.perf_counter() - t0
+            print(f"  {v.name}: ready after {v.build_s:.1f} s", flush=True)
             variants.append(v)
+
     for _ in range(args.repeats):  # side by side: one step of each variant per round
+        if not variants or not deadline.allows(timing_s(variants, 1) + RESERVE_S):
+            break
         for v in variants:
             v.times_ms.append(timed_step(v, x, y, autocast, device))
+        for row in model_rows(variants, name, batch, px, classes):
+            results.measured(row)
+        results.save()
+    for v in variants:
+        if not v.times_ms:
+            results.skip(key(v.name), "not measured: deadline")
     if args.profile:
         for v in variants:
-            if v.name.split(" +")[0] in PROFILED:
-                args.profiles.append(f"## {name}, batch {batch}, {px} px: {v.name}\n\n"
-                                     + profile_step(v, x, y, autocast, device))
+            if v.name.split(" +")[0] not in PROFILED:
+                continue
+            # The profiler's start-up is slow on a GPU (seconds): the profile is the suite's last step.
+            if not deadline.allows(5 * PROFILE_STEPS * v.est_ms / 1e3 + 10 + RESERVE_S):
+                args.profiles.append(f"## {name}, batch {batch}, {px} px: {v.name}\n\nnot profiled: deadline\n")
+                continue
+            args.profiles.append(f"## {name}, batch {batch}, {px} px: {v.name}\n\n"
+                                 + profile_step(v, x, y, autocast, device))
+            write_profiles(results, args.profiles)
+    results.save()
+    del variants
+    if on_gpu:
+        torch.cuda.empty_cache()
 
-    base = {c: next(v for v in variants if v.compiled == c and v.name.startswith("plain")) for c in
-            {v.compiled for v in variants}}
-    eager_plain = statistics.median(base[False].times_ms)
+
+def model_rows(variants: list[Variant], name: str, batch: int, px: int, classes: int) -> list[dict[str, Any]]:
+    """The rows of one model's variants that have timed steps, each against the plain row of its kind."""
+    timed = [v for v in variants if v.times_ms]
+    base = {v.compiled: v for v in timed if v.method == "plain"}
+    eager_plain = statistics.median(base[False].times_ms) if False in base else None
     rows = []
-    for v in variants:
-        ref = base[v.compiled]
+    for v in timed:
+        ref = base.get(v.compiled)
         ms = statistics.median(v.times_ms)
         rows.append({
             "model": name, "batch": batch, "px": px, "classes": classes, "variant": v.name, "compiled": v.compiled,
-            "step_ms": round(ms, 3), "ratio": round(ms / statistics.median(ref.times_ms), 3),
+            "repeats": len(v.times_ms),
+            "step_ms": round(ms, 3), "ratio": round(ms / statistics.median(ref.times_ms), 3) if ref else None,
             # The fastest step too: on a shared CPU, other jobs only ever add time, so the minimum is the steadier.
-            "step_ms_min": round(min(v.times_ms), 3), "ratio_min": round(min(v.times_ms) / min(ref.times_ms), 3),
-            "ratio_to_eager_plain": round(ms / eager_plain, 3),
+            "step_ms_min": round(min(v.times_ms), 3),
+            "ratio_min": round(min(v.times_ms) / min(ref.times_ms), 3) if ref else None,
+            "ratio_to_eager_plain": round(ms / eager_plain, 3) if eager_plain else None,
             "step_ms_all": [round(t, 3) for t in v.times_ms],
             # Run-to-run spread: the interquartile range of the timed steps.
             "step_ms_iqr": round(iqr(v.times_ms), 3),
             "execution": v.result["execution"],
             "peak_gib": None if v.result["peak_gib"] is None else round(v.result["peak_gib"], 3),
             "gflops_forward": round(v.result["gflops_forward"], 3),
-            "flop_ratio": round(v.result["gflops_forward"] / ref.result["gflops_forward"], 3),
+            "flop_ratio": round(v.result["gflops_forward"] / ref.result["gflops_forward"], 3) if ref else None,
             "gflops_forward_loss": round(v.result["gflops_forward_loss"], 3),
             "warmup_s": v.result["warmup_s"],
         })
-    del variants
-    if on_gpu:
-        torch.cuda.empty_cache()
     return rows
+
+
+def write_profiles(results: Results, profiles: list[str]) -> None:
+    path = results.path.with_name(results.path.stem + "_profile.txt")
+    write_text(path, f"# {results.meta['command']}; {results.meta['device']}, {results.meta['date']}\n\n"
+               + "\n".join(profiles))
 
 
 def iqr(xs: list[float]) -> float:
@@ -330,14 +453,29 @@ def iqr(xs: list[float]) -> float:
     return q[2] - q[0]
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["model (batch, px)", "variant", "runs", "step ms (median)", "IQR ms", "x plain", "step ms (min)",
-              "x plain (min)", "peak GiB", "fwd GFLOP", "fwd FLOP x plain", "fwd+loss GFLOP"]
-    body = [[f"{r['model']} ({r['batch']}, {r['px']})", r["variant"],
-             r["execution"]["plan"] if r["execution"] else "", f"{r['step_ms']:.2f}", f"{r['step_ms_iqr']:.2f}",
-             f"{r['ratio']:.2f}", f"{r['step_ms_min']:.2f}", f"{r['ratio_min']:.2f}",
-             "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}", f"{r['gflops_forward']:.2f}",
-             f"{r['flop_ratio']:.2f}", f"{r['gflops_forward_loss']:.2f}"] for r in rows]
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def format_table(rows: list[dict[str, Any]], missing: list[dict[str, Any]] = ()) -> str:
+    """The measured ``rows``, then, per model, each row of ``missing`` (a JSON's "not_measured") with its reason."""
+    header = ["model (batch, px)", "variant", "runs", "steps", "step ms (median)", "IQR ms", "x plain",
+              "step ms (min)", "x plain (min)", "peak GiB", "fwd GFLOP", "fwd FLOP x plain", "fwd+loss GFLOP"]
+    body = []
+    where = list(dict.fromkeys((r["model"], r["batch"], r["px"]) for r in [*rows, *missing]))
+    for model, batch, px in where:
+        label = f"{model} ({batch}, {px})"
+        for r in rows:
+            if (r["model"], r["batch"], r["px"]) == (model, batch, px):
+                body.append([label, r["variant"], r["execution"]["plan"] if r["execution"] else "",
+                             str(r.get("repeats", len(r["step_ms_all"]))), f"{r['step_ms']:.2f}",
+                             f"{r['step_ms_iqr']:.2f}", _num(r["ratio"]), f"{r['step_ms_min']:.2f}",
+                             _num(r["ratio_min"]), _num(r["peak_gib"]), f"{r['gflops_forward']:.2f}",
+                             _num(r["flop_ratio"]), f"{r['gflops_forward_loss']:.2f}"])
+        for m in missing:
+            if (m["model"], m["batch"], m["px"]) == (model, batch, px):
+                why = "not measured: the run stopped first" if m["reason"] == "pending" else m["reason"]
+                body.append([label, m["variant"], "", "0", why] + [""] * 8)
     return markdown_table(header, body)
 
 
@@ -348,7 +486,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, m in zip(axes[0], models):
-        sub = [r for r in rows if r["model"] == m]
+        sub = [r for r in rows if r["model"] == m and r["ratio_to_eager_plain"] is not None]
         colors = ["tab:gray" if "plain" in r["variant"] else "tab:blue" if "ONE" in r["variant"] else "tab:orange"
                   for r in sub]
         bars = ax.bar(range(len(sub)), [r["ratio_to_eager_plain"] for r in sub], color=colors,
@@ -371,7 +509,20 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
-def main() -> None:
+def report(path: Path) -> None:
+    """Print the table of a speed.py JSON (finished or cut short) and draw its plot beside it."""
+    data = json.loads(path.read_text())
+    meta, rows, missing = data["meta"], data["results"], data.get("not_measured", [])
+    state = "" if meta.get("complete") else "; PARTIAL: the run stopped before its end"
+    print(f"\nTraining step, median of up to {meta['repeats']} side-by-side steps after {meta['warmup']} warm-up "
+          f"steps; {meta['device']}, torch {meta['torch']}{state}\n")
+    print(format_table(rows, missing))
+    if rows and plot(rows, path.with_suffix(".png"),
+                     f"kdwrap training-step time relative to the plain model; {meta['device']}, {meta['date']}"):
+        print(f"wrote {path.with_suffix('.png')}")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--models", nargs="+", default=None, metavar="NAME[:BATCH[:PX]]",
@@ -382,6 +533,9 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode of the --compile rows (reduce-overhead: CUDA graphs)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the --compile rows (default inductor; eager: dynamo's trace run "
+                    "eagerly, the CPU dry runs', since inductor takes minutes to compile on a small CPU)")
     ap.add_argument("--executions", nargs="+", default=list(EXECUTIONS), choices=list(EXECUTIONS),
                     help="ONE branch executions to time (default: auto sequential fused)")
     ap.add_argument("--variants", default=None, metavar="REGEX",
@@ -389,8 +543,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="write the operator profiles (20 steps of plain, ONE m=3, OSAKD) to <out>_profile.txt")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                    help="seconds from the start: build and time only what fits, then write the table and plot")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/speed_<device>_<date>.json)")
-    args = ap.parse_args()
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="print the table of this speed.py JSON (finished or cut short) and draw its plot; no timing")
+    args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report)
+    deadline = Deadline(args.deadline)
+    stop_on_sigterm()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
@@ -405,35 +567,43 @@ def main() -> None:
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    rows = []
-    for spec in specs:
-        rows += bench_model(spec, args, device)
     tag, desc = device_tag(device)
     date = datetime.date.today().isoformat()
-    table = format_table(rows)
-    print(f"\nTraining step, median of {args.repeats} side-by-side steps after {args.warmup} warm-up steps; {desc}, "
-          f"torch {torch.__version__}\n")
-    print(table)
-
     meta = {
         "date": date, "device": desc, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "repeats": args.repeats, "warmup": args.warmup, "compile_mode": args.compile_mode if args.compile else None,
+        "compile_backend": args.compile_backend if args.compile else None,
         "precision": "bf16 autocast, channels_last" if device.type == "cuda" else "fp32",
         # On a shared machine figures taken under load are slower: keep the 1-minute load average with them.
-        "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "seconds": round(time.perf_counter() - t0, 1),
-        "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
+        "loadavg_1min": [round(load_before[0], 2)], "seconds": None, "deadline_s": args.deadline,
+        "complete": False, "stopped": None,
+        "command": command_line("benchmarks/speed.py", argv if argv is not None else sys.argv[1:]),
     }
     out = args.out or RESULTS / f"speed_{tag}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    results = Results(out, meta)
+    for spec in specs:
+        name, batch, px, _ = parse_model(spec, device.type)
+        for compile_ in ([False, True] if args.compile else [False]):
+            suffix = compiled_suffix(compile_, args.compile_mode, args.compile_backend)
+            for vname, _, _ in wanted_variants(args):
+                results.plan(Results.key(name, batch, px, vname + suffix))
+    results.save()
+    print(f"writing {out} after every round of timed steps", flush=True)
+    try:
+        for spec in specs:
+            bench_model(spec, args, device, results, deadline)
+    except Stopped:
+        meta["stopped"] = "SIGTERM"
+        print("\nSIGTERM: writing what was measured", flush=True)
+    results.finish("not measured: the run was stopped (SIGTERM)" if meta["stopped"] else "not measured: deadline")
+    meta.update(complete=meta["stopped"] is None, seconds=round(time.perf_counter() - t0, 1),
+                loadavg_1min=[round(load_before[0], 2), round(os.getloadavg()[0], 2)])
+    results.save()
     print(f"\nwrote {out}")
     if args.profiles:
-        prof_path = out.with_name(out.stem + "_profile.txt")
-        prof_path.write_text(f"# {meta['command']}; {desc}, {date}\n\n" + "\n".join(args.profiles))
-        print(f"wrote {prof_path}")
-    if plot(rows, out.with_suffix(".png"), f"kdwrap training-step time relative to the plain model; {desc}, {date}"):
-        print(f"wrote {out.with_suffix('.png')}")
+        write_profiles(results, args.profiles)
+        print(f"wrote {out.with_name(out.stem + '_profile.txt')}")
+    report(out)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ For each model, number of branches and compile setting found in the files, one r
 
 The ratio targets are for eager steps; compiled rows get the other two checks. Prints a markdown table and exits
 1 if a target is missed or its plain row is missing, 0 otherwise. ``not run`` marks a check whose ``auto`` row the
-run left out (``speed.py --variants``; the compile steps of gpu_speed_suite.sh do), ``n/a`` a memory check on a
-device that reports no peak memory: neither counts as met. ``--out FILE`` also writes the verdicts as JSON.
+run left out (``speed.py --variants``), ``not measured`` one whose row the file lists as not measured (a deadline
+or a stop came first), ``n/a`` a memory check on a device that reports no peak memory: none counts as met.
+``--out FILE`` also writes the verdicts as JSON.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ MEMORY_SLACK = 1.10
 
 
 def load_rows(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """The result rows of every speed.py JSON named (folders: their ``speed_*.json``), each tagged with its file."""
+    """The result rows of every speed.py JSON named (folders: their ``speed_*.json``), each tagged with its file,
+    and its rows not measured (``not_measured``: the reason)."""
     rows = []
     for path in paths:
         files = sorted(path.glob("speed_*.json")) if path.is_dir() else [path]
@@ -46,6 +48,8 @@ def load_rows(paths: Iterable[Path]) -> list[dict[str, Any]]:
                 raise SystemExit(f"{f}: not a benchmarks/speed.py result (no 'results' key)")
             for r in data["results"]:
                 rows.append({**r, "file": f.name})
+            for r in data.get("not_measured", []):
+                rows.append({**r, "file": f.name, "not_measured": r["reason"]})
     return rows
 
 
@@ -64,11 +68,19 @@ def _ran(row: dict[str, Any]) -> str:
 
 
 def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One verdict per target and setting: ``met``, ``missed``, ``missing`` (a row is absent) or ``n/a``."""
+    """One verdict per target and setting: ``met``, ``missed``, ``missing`` (a row is absent), ``not run``, ``not
+    measured`` or ``n/a``."""
     groups: dict[tuple[str, str, bool, int], dict[str, dict[str, Any]]] = {}
     plains: dict[tuple[str, str, bool], dict[str, Any]] = {}
+    absent: set[tuple[str, str, bool, int, str]] = set()  # ONE rows the file lists as not measured
     for r in rows:
-        setting = (r["model"], r["file"], bool(r.get("compiled")))
+        setting = (r["model"], r["file"], bool(r.get("compiled")) or "+compile" in r["variant"])
+        if "not_measured" in r:
+            parsed = _one_variant(r["variant"])
+            if parsed is not None:
+                groups.setdefault((*setting, parsed[0]), {})
+                absent.add((*setting, *parsed))
+            continue
         if r["variant"].split()[0] == "plain":
             plains[setting] = r
             continue
@@ -80,18 +92,22 @@ def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         where = {"model": model, "branches": m, "compiled": compiled, "file": file}
         auto, seq, fused = ex.get("auto"), ex.get("sequential"), ex.get("fused")
         plain = plains.get((model, file, compiled))
+        unmeasured = {e for (*setting, n, e) in absent if tuple(setting) == (model, file, compiled) and n == m}
         limit = None if compiled else RATIO_TARGETS.get((model, m))  # the targets are for eager steps
         if limit is not None:
             if auto is None or plain is None:
-                verdict = "missing" if plain is None else "not run"
+                verdict = "not measured" if "auto" in unmeasured else "missing" if plain is None else "not run"
                 out.append({**where, "target": f"auto <= {limit:.2f}x plain", "value": "", "verdict": verdict})
             else:
                 ratio = auto["step_ms"] / plain["step_ms"]
                 out.append({**where, "target": f"auto <= {limit:.2f}x plain", "value": f"{ratio:.3f}x",
                             "verdict": "met" if ratio <= limit else "missed"})
+        if seq is None and "sequential" in unmeasured:
+            out.append({**where, "target": "auto <= sequential + spread", "value": "", "verdict": "not measured"})
         if seq is not None:
-            if auto is None:  # speed.py --variants left auto out of this run (the compile steps do)
-                out.append({**where, "target": "auto <= sequential + spread", "value": "", "verdict": "not run"})
+            if auto is None:  # speed.py --variants left auto out of this run (the cudagraphs step does)
+                verdict = "not measured" if "auto" in unmeasured else "not run"
+                out.append({**where, "target": "auto <= sequential + spread", "value": "", "verdict": verdict})
             else:
                 spread = max(auto.get("step_ms_iqr") or 0.0, seq.get("step_ms_iqr") or 0.0)
                 diff = auto["step_ms"] - seq["step_ms"]

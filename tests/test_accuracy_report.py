@@ -125,3 +125,46 @@ def test_kd_brings_its_teacher_run_once_and_first(tmp_path: Path) -> None:
     rows = accuracy.summarise(_runs(tmp_path / "rows", curves), variants, fill=fill)
     assert [r["reported"] for r in rows] == ["plain", "teacher (cifar_resnet20, plain)", "KD from cifar_resnet20"]
     assert rows[1]["seeds"] == [0] and rows[1]["last_diff"]["mean"] == 11.0
+
+
+def test_lr_selection_picks_the_best_finished_rate_and_validates_on_held_out_images(tmp_path: Path) -> None:
+    variants = accuracy.lr_variants([0.01, 0.003, 0.001])
+    assert variants == ["plain-lr0.01", "plain-lr0.003", "plain-lr0.001"]
+    curves = {("plain-lr0.01", 0): [60.0, 61.0, 59.0], ("plain-lr0.003", 0): [55.0, 62.0, 63.0],
+              ("plain-lr0.001", 0): [50.0, 64.0]}  # the best value, but its run stopped after 2 of 3 epochs
+    rows = accuracy.summarise(_runs(tmp_path, curves), variants, baseline="plain-lr0.01")
+    assert accuracy.choose_lr(rows, epochs=3) == 0.003
+    assert accuracy.choose_lr(rows, epochs=4) is None
+    args = argparse.Namespace(data=None, train_args="")
+    setup = dict(accuracy.PROTOCOLS["osakd-cifar10-paper"], lr=0.01, holdout=5000)
+    cmd = accuracy.run_command(args, setup, "plain-lr0.001", 0, tmp_path / "r", "cpu", 1, {})
+    assert cmd[cmd.index("--holdout") + 1] == "5000"
+    assert cmd[-2:] == ["--lr", "0.001"]  # after the protocol's --lr: the last one wins
+
+
+def test_a_bank_of_one_epoch_holds_every_trained_sample_once() -> None:
+    setup = accuracy.PROTOCOLS["osakd-cifar10"]
+    assert accuracy.epoch_samples(setup) == 50_000 // 64 * 64
+    assert accuracy.epoch_samples(dict(setup, holdout=5000, limit_train=1000)) == 1000 // 64 * 64
+    fill = accuracy.placeholders("osakd-cifar10", setup, Path("runs"))
+    cmd = [a.format(**fill) for a in accuracy.VARIANTS["osakd-k8-bank-epoch"]]
+    assert cmd[cmd.index("--bank-size") + 1] == str(50_000 // 64 * 64)
+    assert [a.format(**fill) for a in accuracy.VARIANTS["plain-lr0.1x"]][-1] == "0.001"
+
+
+def test_finished_only_leaves_partial_runs_out_of_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    curves = {("plain", 0): [50.0, 60.0], ("plain", 1): [51.0, 61.0], ("one-m3", 0): [52.0, 62.0],
+              ("one-m3", 1): [70.0]}  # seed 1 of ONE stopped after 1 of 2 epochs
+    (tmp_path / "runs").mkdir()
+    runs = [dict(r, cmd=["python", "train_cifar.py"]) for r in _runs(tmp_path / "runs", curves)]
+    setup = dict(accuracy.PROTOCOLS["osakd-cifar10"], epochs=2)
+    results = tmp_path / "results"
+    args = argparse.Namespace(merge=[], variants=["plain", "one-m3"], baseline="plain", select_lr=None,
+                              finished_only=True, protocol="osakd-cifar10", seeds=[0, 1], smoke=False, name="t",
+                              results=str(results), deadline=None)
+    accuracy.report(args, setup, runs, {}, tmp_path / "runs", "cpu", 1, 0.0)
+    out = capsys.readouterr().out
+    assert "NOT FINISHED left out of the tables: one-m3-seed1" in out
+    data = json.loads(next(results.glob("*.json")).read_text())
+    one = next(r for r in data["results"] if r["variant"] == "one-m3")
+    assert one["seeds"] == [0] and 70.0 not in one["best"]

@@ -73,3 +73,18 @@ def test_bad_paths_name_the_problem(tmp_path: Path) -> None:
     other.write_text("{}")
     with pytest.raises(SystemExit, match="not a benchmarks/speed.py result"):
         speed_targets.main([str(other)])
+
+
+def test_rows_a_deadline_left_out_are_not_measured_and_fail_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "speed_cut.json"
+    cut = {"batch": 128, "reason": "not measured: deadline"}
+    path.write_text(json.dumps({"meta": {}, "results": [
+        _row("cifar_resnet32", "plain", 10.0), _row("cifar_resnet32", "ONE m=3 sequential", 18.0)],
+        "not_measured": [{**cut, "model": "cifar_resnet32", "px": 32, "variant": "ONE m=3 auto"},
+                         {**cut, "model": "resnet50", "px": 224, "variant": "plain"},
+                         {**cut, "model": "resnet50", "px": 224, "variant": "ONE m=3 auto"}]}))
+    verdicts = {(v["model"], v["target"]): v["verdict"] for v in speed_targets.check(speed_targets.load_rows([path]))}
+    assert verdicts == {("cifar_resnet32", "auto <= 1.25x plain"): "not measured",
+                        ("cifar_resnet32", "auto <= sequential + spread"): "not measured",
+                        ("resnet50", "auto <= 1.20x plain"): "not measured"}
+    assert speed_targets.main([str(path)]) == 0  # a run cut short misses no target
