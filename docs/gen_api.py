@@ -64,6 +64,9 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("BYOT", "Be Your Own Teacher; see [methods.md](methods.md#byot-be-your-own-teacher).",
      ["kdwrap.methods.byot.build_byot", "kdwrap.methods.byot.BYOTModel", "kdwrap.methods.byot.BYOTLoss",
       "kdwrap.methods.byot.MultiExit", "kdwrap.methods.byot.EXIT_HEADS"]),
+    ("timm's task API (`kdwrap.integrations.timm`)", "A `timm.task` training task for every method, a drop-in for "
+     "timm's `ClassificationTask`; see [integrations.md](integrations.md#timms-task-api).",
+     ["kdwrap.integrations.timm.KDTask"]),
     ("Models (`kdwrap.models`)", "Reference classifiers; importing the module registers them with timm.",
      ["kdwrap.models"]),
     ("Data (`kdwrap.demo.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",

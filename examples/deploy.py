@@ -6,16 +6,17 @@ artefact computes what the wrapper computes in eval mode (max abs difference pri
 
     python examples/deploy.py                                   # untrained kdwrap CIFAR ResNet-32, wrapped for ONE
     python examples/deploy.py --model resnet18 --input-size 224 # any timm model (pretrained=False)
-    python examples/deploy.py --method osakd
+    python examples/deploy.py --method osakd                    # or kd, dml, okddip, byot
     python examples/deploy.py --method dml --peers 3            # DML: peer 0 is exported
-    python examples/deploy.py --checkpoint runs/one/last.pt     # a run of examples/train_cifar.py
+    python examples/deploy.py --checkpoint runs/one/last.pt     # a run of examples/train_cifar.py, any method
     python examples/deploy.py --checkpoint runs/one/deployed.pt --model cifar_resnet32   # its exported weights
     python examples/deploy.py --ensemble                        # also export ONE-E (trunk + all branches + gate)
 
-A checkpoint of any train_cifar.py method is rebuilt as the wrapper it trained (ONE, OSAKD, DML) and exported,
-except KD's: a KD wrapper in eval mode computes its student alone and its state_dict holds only the student (the
-teacher is not in it), so a KD checkpoint is deployed as the plain student, with no teacher to load: the exported
-model and the wrapper's eval outputs are the same computation.
+Every method goes through one path: the wrapper is built by train_cifar.py's own table of methods (WRAPPERS), with
+the method and settings of the checkpoint's config when --checkpoint is a train_cifar.py run, and the deployable
+model is kdwrap.export of it. A method added to train_cifar.py deploys here with no change. A KD checkpoint needs no
+teacher: the wrapper's eval-mode outputs and its export are the student's alone, and the teacher is not in its
+state_dict, so the wrapper is rebuilt around a stand-in teacher that never runs.
 
 Written to --out: deployed.pt (state_dict of the exported model), model.pt2 (torch.export) and model.onnx, both
 with a dynamic batch axis (checked on a second batch size).
@@ -23,7 +24,10 @@ with a dynamic batch axis (checked on a second batch size).
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -35,12 +39,23 @@ import kdwrap.models  # noqa: F401  (registers cifar_resnet20/32/44/56/110 and s
 TOLERANCE = 1e-4
 
 
-def parse_args() -> argparse.Namespace:
+@functools.cache
+def train_cifar() -> ModuleType:
+    """examples/train_cifar.py as a module: its WRAPPERS table builds a method's wrapper as training did."""
+    spec = importlib.util.spec_from_file_location("train_cifar", Path(__file__).with_name("train_cifar.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(methods: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar_resnet32", help="timm model name or kdwrap's cifar_resnet*/small_cnn")
-    p.add_argument("--method", default="one", choices=["one", "osakd", "dml"])
-    p.add_argument("--branches", type=int, default=3, help="ONE branches")
-    p.add_argument("--peers", type=int, default=2, help="DML peers")
+    p.add_argument("--method", default="one", choices=methods,
+                   help="the method to wrap for, with train_cifar.py's defaults (default one; a --checkpoint of "
+                   "train_cifar.py sets it)")
+    p.add_argument("--branches", type=int, default=None, help="ONE, OKDDip branches (default: the method's)")
+    p.add_argument("--peers", type=int, default=None, help="DML peers (default 2)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--input-size", type=int, default=32, help="image height = width (default 32)")
@@ -53,49 +68,58 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-# How a method's wrapper is rebuilt around the network: (net, args, split, input_size) -> model. Only eval-mode
-# outputs matter here, so the loss options are not needed.
-WRAPPERS: dict[str, Callable[[nn.Module, argparse.Namespace, Any, tuple[int, int, int]], nn.Module]] = {
-    "plain": lambda net, args, split, size: net,
-    "one": lambda net, args, split, size: kdwrap.one(net, branches=args.branches, split=split, input_size=size)[0],
-    "osakd": lambda net, args, split, size: kdwrap.osakd(net)[0],
-    "dml": lambda net, args, split, size: kdwrap.dml(net, peers=args.peers)[0],
-}
-# Methods whose checkpoint is deployed as the plain network held under a key prefix (see the module docstring).
-PLAIN_UNDER = {"kd": "student."}
+def run_settings(args: argparse.Namespace, ckpt: dict[str, Any] | None, trainer: ModuleType) -> argparse.Namespace:
+    """train_cifar.py's settings of the wrapper to rebuild: a run's own (its checkpoint's config), else
+    train_cifar.py's defaults for --method, --branches and --peers. Sets --model and the data shape from the run."""
+    if ckpt is not None and "model_args" in ckpt:
+        margs = ckpt["model_args"]
+        args.model, args.in_chans, args.num_classes = margs["model"], margs["in_chans"], margs["num_classes"]
+        args.input_size = margs["input_size"][-1]
+        # Runs recorded before a setting existed used the value LATER_KEYS gives it.
+        settings = argparse.Namespace(**{**trainer.LATER_KEYS, **ckpt["config"]})
+    else:
+        argv = ["--method", args.method, "--model", args.model, "--out", args.out]
+        argv += ["--branches", str(args.branches)] if args.branches is not None else []
+        argv += ["--peers", str(args.peers)] if args.peers is not None else []
+        # Never read: the teacher is replaced by a stand-in below.
+        argv += ["--teacher", "unused"] if args.method == "kd" else []
+        settings = trainer.parse_args(argv)
+    # The ramp-up lives in the loss; only the model's eval-mode computation is deployed.
+    settings.rampup_steps = 0
+    return settings
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """The wrapped model (in eval mode) and its method, with the checkpoint's weights if one is given."""
+    """The wrapper (in eval mode) and its method, built as train_cifar.py builds it, with the checkpoint's
+    weights if one is given."""
     import timm
 
+    trainer = train_cifar()
     ckpt: dict[str, Any] | None = None
     if args.checkpoint:
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if ckpt is not None and "model_args" in ckpt:
-        # A full checkpoint of train_cifar.py: rebuild exactly the model it trained.
-        cfg, margs = ckpt["config"], ckpt["model_args"]
-        args.model, args.method, args.branches = margs["model"], cfg["method"], cfg["branches"]
-        args.peers = cfg.get("peers", args.peers)
-        if args.method in PLAIN_UNDER:
-            prefix = PLAIN_UNDER[args.method]
-            print(f"a {args.method} run: deploying its network under '{prefix}' as a plain model (no teacher needed)")
-            ckpt["model"] = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-            args.method = "plain"
-        args.in_chans, args.num_classes = margs["in_chans"], margs["num_classes"]
-        args.input_size = margs["input_size"][-1]
-        split = cfg["split"]
-    else:
-        split = None
-    net = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, in_chans=args.in_chans)
+    settings = run_settings(args, ckpt, trainer)
+    method = settings.method
+    if method not in trainer.WRAPPERS:
+        raise SystemExit(f"{args.checkpoint}: a --method {method} run, which this train_cifar.py does not know; "
+                         f"its methods: {', '.join(trainer.WRAPPERS)}")
+
+    def create() -> nn.Module:
+        return timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, in_chans=args.in_chans)
+
+    net = create()
     if ckpt is not None and "model_args" not in ckpt:
         # The plain model's state_dict: load it before wrapping; ONE's branch copies then start from it too.
         net.load_state_dict(ckpt)
+    if method == "kd":
+        # KD's teacher is outside the wrapper's state_dict and never runs in eval mode or in the export: a stand-in
+        # of the student's architecture serves, so deploying needs no teacher run.
+        settings.teacher_net = create()
     input_size = (args.in_chans, args.input_size, args.input_size)
-    model = WRAPPERS[args.method](net, args, split, input_size)
+    model, _ = trainer.WRAPPERS[method](settings, net, input_size, args.num_classes)
     if ckpt is not None and "model_args" in ckpt:
         model.load_state_dict(ckpt["model"])
-    return model.eval(), args.method
+    return model.eval(), method
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,7 +162,7 @@ def check(name: str, fn: Callable[[], tuple[torch.Tensor, str]], ref: torch.Tens
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(list(train_cifar().WRAPPERS))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, method = build(args)

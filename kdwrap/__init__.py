@@ -7,12 +7,12 @@ and ``kdwrap.seeds``. Modules named with a leading underscore are internal: they
 """
 from .api import METHODS, byot, dml, export, kd, okddip, one, osakd, register_method, summary, wrap
 from .base import KDLoss, KDModel
-from .errors import FusionError, KDWrapError, OptionError, SplitError, TraceError
+from .errors import CheckpointError, FusionError, KDWrapError, OptionError, SplitError, TraceError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "KDLoss", "KDModel", "byot", "dml", "export", "kd", "okddip", "one", "osakd", "register_method", "summary", "wrap",
     "__version__",
-    "KDWrapError", "SplitError", "TraceError", "FusionError", "OptionError",
+    "KDWrapError", "SplitError", "TraceError", "FusionError", "OptionError", "CheckpointError",
 ]

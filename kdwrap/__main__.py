@@ -22,12 +22,14 @@ def _split_arg(text: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kdwrap`` argument parser (sub-commands ``demo`` and ``summary``)."""
+    from .api import METHODS
     from .demo.data import CIFAR10_PACK_ENV
     from .methods.osakd import DEFAULT_ALPHA
 
     parser = argparse.ArgumentParser(
         prog="kdwrap",
-        description="kdwrap: online knowledge distillation (ONE, OSAKD) as a two-line change to a training loop.",
+        description="kdwrap: knowledge distillation (ONE, OSAKD, DML, OKDDip, BYOT online; KD from a trained "
+        "teacher) as a two-line change to a training loop.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -82,18 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     summ = sub.add_parser("summary", help="print kdwrap.summary of a timm model wrapped for a method",
-                          description="Wrap an untrained timm model (or kdwrap's small_cnn / cifar_resnet*) and "
-                          "print kdwrap.summary: the split, parameter counts and FLOP shares.")
+                          description="Wrap an untrained timm model (or kdwrap's lenet5 / small_cnn / cifar_resnet*) "
+                          "for a method and print kdwrap.summary: parameter counts while training and deployed; for "
+                          "ONE and OKDDip also the split and FLOP shares.")
     summ.add_argument("model", metavar="MODEL_NAME", help="timm model name, e.g. resnet18 or cifar_resnet32")
-    summ.add_argument("--method", default="one", choices=["one", "osakd"],
-                      help="one (default: the split, branches and gate) or osakd")
-    summ.add_argument("--split", type=_split_arg, default=None, help="ONE split point (module name); default: auto")
-    summ.add_argument("--branches", type=_positive_int, default=3)
+    summ.add_argument("--method", default="one", choices=list(METHODS),
+                      help=f"{', '.join(METHODS)} (default: one)")
+    summ.add_argument("--split", type=_split_arg, default=None,
+                      help="ONE, OKDDip: first module of the replicated tail (default: automatic)")
+    summ.add_argument("--branches", type=_positive_int, default=None,
+                      help="ONE, OKDDip: number of branches (default: ONE 3, OKDDip 4)")
+    summ.add_argument("--peers", type=_positive_int, default=None, help="DML: number of peers (default: 2)")
+    summ.add_argument("--teacher", metavar="MODEL_NAME", default=None,
+                      help="KD: the teacher's timm model name, untrained (default: MODEL_NAME)")
     summ.add_argument("--num-classes", type=_positive_int, default=None, help="default: the model's own")
     summ.add_argument("--in-chans", type=_positive_int, default=None, help="default: the model's own")
     summ.add_argument("--input-size", type=_positive_int, default=None, metavar="PX",
                       help="image height = width for the summary's shape trace (default: the model's own)")
     return parser
+
+
+# The summary options each method reads; one given to another method is an error, not silently ignored.
+_SUMMARY_OPTIONS = {"split": ("one", "okddip"), "branches": ("one", "okddip"), "peers": ("dml",), "teacher": ("kd",)}
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -106,18 +118,28 @@ def _summary(args: argparse.Namespace) -> int:
         print(f"kdwrap summary: unknown model {args.model!r}; see timm.list_models() or use one of "
               f"{', '.join(_models.TIMM_MODELS)}", file=sys.stderr)
         return 2
+    options = {name: getattr(args, name) for name in _SUMMARY_OPTIONS if getattr(args, name) is not None}
+    foreign = [name for name in options if args.method not in _SUMMARY_OPTIONS[name]]
+    if foreign:
+        print(f"kdwrap summary: --method {args.method} reads no " + ", ".join(
+            f"--{name} (a {'/'.join(_SUMMARY_OPTIONS[name])} option)" for name in foreign), file=sys.stderr)
+        return 2
+
     kw = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
-    net = timm.create_model(args.model, pretrained=False, **kw)
-    cfg = getattr(net, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and (args.input_size or args.in_chans):
-        c, h, w = cfg.get("input_size", (3, 224, 224))
-        c = args.in_chans or c
-        h = w = args.input_size or h
-        net.pretrained_cfg = {**cfg, "input_size": (c, h, w)}
-    if args.method == "one":
-        model, _ = api.one(net, branches=args.branches, split=args.split)
-    else:
-        model, _ = api.osakd(net)
+
+    def create(name: str) -> Any:
+        net = timm.create_model(name, pretrained=False, **kw)
+        cfg = getattr(net, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and (args.input_size or args.in_chans):
+            c, h, w = cfg.get("input_size", (3, 224, 224))
+            c = args.in_chans or c
+            h = w = args.input_size or h
+            net.pretrained_cfg = {**cfg, "input_size": (c, h, w)}
+        return net
+
+    if args.method == "kd":
+        options["teacher"] = create(options.get("teacher", args.model))
+    model, _ = api.wrap(create(args.model), method=args.method, **options)
     print(api.summary(model))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -27,13 +28,30 @@ class KDModel(nn.Module):
 
     ``forward`` returns a plain logits tensor (what the deployed model returns); whatever else the loss needs is
     kept in ``self._capture`` until the paired :class:`KDLoss` takes it.
+
+    Train/eval mode, the same for every method: a wrapper starts in the mode of the network it wraps, and
+    ``train()`` / ``eval()`` set the whole wrapper, that network included. A training-mode forward runs what the
+    method adds (branches, peers, exits, the teacher) and the loss distils; an eval-mode forward runs the deployed
+    model alone and the loss is its plain cross-entropy, for validation. A loss computed with gradients after an
+    eval-mode forward warns, once per wrapper: training through it would be plain cross-entropy.
     """
 
     method: str = ""
+    # transformers' Trainer reads this off its model with no default when a resumed checkpoint lacks keys; a
+    # wrapper ties no weights, so it has none to leave out.
+    _keys_to_ignore_on_save: list[str] | None = None
+    # Set once the eval-mode loss has warned about gradients, so that a validation loop without no_grad warns once.
+    _warned_eval_loss = False
 
     def __init__(self) -> None:
         super().__init__()
         self._capture: Any = None
+
+    def _follow_mode(self, net: nn.Module) -> None:
+        """Put the whole wrapper in ``net``'s mode; every method's constructor ends with it. A network created or
+        loaded in eval mode then gives a wrapper in eval mode throughout (its loss warns if trained), never a
+        training-mode wrapper around a network whose BatchNorm and dropout stay in eval mode."""
+        self.train(net.training)
 
     def _put_capture(self, value: Any) -> None:
         self._capture = value
@@ -94,10 +112,29 @@ class KDLoss(nn.Module):
 
     def _eval_cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss after an eval-mode forward: float32 cross-entropy of the given logits."""
+        self._warn_if_trained_in_eval(logits)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             loss = F.cross_entropy(logits.float(), target)
         self.parts = {"loss": loss.detach()}
         return loss
+
+    def _warn_if_trained_in_eval(self, logits: torch.Tensor) -> None:
+        """Warn (once per wrapper) when an eval-mode loss could be backpropagated: a wrapper left in eval mode
+        (a network loaded in eval mode, a loop without ``model.train()``) would otherwise train on plain
+        cross-entropy of one branch without a word."""
+        model = self.model
+        if model._warned_eval_loss or not (torch.is_grad_enabled() and logits.requires_grad):
+            return
+        model._warned_eval_loss = True
+        warnings.warn(
+            f"kdwrap {model.method}: the model is in eval mode, so this loss is plain cross-entropy of the deployed "
+            "model's logits and trains no distillation (a wrapper starts in the mode of the network it wraps, and "
+            "a network loaded from a checkpoint is often in eval mode). Call model.train() before training; for "
+            "validation, compute the loss under torch.no_grad(). This warning is given once per wrapper.",
+            # Point at the user's loss_fn(...) line: above this frame are _eval_cross_entropy, the loss's forward,
+            # and Module._call_impl / _wrapped_call_impl.
+            stacklevel=6,
+        )
 
     def _check_same_shape(self, logits: torch.Tensor, returned: torch.Tensor) -> None:
         """``logits`` must be what the preceding forward returned (``returned``, from the capture)."""

@@ -5,7 +5,7 @@ option a ``TypeError``), so code written against those keeps working, and :class
 """
 from __future__ import annotations
 
-__all__ = ["KDWrapError", "SplitError", "TraceError", "FusionError", "OptionError"]
+__all__ = ["KDWrapError", "SplitError", "TraceError", "FusionError", "OptionError", "CheckpointError"]
 
 
 class KDWrapError(Exception):
@@ -26,3 +26,8 @@ class FusionError(KDWrapError):
 
 class OptionError(KDWrapError, TypeError):
     """An option a method does not have (a typo, or another method's option); the message lists the valid ones."""
+
+
+class CheckpointError(KDWrapError, ValueError):
+    """A checkpoint written by another run (another method or network) than the one resuming from it; the message
+    names both."""

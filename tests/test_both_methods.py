@@ -1,4 +1,7 @@
-"""Every method alike: bad input gets a clear error or a documented behaviour; soft targets, NaN checks, fp16 AMP."""
+"""Every method alike: bad input gets a clear error or a documented behaviour; soft targets, NaN checks, fp16 AMP;
+the same train/eval rule."""
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -20,7 +23,9 @@ METHODS = {
 
 
 def _wrap(method, net=None, **kwargs):
-    return kdwrap.wrap(net if net is not None else TinyNet(), method=method, **{**METHODS[method](), **kwargs})
+    # A method registered later and missing from METHODS is tried with its defaults.
+    options = METHODS.get(method, dict)()
+    return kdwrap.wrap(net if net is not None else TinyNet(), method=method, **{**options, **kwargs})
 
 
 def _x(b=4):
@@ -83,8 +88,53 @@ def test_eval_forward_then_loss_is_plain_cross_entropy(method):
     model, loss_fn = _wrap(method)
     model.eval()
     x, y = _x(), torch.tensor([0, 1, 2, 3])
-    out = model(x)
-    torch.testing.assert_close(loss_fn(out, y), nn.functional.cross_entropy(out, y))
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(loss_fn(out, y), nn.functional.cross_entropy(out, y))
+    assert loss_fn.step == 0 and list(loss_fn.parts)[0] == "loss"
+    with pytest.raises(RuntimeError, match="twice for one forward"):  # one loss per forward, in eval mode too
+        loss_fn(out, y)
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("method", kdwrap.METHODS)
+def test_a_wrapper_starts_in_its_networks_mode_throughout(method, mode):
+    net = TinyNet().train(mode)
+    model, _ = _wrap(method, net)
+    assert model.training is mode and {m.training for m in model.modules()} == {mode}
+    model.train(not mode)
+    assert {m.training for m in model.modules()} == {not mode}
+    if method == "kd":
+        assert not model.teacher.training  # the frozen teacher stays in eval mode either way
+
+
+@pytest.mark.parametrize("method", kdwrap.METHODS)
+def test_training_a_wrapper_left_in_eval_mode_warns_once_and_model_train_fixes_it(method):
+    model, loss_fn = _wrap(method, TinyNet().eval())  # e.g. a network just loaded from a checkpoint
+    x, y = _x(), torch.tensor([0, 1, 2, 3])
+    with pytest.warns(UserWarning, match=rf"kdwrap {method}: the model is in eval mode.*Call model\.train\(\)"):
+        loss_fn(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(model(x), y).backward()  # once per wrapper
+        other, other_loss = _wrap(method, TinyNet().eval())
+        with torch.no_grad():  # validation: no warning
+            other_loss(other(x), y)
+        model.train()
+        loss = loss_fn(model(x), y)
+    assert loss_fn.step == 1 and not torch.equal(loss, nn.functional.cross_entropy(model.eval()(x), y))
+
+
+@pytest.mark.parametrize("method", kdwrap.METHODS)
+def test_parts_name_the_total_loss(method):
+    model, loss_fn = _wrap(method)
+    x, y = _x(), torch.tensor([0, 1, 2, 3])
+    loss = loss_fn(model(x), y)
+    assert torch.equal(loss_fn.parts["loss"], loss.detach()) and "total" not in loss_fn.parts
+    model.eval()
+    with torch.no_grad():
+        loss = loss_fn(model(x), y)
+    assert torch.equal(loss_fn.parts["loss"], loss)
 
 
 class DictNet(nn.Module):

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import kdwrap
 from kdwrap.__main__ import main
 
 pytest.importorskip("sklearn")
@@ -134,6 +136,36 @@ def test_summary_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "layer3" in out and "ONE" in out
     assert main(["summary", "small_cnn", "--method", "osakd", "--input-size", "8"]) == 0
     assert main(["summary", "nope_net"]) == 2
+
+
+@pytest.mark.parametrize("method", kdwrap.METHODS)
+def test_summary_command_takes_every_method(method: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "lenet5", "--method", method]) == 0
+    assert f"kdwrap {method}" in capsys.readouterr().out.lower()
+
+
+def test_summary_help_shows_defaults_and_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["summary", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{" + ",".join(kdwrap.METHODS) + "}" in out
+    assert "(default: one)" in out and "(default: ONE 3, OKDDip 4)" in out and "(default: 2)" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("ONE", "OSAKD", "DML", "OKDDip", "BYOT", "KD"))
+
+
+def test_summary_refuses_another_methods_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "lenet5", "--method", "osakd", "--branches", "3"]) == 2
+    assert "--method osakd reads no --branches (a one/okddip option)" in capsys.readouterr().err
+
+
+def test_summary_shows_no_cuda_plan_without_cuda(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["summary", "cifar_resnet20"]) == 0
+    execution = next(line for line in capsys.readouterr().out.splitlines() if "execution:" in line)
+    assert "sequential on this machine (no CUDA device" in execution and "GFLOP" not in execution
 
 
 def test_python_dash_m_help() -> None:

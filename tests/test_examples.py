@@ -3,6 +3,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from types import ModuleType
 import pytest
 import timm
 import torch
+
+import kdwrap
 
 from test_data import _fake_pack
 
@@ -94,12 +97,13 @@ def test_train_cifar_dml_and_kd_from_a_teacher_run(tmp_path, monkeypatch):
     assert history["config"]["temperature"] == 4.0 and history["deployed"]["model"] == "lenet5"
     student = timm.create_model("lenet5", num_classes=3)
     student.load_state_dict(torch.load(tmp_path / "kd" / "deployed.pt"))
-    # deploy.py rebuilds a KD run's student alone (no teacher needed): the weights train_cifar.py deployed.
+    # deploy.py rebuilds a KD run's wrapper without its teacher; its export holds the weights train_cifar.py deployed.
     monkeypatch.setattr(sys, "argv", ["deploy.py", "--checkpoint", str(tmp_path / "kd" / "last.pt")])
     deploy = _example("deploy.py")
-    model, method = deploy.build(deploy.parse_args())
-    assert method == "plain" and type(model) is type(student)
-    for key, value in model.state_dict().items():
+    model, method = deploy.build(deploy.parse_args(["kd"]))
+    exported = kdwrap.export(model)
+    assert method == "kd" and type(exported) is type(student)
+    for key, value in exported.state_dict().items():
         assert torch.equal(value, student.state_dict()[key]), key
 
     # Only a finished plain run of the same classes can teach.
@@ -108,3 +112,32 @@ def test_train_cifar_dml_and_kd_from_a_teacher_run(tmp_path, monkeypatch):
         load_teacher(str(tmp_path / "dml"), 3, 3)
     with pytest.raises(SystemExit, match="the teacher has num_classes=3 but this dataset 10"):
         load_teacher(str(tmp_path / "teacher" / "last.pt"), 3, 10)
+
+
+@pytest.mark.parametrize("method", kdwrap.METHODS)
+def test_deploy_rebuilds_and_exports_a_run_of_every_method(tmp_path, monkeypatch, capsys, method):
+    """deploy.py reads the method from a train_cifar.py checkpoint and deploys it through kdwrap.export: the same
+    weights as the run's own deployed.pt, and torch.export and ONNX agree with the wrapper."""
+    pytest.importorskip("PIL")
+    _fake_pack(tmp_path / "pack.npz")
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", "pack.npz", "--model", "lenet5", "--epochs", "1", "--batch-size", "2", "--limit-train", "2",
+              "--limit-test", "2", "--device", "cpu", "--no-progress"]
+    train_cifar = _example("train_cifar.py")
+    teacher = []
+    if method == "kd":
+        train_cifar.main([*common, "--out", "teacher"])
+        teacher = ["--teacher", "teacher"]
+    train_cifar.main([*common, "--method", method, *teacher, "--out", "run"])
+    shutil.rmtree("teacher", ignore_errors=True)  # deploying a KD run needs no teacher
+
+    monkeypatch.setattr(sys, "argv", ["deploy.py", "--checkpoint", "run/last.pt", "--out", "dep"])
+    capsys.readouterr()
+    _example("deploy.py").main()
+    out = capsys.readouterr().out
+    assert "all checked outputs agree" in out and "could not run" not in out, out
+    assert f"kdwrap {method}" in out.lower()  # the method read from the checkpoint, in its summary
+    trained, deployed = (torch.load(Path(p)) for p in ("run/deployed.pt", "dep/deployed.pt"))
+    assert trained.keys() == deployed.keys()
+    for key, value in trained.items():
+        assert torch.equal(deployed[key], value), key

@@ -19,7 +19,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, TrainerCall
 import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers lenet5 with timm)
 from integration_recipes import run_recipe  # noqa: E402
-from kdwrap.integrations.hf import DEPLOYED_FILE, LOSS_STATE_FILE, KDTrainer  # noqa: E402
+from kdwrap.integrations.hf import DEPLOYED_FILE, LOSS_STATE_FILE, RUN_FILE, KDTrainer  # noqa: E402
 
 
 
@@ -190,7 +190,70 @@ def test_kdwrap_imports_no_integration_library_and_a_missing_one_names_its_extra
 
 def test_the_trainer_recipe_of_the_docs_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_recipe("Hugging Face `Trainer`", blocks=2)
-    assert (tmp_path / "kd-run" / "deployed" / "config.json").is_file()
-    assert (tmp_path / "kd-run" / "timm" / DEPLOYED_FILE).is_file()
-    assert any((p / LOSS_STATE_FILE).is_file() for p in (tmp_path / "kd-run").glob("checkpoint-*"))
+    namespace = run_recipe("Hugging Face `Trainer`", blocks=2)
+    assert (tmp_path / "kd-osakd" / "deployed" / "config.json").is_file()
+    assert (tmp_path / "kd-one" / "deployed" / DEPLOYED_FILE).is_file()
+    for run in ("kd-osakd", "kd-one"):  # each recipe checkpoints into its own folder
+        assert any((p / LOSS_STATE_FILE).is_file() for p in (tmp_path / run).glob("checkpoint-*"))
+    namespace["trainer"].train(resume_from_checkpoint=True)  # as the page suggests: its own last checkpoint
+
+
+def _checkpoint_of(wrapper: str, out: Path) -> Path:
+    model, loss_fn = WRAPPERS[wrapper]()
+    args = training_args(out, gradient_accumulation_steps=2, max_steps=1, save_strategy="steps", save_steps=1)
+    KDTrainer(model=model, kd_loss=loss_fn, args=args, train_dataset=Images(16)).train()
+    return out / "checkpoint-1"
+
+
+def test_resuming_from_another_runs_checkpoint_names_both_runs(tmp_path):
+    _checkpoint_of("hf resnet, osakd", tmp_path)  # a first run in the same output_dir
+    model, loss_fn = WRAPPERS["timm lenet5, one"]()
+    args = training_args(tmp_path, max_steps=2, save_strategy="no")
+    trainer = KDTrainer(model=model, kd_loss=loss_fn, args=args, train_dataset=Images(16))
+    with pytest.raises(kdwrap.CheckpointError, match=r"holds a kdwrap osakd wrapper of a "
+                       r"ResNetForImageClassification.*this trainer trains a kdwrap one wrapper of a LeNet5.*own "
+                       r"output_dir"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_resuming_a_checkpoint_of_other_settings_or_without_a_run_file_is_refused(tmp_path):
+    """Same method and network, other settings (DML's peers): the Trainer's strict=False load would keep the extra
+    peer's fresh weights; a checkpoint written before the run file existed: its parameter names decide."""
+    def dml(peers):
+        return kdwrap.dml(timm.create_model("lenet5", num_classes=10), peers=peers)
+
+    model, loss_fn = dml(2)
+    args = training_args(tmp_path, gradient_accumulation_steps=1, max_steps=1, save_strategy="steps", save_steps=1)
+    KDTrainer(model=model, kd_loss=loss_fn, args=args, train_dataset=Images(16)).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    model, loss_fn = dml(3)
+    trainer = KDTrainer(model=model, kd_loss=loss_fn, args=training_args(tmp_path, max_steps=2),
+                        train_dataset=Images(16))
+    with pytest.raises(kdwrap.CheckpointError, match=r"holds a kdwrap dml wrapper of a LeNet5 \(loss DMLLoss\) "
+                       r"with other settings \(\d+ parameter names differ, e\.g\. peers\.2\."):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    model, loss_fn = kdwrap.osakd(timm.create_model("lenet5", num_classes=10))
+    (checkpoint / RUN_FILE).unlink()
+    trainer = KDTrainer(model=model, kd_loss=loss_fn, args=training_args(tmp_path, max_steps=2),
+                        train_dataset=Images(16))
+    with pytest.raises(kdwrap.CheckpointError, match=r"holds another model \(\d+ parameter names differ.*this "
+                       r"trainer trains a kdwrap osakd wrapper of a LeNet5"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+@pytest.mark.parametrize("method", kdwrap.METHODS)
+def test_every_wrapper_answers_what_the_trainer_reads_without_a_default(method):
+    """transformers' Trainer reads ``model._keys_to_ignore_on_save`` directly (when a resumed checkpoint lacks
+    keys); its other reads of the model (``config``, ``main_input_name``, ...) are guarded by getattr/hasattr."""
+    net = timm.create_model("lenet5", num_classes=10)
+    options = {"teacher": timm.create_model("lenet5", num_classes=10)} if method == "kd" else {}
+    model, _ = kdwrap.wrap(net, method=method, **options)
+    assert model._keys_to_ignore_on_save is None
+    assert not hasattr(model, "config")  # no half-answer: Trainer integrations call model.config.to_dict()
+
+
+def test_label_smoothing_is_refused_rather_than_ignored(tmp_path):
+    model, loss_fn = WRAPPERS["timm lenet5, osakd"]()
+    with pytest.raises(ValueError, match="label_smoothing_factor is not applied.*soft targets"):
+        KDTrainer(model=model, kd_loss=loss_fn, args=training_args(tmp_path, label_smoothing_factor=0.1))

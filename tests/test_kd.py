@@ -115,8 +115,9 @@ def test_eval_forward_runs_only_the_student():
     model.teacher.register_forward_hook(lambda *a: calls.append(1))
     model.eval()
     x, y = _batch(0)
-    z = model(x)
-    torch.testing.assert_close(loss_fn(z, y), F.cross_entropy(z, y))
+    with torch.no_grad():  # validation
+        z = model(x)
+        torch.testing.assert_close(loss_fn(z, y), F.cross_entropy(z, y))
     assert calls == []
     model.train()
     loss_fn(model(x), y)

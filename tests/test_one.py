@@ -147,8 +147,9 @@ def test_eval_forward_then_loss_is_plain_cross_entropy(tiny_net):
     model, loss_fn = kdwrap.one(tiny_net)
     model.eval()
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
-    out = model(x)
-    assert torch.allclose(loss_fn(out, y), F.cross_entropy(out, y))
+    with torch.no_grad():  # validation
+        out = model(x)
+        assert torch.allclose(loss_fn(out, y), F.cross_entropy(out, y))
     assert loss_fn.step == 0
 
 

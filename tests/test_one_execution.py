@@ -68,7 +68,7 @@ def test_fused_training_steps_equal_sequential(name):
         torch.testing.assert_close(kdwrap.export(fused).eval()(x), seq(x), atol=1e-5, rtol=1e-5)
 
 
-def test_auto_runs_sequential_on_cpu_and_fuses_small_tails_on_cuda():
+def test_auto_runs_sequential_on_cpu_and_fuses_small_tails_on_cuda(monkeypatch):
     model, _ = kdwrap.one(timm.create_model("cifar_resnet32"), branches=3)
     per_sample = model._tail_gflop_per_sample
     assert 0.04 < per_sample < 0.05  # ResNet-32's layer3 at 32 px: ~45 MFLOP per sample
@@ -76,8 +76,13 @@ def test_auto_runs_sequential_on_cpu_and_fuses_small_tails_on_cuda():
     assert model.execution_plan(128, "cpu") == "sequential"
     assert model.execution_plan(limit, "cuda") == "fused"
     assert model.execution_plan(limit + 1, "cuda") == "sequential"
-    assert f"fused on CUDA for batch <= {limit:,}" in kdwrap.summary(model)
     assert model.execution_plan(8, "cpu") == "sequential"
+    # summary() describes the plan of the machine it runs on: no CUDA rule where there is no CUDA device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = kdwrap.summary(model)
+    assert "auto: sequential on this machine (no CUDA device" in text and "fused on CUDA for" not in text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert f"fused on CUDA for batch <= {limit:,}" in kdwrap.summary(model)
 
 
 class Dense(nn.Module):

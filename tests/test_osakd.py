@@ -99,7 +99,7 @@ def test_loss_matches_reference_over_steps(distill):
         torch.testing.assert_close(loss_fn.soft_labels.double(), s)
         fills.append(int(loss_fn.parts["bank_fill"]))
     assert fills == [4, 8, 10, 10, 10]
-    assert set(loss_fn.parts) == {"ce", "distill", "total", "bank_fill"}
+    assert set(loss_fn.parts) == {"loss", "ce", "distill", "bank_fill"}
     assert all(not v.requires_grad for v in loss_fn.parts.values())
 
 
@@ -176,10 +176,11 @@ def test_eval_mode_is_plain_cross_entropy_and_leaves_the_bank():
     state = copy.deepcopy(loss_fn.state_dict())
     model.eval()
     x, y = torch.randn(7, 6), torch.randint(0, 4, (7,))
-    for _ in range(2):  # no capture needed, any number of calls
-        z = model(x)
-        assert torch.equal(loss_fn(z, y), F.cross_entropy(z, y))
-    assert "distill" not in loss_fn.parts
+    for _ in range(2):
+        with torch.no_grad():
+            z = model(x)
+            assert torch.equal(loss_fn(z, y), F.cross_entropy(z, y))
+    assert set(loss_fn.parts) == {"loss", "ce", "bank_fill"}
     assert_same_state(loss_fn.state_dict(), state)
 
 
@@ -238,7 +239,7 @@ def test_non_finite_outputs_never_become_neighbours():
     loss_fn(model(z), torch.tensor([2, 0, 1]))
     z2 = torch.tensor([[3.0, 0.1, 0.0], [0.1, 3.0, 0.0]])
     loss_fn(model(z2), torch.tensor([0, 1]))
-    assert torch.isfinite(loss_fn.parts["total"])
+    assert torch.isfinite(loss_fn.parts["loss"])
     assert loss_fn.soft_labels[:, 2].sum() == 0  # the NaN sample's label (2) is nobody's neighbour
 
 

@@ -7,6 +7,8 @@ depending on torch, torchvision and timm only:
   (``pip install kdwrap[hf]``).
 - ``kdwrap.integrations.lightning``: :class:`ExportAtFitEnd`, a PyTorch Lightning callback that exports the
   deployable model when ``fit`` ends (``pip install kdwrap[lightning]``).
+- ``kdwrap.integrations.timm``: :class:`KDTask`, a task of timm's task API (``timm.task``, what timm's train.py
+  drives) that trains any kdwrap method; timm >= 1.0.27, no extra.
 
 Accelerate needs no adapter: ``accelerator.prepare`` takes the kdwrap model as it takes any model (see
 docs/integrations.md).

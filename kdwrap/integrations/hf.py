@@ -10,8 +10,9 @@ See docs/integrations.md for the complete recipe.
 from __future__ import annotations
 
 import inspect
+import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -34,13 +35,17 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
     )
 
 from ..api import export
-from ..base import KDLoss, select_logits, unwrap
+from ..base import KDLoss, KDModel, select_logits, unwrap
+from ..errors import CheckpointError
 
-__all__ = ["KDTrainer", "LOSS_STATE_FILE", "DEPLOYED_FILE"]
+__all__ = ["KDTrainer", "LOSS_STATE_FILE", "RUN_FILE", "DEPLOYED_FILE"]
 
 # Written into every checkpoint folder beside the Trainer's own files: ONE's ramp-up clock or OSAKD's memory bank,
 # which live in the loss, not in the model the Trainer saves.
 LOSS_STATE_FILE = "kdwrap_loss.pt"
+# Also written there: which wrapper the checkpoint holds (method, network, loss), so that resuming another run's
+# checkpoint fails naming both runs.
+RUN_FILE = "kdwrap_run.json"
 # save_exported's file for a model that has no save_pretrained (timm and plain PyTorch models): its state_dict.
 DEPLOYED_FILE = "deployed.pt"
 
@@ -62,9 +67,13 @@ class KDTrainer(Trainer):
     that its ramp-up clock counts optimizer steps.
 
     Checkpoints: each checkpoint folder also holds ``kd_loss.state_dict()`` (ONE's ramp-up clock, OSAKD's memory
-    bank) in :data:`LOSS_STATE_FILE`, and ``train(resume_from_checkpoint=...)`` restores it. Evaluation reports
-    the cross-entropy of the deployed model's logits (the loss's eval-mode value). :meth:`save_exported` writes the
-    deployable model at the end.
+    bank) in :data:`LOSS_STATE_FILE` and what it holds (method, network, loss) in :data:`RUN_FILE`;
+    ``train(resume_from_checkpoint=...)`` restores the loss's state, and refuses a checkpoint of another wrapper
+    (another method, network or configuration: a second run sharing the first one's ``output_dir``) with a
+    :class:`kdwrap.CheckpointError` naming both. Evaluation reports the cross-entropy of the
+    deployed model's logits (the loss's eval-mode value). :meth:`save_exported` writes the deployable model at the
+    end. ``label_smoothing_factor`` is refused: the kdwrap loss takes the labels as they are (pass soft targets to
+    smooth them).
 
     Args:
         kd_loss: the loss returned with ``model`` by ``kdwrap.one`` / ``osakd`` / ``wrap``.
@@ -85,6 +94,12 @@ class KDTrainer(Trainer):
             raise ValueError(
                 "KDTrainer: model must be the kdwrap model returned together with kd_loss: "
                 "model, loss_fn = kdwrap.osakd(net); KDTrainer(model=model, kd_loss=loss_fn, ...)"
+            )
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "label_smoothing_factor", 0):
+            raise ValueError(
+                "KDTrainer: label_smoothing_factor is not applied to a kdwrap loss (it takes the labels as they are); "
+                "set it to 0, and pass smoothed labels as soft targets if you want them: (B, C) probabilities"
             )
         self.kd_loss = kd_loss
         self.input_key = input_key
@@ -108,7 +123,7 @@ class KDTrainer(Trainer):
         # With remove_unused_columns (the default) the Trainer keeps only the columns the model's forward names;
         # the wrapper's forward names none of the batch's, so keep the images, the labels, and the net's keywords.
         if self._signature_columns is None:
-            net = _user_net(self.kd_loss)
+            net = _user_net(self.kd_loss.model)
             names = list(inspect.signature(net.forward).parameters) if net is not None else []
             self._signature_columns = [self.input_key, "label", "label_ids", *self.label_names, *names]
 
@@ -146,11 +161,27 @@ class KDTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.args.should_save:
-            path = os.path.join(output_dir or self.args.output_dir, LOSS_STATE_FILE)
-            torch.save(self.kd_loss.state_dict(), path)
+            output_dir = output_dir or self.args.output_dir
+            torch.save(self.kd_loss.state_dict(), os.path.join(output_dir, LOSS_STATE_FILE))
+            with open(os.path.join(output_dir, RUN_FILE), "w") as f:
+                json.dump(_describe(self.kd_loss), f, indent=1)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # The Trainer loads the weights with strict=False: another run's checkpoint would load next to nothing, with
+        # a logged warning, and training would go on from fresh weights. So the run file and the parameter names
+        # are checked, the run file before the load (another method's tensors may not even fit), the names after it
+        # (the wrapper's own load check, e.g. ONE's branches and split, names the settings to rebuild with).
+        mine = _describe(self.kd_loss)
+        theirs = _read_run_file(resume_from_checkpoint)
+        keys = _checkpoint_keys(resume_from_checkpoint)
+        differ = sorted(keys ^ set(unwrap(self.model).state_dict())) if keys is not None else []
+        if theirs is not None and theirs != mine:
+            raise self._foreign(resume_from_checkpoint, _wording(theirs))
+        if theirs is None and differ:  # written before the run file existed
+            raise self._foreign(resume_from_checkpoint, "another model", differ)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if differ:
+            raise self._foreign(resume_from_checkpoint, f"{_wording(theirs)} with other settings", differ)
         path = os.path.join(resume_from_checkpoint, LOSS_STATE_FILE)
         if not os.path.isfile(path):
             # Resuming without it would silently restart ONE's ramp-up or empty OSAKD's bank.
@@ -160,6 +191,15 @@ class KDTrainer(Trainer):
                 "the model yourself and call train() without resume_from_checkpoint"
             )
         self.kd_loss.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+    def _foreign(self, checkpoint: str, what: str, differ: Sequence[str] = ()) -> CheckpointError:
+        detail = f" ({len(differ)} parameter names differ, e.g. {', '.join(differ[:3])})" if differ else ""
+        return CheckpointError(
+            f"KDTrainer: the checkpoint {checkpoint} holds {what}{detail}, but this trainer trains "
+            f"{_wording(_describe(self.kd_loss))}; resume from a checkpoint of this run, built with the same "
+            "settings (give each run its own output_dir: resume_from_checkpoint=True takes the last checkpoint in "
+            "it), or train without resume_from_checkpoint"
+        )
 
     def save_exported(self, output_dir: str | None = None, **export_options: Any) -> nn.Module:
         """Export the deployable model (``kdwrap.export(self.model, **export_options)``), write it to
@@ -181,9 +221,53 @@ class KDTrainer(Trainer):
         return deployed
 
 
-def _user_net(kd_loss: KDLoss) -> nn.Module | None:
-    """The user's own net inside a kdwrap model: OSAKD keeps it as ``.model``; ONE keeps the original outside
-    its module tree."""
-    model = kd_loss.model
-    net = model.__dict__.get("_original", getattr(model, "model", None))
-    return net if isinstance(net, nn.Module) else None
+def _user_net(model: KDModel) -> nn.Module | None:
+    """The user's own (deployed) net inside a kdwrap model: ONE, OKDDip and BYOT keep the original outside their
+    module tree, OSAKD keeps it as ``.model``, KD as ``.student``, DML as one of ``.peers``."""
+    peers = getattr(model, "peers", None)
+    for net in (model.__dict__.get("_original"), getattr(model, "model", None), getattr(model, "student", None),
+                peers[model.peer] if isinstance(peers, nn.ModuleList) else None):
+        if isinstance(net, nn.Module):
+            return net
+    return None
+
+
+def _describe(kd_loss: KDLoss) -> dict[str, str]:
+    """What a checkpoint of this wrapper holds, as :data:`RUN_FILE` records it."""
+    net = _user_net(kd_loss.model)
+    return {"method": kd_loss.model.method, "network": type(net).__name__ if net is not None else "unknown",
+            "loss": type(kd_loss).__name__}
+
+
+def _read_run_file(folder: str) -> dict[str, Any] | None:
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _wording(run: dict[str, Any]) -> str:
+    return f"a kdwrap {run.get('method')} wrapper of a {run.get('network')} (loss {run.get('loss')})"
+
+
+def _checkpoint_keys(folder: str) -> set[str] | None:
+    """The parameter and buffer names of the model saved in a Trainer checkpoint folder; ``None`` where it is not
+    saved as one file or an index (FSDP shards, adapters)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    path = os.path.join(folder, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return set(f.keys())
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        return set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        path = os.path.join(folder, index)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return set(json.load(f)["weight_map"])
+    return None

@@ -133,7 +133,7 @@ class BYOTModel(KDModel):
                           class_name="Body")
         self.heads = nn.ModuleList(self._make_heads(net, traced[False], taps[False][1:]))
         self.__dict__["_original"] = net
-        self.train(net.training)
+        self._follow_mode(net)
 
     def _make_heads(self, net: nn.Module, traced: Any, nodes: list[fx.Node]) -> list[nn.Module]:
         """One head per stage end, sized by a trial forward: the values' shapes, the deepest stage's map size, the

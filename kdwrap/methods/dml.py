@@ -101,7 +101,7 @@ class DMLModel(KDModel):
         self.output = check_output_option("dml", output)
         # The loss's options, set by build_dml for summary(); not "config": HF's Trainer reads model.config.
         self.loss_options: dict[str, Any] = {}
-        self.train(nets[0].training)
+        self._follow_mode(nets[0])
 
     @property
     def num_peers(self) -> int:

@@ -102,7 +102,7 @@ class HintonKDModel(KDModel):
         self.__dict__["_teacher"] = teacher.eval()
         # The loss's options, set by build_kd for summary(); not "config": HF's Trainer reads model.config.
         self.loss_options: dict[str, Any] = {}
-        self.train(student.training)
+        self._follow_mode(student)
 
     @property
     def teacher(self) -> nn.Module:

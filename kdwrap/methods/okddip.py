@@ -111,7 +111,7 @@ class OKDDipModel(BranchedModel):
         self.branches = nn.ModuleList(with_classifier_input(b, self.classifier) for b in self.branches)
         self.attention = PeerAttention(features, reduction)
         self.leader = self.num_branches - 1
-        self.train(net.training)
+        self._follow_mode(net)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture the logits and the peers' targets, return the leader's logits.

@@ -31,8 +31,8 @@ EXECUTIONS = ("auto", "sequential", "fused")
 # execution="auto" times both executions instead of guessing, as cudnn.benchmark does for convolution algorithms:
 # at the first training forward of each input signature (device, shape, dtype, autocast, memory format) it runs the
 # tail forward + backward both ways on that very input and keeps the faster. Which one wins depends on the GPU, the
-# model, the batch and the precision: in the prototypes behind this design, fusing won for CIFAR ResNet-32 and lost
-# for resnet50 on the same GPU (docs/one.md quotes them).
+# model, the batch and the precision: fusing saves kernel launches (what bounds a small model's step) but runs
+# grouped convolutions, slower per FLOP than dense ones (what matters for a large one).
 MEASURE_DEVICES = ("cuda",)
 # Where auto cannot time (the CPU, inside torch.compile, under deterministic algorithms, without autograd) it
 # follows a rule: fused on CUDA while one branch's forward work per step (batch x FLOPs per sample) is at most this
@@ -136,7 +136,7 @@ class ONEModel(BranchedModel):
             raise ValueError(f"branch must be in [0, {branches}), got {branch}")
         self.branch = branch
         self.gate = ONEGate(self.trunk_channels, branches, self.trunk_channels_dim)
-        self.train(net.training)
+        self._follow_mode(net)
         self.execution = execution
         self._plan_execution()
 
@@ -333,6 +333,10 @@ class ONEModel(BranchedModel):
             return f"sequential: the tail cannot be fused ({self.fusion_error})"
         if self.execution == "fused":
             return "fused (all branches as one graph of m-times wider, grouped layers)"
+        if not torch.cuda.is_available() and not self.execution_timings:
+            # auto only ever fuses on CUDA: a plan for a device this machine lacks would only mislead.
+            return ("auto: sequential on this machine (no CUDA device; on the CPU fusion saves no measurable time); "
+                    "on CUDA, auto times fused against sequential at the first training step")
         per_sample = self._tail_gflop_per_sample
         limit = (
             f"batch <= {int(FUSE_MAX_GFLOP // per_sample):,}" if per_sample else "any batch (tail FLOPs unknown)"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._timing import median_ms, timing_may_decide
-from ..base import KDLoss, KDModel, check_output_option, check_target, route_options, select_logits
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, check_output_option, check_target, route_options, select_logits
 from ..knn import BACKENDS, DISTANCES, faiss_available, knn_soft_labels, resolve_backend
 from ..memory_bank import MemoryBank
 
@@ -36,8 +36,8 @@ _FAR = -1e4
 
 
 class OSAKDModel(KDModel):
-    """The user's net, unchanged (``self.model``). ``forward`` returns exactly what the net returns; in training
-    mode it also records a capture so the loss can check it is called once per forward.
+    """The user's net, unchanged (``self.model``). ``forward`` returns exactly what the net returns, and records a
+    capture so the loss can check it is called once per forward (and whether that forward was in eval mode).
 
     Args:
         output: index or key of the logits when ``net`` returns a tuple/dict (e.g. Inception's aux outputs).
@@ -51,12 +51,12 @@ class OSAKDModel(KDModel):
         self.output = check_output_option("osakd", output)
         # The loss's options, set by build_osakd for summary(); not "config": HF's Trainer reads model.config.
         self.loss_options: dict[str, Any] = {}
+        self._follow_mode(net)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Exactly what the wrapped net returns; in training mode it also records a capture for the loss."""
+        """Exactly what the wrapped net returns; it also records a capture for the loss."""
         out = self.model(*args, **kwargs)
-        if self.training:
-            self._put_capture(tuple(select_logits(out, self.output, "osakd").shape))
+        self._put_capture(tuple(select_logits(out, self.output, "osakd").shape) if self.training else EVAL_CAPTURE)
         return out
 
     def export(self, copy_model: bool = True, **kwargs: Any) -> nn.Module:
@@ -106,13 +106,13 @@ class OSAKDModel(KDModel):
 class OSAKDLoss(KDLoss):
     """``alpha * CE(z, y) + (1 - alpha) * D(p, s)`` with ``s`` the k-NN soft labels (a constant).
 
-    Training mode (follows the *wrapped model's* mode): consumes the capture of the preceding forward, computes
-    ``s`` from the bank (once it holds >= k entries) plus the batch, then adds the batch's detached ``p`` and
-    labels to the bank. Eval mode: plain cross-entropy of the given logits, bank untouched.
+    After a training-mode forward: consumes that forward's capture, computes ``s`` from the bank (once it holds >= k
+    entries) plus the batch, then adds the batch's detached ``p`` and labels to the bank. After an eval-mode
+    forward: plain cross-entropy of the given logits, bank untouched.
 
     ``target``: int class indices ``(B,)`` in ``[0, C)``, or float soft targets ``(B, C)`` (mixup/cutmix): the CE
     term uses them as probabilities and the k-NN labels of the batch (and the bank) are their argmax.
-    ``parts``: detached ``"ce"``, ``"distill"``, ``"total"``, ``"bank_fill"`` (eval: no ``"distill"``).
+    ``parts``: detached ``"loss"``, ``"ce"``, ``"distill"``, ``"bank_fill"`` (eval: no ``"distill"``).
     ``soft_labels``: the ``B x C`` soft labels ``s`` of the last training step (detached), for inspection.
 
     Args:
@@ -220,22 +220,21 @@ class OSAKDLoss(KDLoss):
             )
         b, c = logits.shape
         ce_target, labels = check_target(target, b, c, "osakd")
-        training = model.training
-        if training:
-            shape = model._take_capture()
-            if shape != (b, c):
-                raise RuntimeError(
-                    f"kdwrap osakd: loss_fn got logits of shape {(b, c)} but the last forward of the wrapped model "
-                    f"produced {shape}; call loss_fn(model(x), y) with the output of that forward"
-                )
-            self._stop_if_not_finite(logits)
+        shape = model._take_capture()
+        if shape is EVAL_CAPTURE:
+            ce = self._eval_cross_entropy(logits, ce_target)
+            self.parts.update(ce=self.parts["loss"], bank_fill=torch.tensor(len(self.bank)))
+            return ce
+        if shape != (b, c):
+            raise RuntimeError(
+                f"kdwrap osakd: loss_fn got logits of shape {(b, c)} but the last forward of the wrapped model "
+                f"produced {shape}; call loss_fn(model(x), y) with the output of that forward"
+            )
+        self._stop_if_not_finite(logits)
         # float32 softmax/CE and k-NN distances even under autocast (fp16/bf16 distances would reorder neighbours).
         with torch.autocast(device_type=logits.device.type, enabled=False):
             z = logits.float()
             ce = F.cross_entropy(z, ce_target)
-            if not training:
-                self.parts = {"ce": ce.detach(), "total": ce.detach(), "bank_fill": torch.tensor(len(self.bank))}
-                return ce
             p = z.softmax(1)
             q = p.detach()
             if self.bank.materialised and self.bank.vectors.device != q.device:
@@ -267,9 +266,9 @@ class OSAKDLoss(KDLoss):
             self.bank.add(torch.nan_to_num(q, nan=_FAR, posinf=_FAR, neginf=_FAR), labels)
         self.step += 1
         self.parts = {
+            "loss": total.detach(),
             "ce": ce.detach(),
             "distill": distill.detach(),
-            "total": total.detach(),
             "bank_fill": torch.tensor(len(self.bank)),
         }
         return total
