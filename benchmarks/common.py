@@ -101,3 +101,12 @@ def command_line(script: str, argv: list[str]) -> str:
         return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
 
     return " ".join(["python", script, *map(portable, argv)])
+
+
+def read_rows(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], str]:
+    """``(meta, rows, not_measured, state)`` of a benchmark's JSON, finished or cut short; ``state`` is the note a
+    table's title gets when the run stopped before its end."""
+    data = json.loads(Path(path).read_text())
+    meta = data["meta"]
+    state = "" if meta.get("complete") else "; PARTIAL: the run stopped before its end"
+    return meta, data["results"], data.get("not_measured", []), state

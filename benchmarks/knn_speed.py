@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import Deadline, Stopped, command_line, markdown_table, pyplot, stop_on_sigterm, write_json  # noqa: E402
+from common import Deadline, Stopped, command_line, markdown_table, pyplot, read_rows, stop_on_sigterm, write_json  # noqa: E402
 from kdwrap.knn import faiss_available, knn_search  # noqa: E402
 from kdwrap._timing import elapsed_ms  # noqa: E402
 
@@ -125,9 +124,7 @@ def format_table(rows: list[dict[str, Any]], missing: list[dict[str, Any]] = ())
 
 def report(path: Path) -> None:
     """Print the table of a knn_speed.py JSON (finished or cut short) and draw its plot beside it."""
-    data = json.loads(path.read_text())
-    meta, rows, missing = data["meta"], data["results"], data.get("not_measured", [])
-    state = "" if meta.get("complete") else "; PARTIAL: the run stopped before its end"
+    meta, rows, missing, state = read_rows(path)
     print(f"\nk-NN search, k={meta.get('k', 8)}, median of up to {meta['repeats']} rounds; {meta['device']}, "
           f"torch {meta['torch']}{state}\n")
     print(format_table(rows, missing))

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import re
@@ -66,7 +65,7 @@ from kdwrap.base import unwrap  # noqa: E402
 from kdwrap.fused import FusionError  # noqa: E402
 from kdwrap._timing import elapsed_ms  # noqa: E402
 from kdwrap.methods.one import EXECUTIONS  # noqa: E402
-from common import (Deadline, Stopped, command_line, markdown_table, pyplot, stop_on_sigterm,  # noqa: E402
+from common import (Deadline, Stopped, command_line, markdown_table, pyplot, read_rows, stop_on_sigterm,  # noqa: E402
                     write_json, write_text)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -511,9 +510,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 def report(path: Path) -> None:
     """Print the table of a speed.py JSON (finished or cut short) and draw its plot beside it."""
-    data = json.loads(path.read_text())
-    meta, rows, missing = data["meta"], data["results"], data.get("not_measured", [])
-    state = "" if meta.get("complete") else "; PARTIAL: the run stopped before its end"
+    meta, rows, missing, state = read_rows(path)
     print(f"\nTraining step, median of up to {meta['repeats']} side-by-side steps after {meta['warmup']} warm-up "
           f"steps; {meta['device']}, torch {meta['torch']}{state}\n")
     print(format_table(rows, missing))
