@@ -79,7 +79,6 @@ class Dataset(NamedTuple):
         idx = _stratified_subset(self.y_train, n, seed)
         return self._replace(x_train=self.x_train[idx], y_train=self.y_train[idx])
 
-
     def holdout(self, n: int | None, seed: int = 0) -> "Dataset":
         """The training set split in two: a seeded, class-stratified ``n`` of its images become the test set
         (a validation split, for choosing settings without looking at the test set), the rest stay for training."""
