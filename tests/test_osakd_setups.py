@@ -99,7 +99,8 @@ def test_channels_last():
     model, loss_fn, losses, seen = runs[torch.channels_last]
     plain, plain_loss_fn, plain_losses, plain_seen = runs[torch.contiguous_format]
     convs = {n: p for n, p in model.named_parameters() if p.ndim == 4}
-    assert len(convs) == 3 and [n for n, p in convs.items() if not _channels_last(p) or not _channels_last(p.grad)] == []
+    assert len(convs) == 3
+    assert [n for n, p in convs.items() if not _channels_last(p) or not _channels_last(p.grad)] == []
     assert len(seen) == 3 and all(seen.values()) and not any(plain_seen.values()), (seen, plain_seen)
     torch.testing.assert_close(losses, plain_losses, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
