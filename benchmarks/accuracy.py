@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import Deadline, Stopped, command_line, markdown_table, stop_on_sigterm, write_json
+from common import Deadline, Stopped, command_line, markdown_table, portable_path, stop_on_sigterm, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_cifar.py"
@@ -666,13 +666,13 @@ def report(args: argparse.Namespace, setup: dict[str, Any], runs: list[dict[str,
               f"\nchosen learning rate: {chosen:g} (the best validation accuracy over epochs, mean over seeds); "
               "set it as the protocol's lr in PROTOCOLS")
     meta = {"date": date, "chosen_lr": chosen, "device": desc, "protocol": args.protocol, "setup": setup, "seeds": args.seeds,
-            "merged": args.merge, "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
+            "merged": [portable_path(str(m)) for m in args.merge], "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
             "wall_seconds": round(wall, 1), "unfinished": unfinished, "not_measured": not_measured,
             "deadline_s": args.deadline, "in_progress": in_progress,
             **({"teacher_model": fill["teacher_model"]} if "teacher" in args.variants else {}),
             "command": command_line("benchmarks/accuracy.py", sys.argv[1:]),
-            # relative to the repository: a record names no path of the machine it ran on
-            "train_command_example": " ".join(runs[0]["cmd"][1:]).replace(f"{ROOT}{os.sep}", "")}
+            # like "command": a record names no path of the machine it ran on
+            "train_command_example": " ".join(map(portable_path, runs[0]["cmd"][1:]))}
     stem = f"accuracy_{args.protocol}{'-' + args.name if args.name else ''}{'_smoke' if args.smoke else ''}_{tag}_{date}"
     out = Path(args.results) / f"{stem}.json"
     write_json(out, {"meta": meta, "results": rows})  # whole even if the call is cut while it writes

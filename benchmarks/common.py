@@ -88,19 +88,24 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable_path(arg: str) -> str:
+    """An argument as a result's JSON records it: a path inside the repository relative to it, another absolute path
+    (a temporary folder, a device call's output folder) by its last part, so that a record names no folder of the
+    machine it ran on; ``--opt=/a/path`` likewise; anything else unchanged."""
+    if not arg.startswith("/"):
+        opt, eq, value = arg.partition("=")
+        return f"{opt}={portable_path(value)}" if eq and opt.startswith("-") and value.startswith("/") else arg
+    path = Path(arg)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def command_line(script: str, argv: list[str]) -> str:
-    """The command that produced a result, as its JSON records it: paths inside the repository relative to it,
-    other absolute paths (a temporary folder, a device call's output folder) by their last part, so that a record
-    names no folder of the machine it ran on."""
-    root = Path(__file__).resolve().parents[1]
-
-    def portable(arg: str) -> str:
-        if not arg.startswith("/"):
-            return arg
-        path = Path(arg)
-        return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
-
-    return " ".join(["python", script, *map(portable, argv)])
+    """The command that produced a result, as its JSON records it: ``python script`` and each argument through
+    :func:`portable_path`."""
+    return " ".join(["python", script, *map(portable_path, argv)])
 
 
 def read_rows(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], str]:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers cifar_resnet* with timm)
 from kdwrap.fused import fuse_branches  # noqa: E402
-from common import markdown_table, pyplot  # noqa: E402
+from common import command_line, markdown_table, pyplot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -118,7 +118,7 @@ def main() -> None:
     out = args.out or RESULTS / f"op_count_{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": date, "torch": torch.__version__, "batch": args.batch,
-            "command": " ".join(["python", "benchmarks/op_count.py", *sys.argv[1:]])}
+            "command": command_line("benchmarks/op_count.py", sys.argv[1:])}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
     plt = pyplot()

@@ -32,6 +32,7 @@ ROOT = HERE.parent
 LIST = HERE / "zoo_models.txt"
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
+from common import command_line  # noqa: E402
 
 # Name parts of a family's small members, smallest first: the sweep takes the first model of a family matching the
 # earliest of them (a family with none takes its first name).
@@ -202,7 +203,7 @@ def main() -> None:
 
     meta = {"date": date, "machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "wall_seconds": round(wall),
             "torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
-            "command": "python benchmarks/zoo.py " + " ".join(sys.argv[1:])}
+            "command": command_line("benchmarks/zoo.py", sys.argv[1:])}
     out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
 

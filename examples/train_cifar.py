@@ -21,7 +21,7 @@ augmented there, so a GPU never waits for a data loader.
     python examples/train_cifar.py --dataset torchvision-cifar100 --method one --out runs/c100-one
     # a quick check on a CPU
     python examples/train_cifar.py --method one --epochs 1 \\
-        --limit-train 512 --limit-test 256 --device cpu --out /tmp/kd-check
+        --limit-train 512 --limit-test 256 --device cpu --out runs/kd-check
 
 Written to --out: last.pt (the full checkpoint, every epoch), history.json (per-epoch test accuracy of the deployed
 branch or peer and, for ONE, of the ensemble ONE-E; for DML, of every peer), and at the end deployed.pt: the

@@ -65,7 +65,9 @@ class DictTinyNet(TinyNet):
 def tiny_hf_vit(seed: int = 0) -> nn.Module:
     """A tiny Hugging Face ``ViTForImageClassification`` (10 classes, 32x32 inputs), which returns an
     ``ImageClassifierOutput``; skips the test where transformers is not installed."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is an optional extra: pip install 'kdwrap[hf]'"
+    )
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64, num_labels=10)
     with torch.random.fork_rng():

@@ -1,11 +1,13 @@
 """The GPU benchmarks cut short: speed.py, knn_speed.py and accuracy.py keep every row on disk as it is measured, and
 a deadline or a stop still leaves those rows, the rest listed as not measured, and a table; the GPU speed suite and
-the one-call ResNet-32 accuracy protocol as CPU dry runs (tiny sizes), so that a GPU call never fails on plumbing."""
+the one-call ResNet-32 accuracy protocol as CPU dry runs (tiny sizes), so that a GPU call never fails on plumbing.
+And the results they record name no folder of the machine they ran on."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +171,7 @@ def test_gpu_accuracy_protocol_cut_by_its_deadline_leaves_partial_curves_and_res
     assert "expected wall time: no plan for one-resnet32-gpu-call on cpu" in out
     assert data["meta"]["setup"]["cuda_args"] == ["--compile", "--compile-mode", "reduce-overhead", "--channels-last"]
     assert str(tmp_path) not in data["meta"]["command"]
+    assert [s for s in _strings(data["meta"]) if MACHINE_PATH.search(s)] == []  # train_command_example too
 
     before = {r["variant"]: max(r["epochs_done"]) for r in data["results"]}
     data, out = _accuracy(tmp_path, monkeypatch, capsys)  # the same command again: every run resumes
@@ -262,3 +265,41 @@ def test_gpu_speed_suite_lists_the_steps_its_deadline_leaves_out(tmp_path):
     steps = ["core", "cudagraphs", "family", "branches", "models", "profile", "knn"]
     assert [line.split(":")[0] for line in summary] == steps  # most valuable first
     assert all(": not run: deadline" in line for line in summary)
+
+
+# An absolute path (POSIX, or a Windows drive), a site-packages folder, or a relative path climbing out of the
+# repository, where a path starts: at the start of a string, after a space, '=', a parenthesis or a quote.
+MACHINE_PATH = re.compile(r"(?:^|[\s=(\"'])(?:/[\w.~+-]+/|\.\./)|site-packages|\b[A-Za-z]:\\")
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_results_name_no_folder_of_the_machine_they_ran_on():
+    found = {
+        path.name: hits
+        for path in sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+        if (hits := [s for s in _strings(json.loads(path.read_text())) if MACHINE_PATH.search(s)])
+    }
+    assert found == {}, "write paths relative to the repository (benchmarks/common.py: portable_path)"
+
+
+def test_recorded_commands_keep_repository_paths_and_drop_the_machines_folders():
+    argv = [str(ROOT / "examples" / "train_cifar.py"), "--out", "/tmp/run-3/speed.json", "--data=/home/u/c.npz",
+            "--lr", "0.1", "--results", "runs/x", "--merge=benchmarks/results/a.json"]
+    line = common.command_line("benchmarks/accuracy.py", argv)
+    assert line == ("python benchmarks/accuracy.py examples/train_cifar.py --out speed.json --data=c.npz --lr 0.1 "
+                    "--results runs/x --merge=benchmarks/results/a.json")
+    assert not MACHINE_PATH.search(line)
+    assert MACHINE_PATH.search("/work/main/examples/train_cifar.py --seed 0")  # the pattern sees what it is for
+    assert MACHINE_PATH.search("python x.py --out /tmp/speed_exec.json")
+    assert MACHINE_PATH.search("--data ../shared/data/cifar10-jpeg.npz")

@@ -16,7 +16,7 @@ from kdwrap.demo import data
 # --- digits ---------------------------------------------------------------------------------------------------------
 
 def test_digits_shapes_and_range() -> None:
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="scikit-learn is an optional extra: pip install 'kdwrap[demo]'")
     x_tr, y_tr, x_te, y_te, classes = data.load_digits()
     assert x_tr.shape == (1437, 1, 8, 8) and x_te.shape == (360, 1, 8, 8)
     assert y_tr.shape == (1437,) and y_te.shape == (360,)
@@ -28,7 +28,7 @@ def test_digits_shapes_and_range() -> None:
 
 
 def test_digits_split_is_deterministic() -> None:
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="scikit-learn is an optional extra: pip install 'kdwrap[demo]'")
     a, b = data.load_digits(), data.load_digits()
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     c = data.load_digits(seed=1)
@@ -38,7 +38,7 @@ def test_digits_split_is_deterministic() -> None:
 
 
 def test_subset_train_is_stratified_and_seeded() -> None:
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="scikit-learn is an optional extra: pip install 'kdwrap[demo]'")
     ds = data.load_digits()
     s1, s2 = ds.subset_train(100, seed=3), ds.subset_train(100, seed=3)
     assert len(s1.y_train) == 100 and torch.equal(s1.x_train, s2.x_train)
@@ -142,7 +142,7 @@ def _fake_pack(path: Path) -> None:
 
 
 def test_cifar_pack_loader_and_cache(tmp_path: Path) -> None:
-    pytest.importorskip("PIL")
+    pytest.importorskip("PIL", reason="pillow is an optional extra: pip install 'kdwrap[demo]'")
     pack = tmp_path / "tiny.npz"
     _fake_pack(pack)
     cache = tmp_path / "cache"
@@ -177,7 +177,7 @@ def test_cifar_pack_loader_and_cache(tmp_path: Path) -> None:
 
 
 def test_cifar_pack_corrupt_cache_is_rebuilt(tmp_path: Path) -> None:
-    pytest.importorskip("PIL")
+    pytest.importorskip("PIL", reason="pillow is an optional extra: pip install 'kdwrap[demo]'")
     pack = tmp_path / "tiny.npz"
     _fake_pack(pack)
     cache = tmp_path / "cache"
@@ -229,7 +229,7 @@ def test_unknown_dataset_lists_valid_names() -> None:
 
 
 def test_load_dataset_dispatch(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="scikit-learn is an optional extra: pip install 'kdwrap[demo]'")
     assert data.load_dataset("digits").x_train.shape == (1437, 1, 8, 8)
     with pytest.raises(ValueError, match="takes no path"):
         data.load_dataset("digits", tmp_path)
@@ -281,7 +281,7 @@ def test_batches() -> None:
 
 
 def test_pillow_and_torchvision_decoders_agree(tmp_path: Path) -> None:
-    pytest.importorskip("PIL")
+    pytest.importorskip("PIL", reason="pillow is an optional extra: pip install 'kdwrap[demo]'")
     pack = tmp_path / "tiny.npz"
     _fake_pack(pack)
     with np.load(pack) as z:
@@ -290,7 +290,7 @@ def test_pillow_and_torchvision_decoders_agree(tmp_path: Path) -> None:
 
 
 def test_holdout_moves_a_stratified_split_of_the_training_set_into_the_test_slot() -> None:
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="scikit-learn is an optional extra: pip install 'kdwrap[demo]'")
     ds = data.load_digits()
     v1, v2 = ds.holdout(200), ds.holdout(200)
     assert len(v1.y_test) == 200 and torch.equal(v1.x_test, v2.x_test)

@@ -14,7 +14,7 @@ import torch
 import kdwrap
 from kdwrap.__main__ import main
 
-pytest.importorskip("sklearn")
+pytest.importorskip("sklearn", reason="scikit-learn is an optional extra: pip install 'kdwrap[demo]'")
 
 ROW_NAMES = ("plain", "ONE", "ONE-E", "OSAKD")
 TINY = ["--dataset", "digits", "--epochs", "1", "--limit-train", "256", "--batch-size", "64", "--no-progress"]

@@ -38,7 +38,7 @@ def test_timm_loop(tmp_path, method):
 
 
 def test_train_cifar_then_deploy(tmp_path):
-    pytest.importorskip("PIL")
+    pytest.importorskip("PIL", reason="pillow is an optional extra: pip install 'kdwrap[demo]'")
     _fake_pack(tmp_path / "pack.npz")
     common = ["--data", "pack.npz", "--model", "cifar_resnet20", "--epochs", "1", "--batch-size", "2", "--device",
               "cpu", "--no-progress"]
@@ -78,7 +78,7 @@ def _resume_is_a_no_op(tmp_path: Path, run: str, *args: str) -> dict:
 
 
 def test_train_cifar_dml_and_kd_from_a_teacher_run(tmp_path, monkeypatch):
-    pytest.importorskip("PIL")
+    pytest.importorskip("PIL", reason="pillow is an optional extra: pip install 'kdwrap[demo]'")
     _fake_pack(tmp_path / "pack.npz")
     common = ["--data", "pack.npz", "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--no-progress"]
     dml = [*common, "--model", "lenet5", "--method", "dml", "--peers", "2"]
@@ -118,7 +118,7 @@ def test_train_cifar_dml_and_kd_from_a_teacher_run(tmp_path, monkeypatch):
 def test_deploy_rebuilds_and_exports_a_run_of_every_method(tmp_path, monkeypatch, capsys, method):
     """deploy.py reads the method from a train_cifar.py checkpoint and deploys it through kdwrap.export: the same
     weights as the run's own deployed.pt, and torch.export and ONNX agree with the wrapper."""
-    pytest.importorskip("PIL")
+    pytest.importorskip("PIL", reason="pillow is an optional extra: pip install 'kdwrap[demo]'")
     _fake_pack(tmp_path / "pack.npz")
     monkeypatch.chdir(tmp_path)
     common = ["--data", "pack.npz", "--model", "lenet5", "--epochs", "1", "--batch-size", "2", "--limit-train", "2",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -291,7 +292,6 @@ def test_cifar_resnet32_layer3(training: bool, conv_mode: str) -> None:
 
 @pytest.mark.parametrize("training,conv_mode", [(True, "grouped"), (True, "split"), (False, "grouped")])
 def test_timm_resnet18(training: bool, conv_mode: str) -> None:
-    timm = pytest.importorskip("timm")
     model = _wrap(timm.create_model("resnet18", num_classes=7))
     _assert_equivalent(model, torch.randn(2, 3, 64, 64), training, conv_mode=conv_mode)
 
@@ -305,7 +305,6 @@ def test_grouped_se_groupnorm_prelu_layerscale(training: bool, conv_mode: str) -
 
 @pytest.mark.parametrize("training,conv_mode", [(True, "grouped"), (True, "split"), (False, "grouped")])
 def test_timm_regnety_002(training: bool, conv_mode: str) -> None:
-    timm = pytest.importorskip("timm")
     model = _wrap(timm.create_model("regnety_002", num_classes=7))  # grouped convs and squeeze-excitation
     _assert_equivalent(model, torch.randn(2, 3, 64, 64), training, conv_mode=conv_mode)
 
@@ -314,7 +313,6 @@ def test_timm_regnety_002(training: bool, conv_mode: str) -> None:
 def test_timm_mobile_nets_last_stage(name: str) -> None:
     # timm BatchNormAct2d (leaf module: BN + act), depthwise convs, SE with (hard) sigmoid gates, conv head on the
     # pooled map, and (MobileNetV3) a classifier traced into get_attr + F.linear.
-    timm = pytest.importorskip("timm")
     model = _wrap(timm.create_model(name, num_classes=7))
     _assert_equivalent(model, torch.randn(4, 3, 64, 64), True)
 
@@ -335,7 +333,6 @@ def test_modules_called_twice_and_frozen_batch_norm(training: bool, conv_mode: s
 
 def test_timm_frozen_batch_norm_act() -> None:
     # timm's FrozenBatchNormAct2d is a leaf module: its buffers go through the parameter pack too.
-    timm = pytest.importorskip("timm")
     from timm.utils.model import freeze_batch_norm_2d
 
     model = _wrap(freeze_batch_norm_2d(timm.create_model("mobilenetv3_small_050", num_classes=7)))
@@ -468,7 +465,6 @@ def test_layernorm_module_raises_fusion_error() -> None:
 
 
 def test_timm_convnext_raises_fusion_error_naming_layer_norm() -> None:
-    timm = pytest.importorskip("timm")
     model = _wrap(timm.create_model("convnext_atto", num_classes=5), perturb=False)
     with pytest.raises(FusionError, match=r"layer_norm"):
         fuse_branches(model.branches, True)

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-pytest.importorskip("accelerate")
+pytest.importorskip("accelerate", reason="accelerate is an optional extra: pip install 'kdwrap[hf]'")
 from accelerate import Accelerator  # noqa: E402
 
 import kdwrap  # noqa: E402

@@ -12,8 +12,8 @@ import pytest
 import timm
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+pytest.importorskip("transformers", reason="transformers is an optional extra: pip install 'kdwrap[hf]'")
+pytest.importorskip("accelerate", reason="accelerate is an optional extra: pip install 'kdwrap[hf]'")
 from transformers import ResNetConfig, ResNetForImageClassification, TrainerCallback, TrainingArguments  # noqa: E402
 
 import kdwrap  # noqa: E402

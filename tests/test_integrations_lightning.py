@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-pl = pytest.importorskip("lightning.pytorch")
+pl = pytest.importorskip("lightning.pytorch", reason="lightning is an optional extra: pip install 'kdwrap[lightning]'")
 
 import kdwrap  # noqa: E402
 import kdwrap.models  # noqa: E402,F401  (registers lenet5 with timm)

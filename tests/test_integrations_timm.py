@@ -13,7 +13,7 @@ from torch import nn
 try:
     from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 except ImportError:
-    pytest.skip("KDTask needs timm's task API with checkpoint state (timm >= 1.0.27)", allow_module_level=True)
+    pytest.skip("KDTask needs timm's task API with checkpoint state: pip install 'timm>=1.0.27'", allow_module_level=True)
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy

@@ -36,7 +36,7 @@ def brute_force_neighbours(q, ref, k, self_offset=None):
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_points_on_a_line(backend):
     if backend == "faiss":
-        pytest.importorskip("faiss")
+        pytest.importorskip("faiss", reason="faiss is an optional extra: pip install 'kdwrap[faiss]'")
     pos = torch.tensor([[0.0], [1.0], [2.5], [10.0], [11.0], [12.5]])
     y = torch.tensor([0, 0, 1, 1, 1, 2])
     s = knn_soft_labels(pos, y, 3, k=2, backend=backend)
@@ -57,7 +57,7 @@ def test_points_on_a_line(backend):
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_points_on_a_line_with_bank(backend):
     if backend == "faiss":
-        pytest.importorskip("faiss")
+        pytest.importorskip("faiss", reason="faiss is an optional extra: pip install 'kdwrap[faiss]'")
     pos = torch.tensor([[0.0], [10.0]])
     y = torch.tensor([0, 1])
     bank = torch.tensor([[0.4], [0.7], [9.0], [30.0]])
@@ -72,7 +72,7 @@ def test_points_on_a_line_with_bank(backend):
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_self_is_never_a_neighbour_even_for_duplicates(backend):
     if backend == "faiss":
-        pytest.importorskip("faiss")
+        pytest.importorskip("faiss", reason="faiss is an optional extra: pip install 'kdwrap[faiss]'")
     # Two identical points with different labels: each must get the *other's* label with k=1.
     q = torch.tensor([[0.3, 0.7], [0.3, 0.7], [0.9, 0.1]])
     y = torch.tensor([0, 1, 1])
@@ -170,7 +170,7 @@ def test_chunked_equals_unchunked(distance, self_offset):
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("self_offset", [None, 200])
 def test_torch_and_faiss_agree(distance, self_offset):
-    pytest.importorskip("faiss")
+    pytest.importorskip("faiss", reason="faiss is an optional extra: pip install 'kdwrap[faiss]'")
     g = torch.Generator().manual_seed(3)
     ref = (torch.randn(1000, 10, generator=g) * 3).softmax(1)
     q = ref[200:264] if self_offset is not None else (torch.randn(64, 10, generator=g) * 3).softmax(1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -98,7 +99,6 @@ def test_lenet5_is_the_osakd_papers_cifar_network() -> None:
 
 
 def test_timm_registry() -> None:
-    timm = pytest.importorskip("timm")
     assert models.TIMM_REGISTERED
     for name in models.TIMM_MODELS:
         assert timm.is_model(name), name

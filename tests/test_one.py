@@ -3,8 +3,10 @@ import copy
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import kdwrap
@@ -200,7 +202,6 @@ def test_reinitialised_branches_follow_the_models_own_initialiser():
 
 
 def test_reinitialised_branches_follow_timms_init_weights():
-    timm = pytest.importorskip("timm")
     # timm's ResNet.init_weights zero-initialises the last BN of each block; reset_parameters() would give ones.
     net = timm.create_model("resnet18", pretrained=False, num_classes=5)
     model, _ = kdwrap.one(net, branches=2, split="layer4", input_size=(3, 32, 32))
@@ -387,7 +388,6 @@ def test_leaf_modules_option_makes_a_model_traceable():
 
 def test_stochastic_depth_is_traced_per_mode():
     """Tracing bakes `if self.training` in: eval must not apply the train-time graph (torchvision's approach)."""
-    torchvision = pytest.importorskip("torchvision")
     net = torchvision.models.efficientnet_b0(num_classes=4, stochastic_depth_prob=0.5)
     model, _ = kdwrap.one(net)
     model.eval()
@@ -411,7 +411,6 @@ def test_deep_copy_keeps_modes_and_outputs(tiny_net):
 @pytest.mark.parametrize("execution", ["sequential", "fused"])
 def test_buffers_read_in_forward_follow_load_state_dict(execution):
     """torchvision's FrozenBatchNorm2d computes with its buffers in forward: they must not be traced as constants."""
-    import torchvision
     from torchvision.ops import FrozenBatchNorm2d
 
     net = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d, num_classes=4)

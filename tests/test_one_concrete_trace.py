@@ -12,7 +12,7 @@ from torch import nn
 import kdwrap
 from kdwrap import surgery
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="transformers is an optional extra: pip install 'kdwrap[hf]'")
 
 
 def tiny_vit():

@@ -1,11 +1,10 @@
 """ONE on the model families users bring: timm and torchvision classifiers, and the paper's CIFAR ResNet-32."""
 import pytest
+import timm
 import torch
+import torchvision
 
 import kdwrap
-
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
 
 NUM_CLASSES = 7
 

@@ -3,6 +3,7 @@ pools the main one (the largest tensor), fused execution falls back with the rea
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import kdwrap
@@ -108,7 +109,6 @@ def test_fused_execution_falls_back_with_the_reason():
 
 
 def test_a_split_inside_a_residual_block_hands_the_shortcut_to_every_branch():
-    torchvision = pytest.importorskip("torchvision")
     net = torchvision.models.resnet18(num_classes=4)
     model, loss_fn = kdwrap.one(net, split="layer4.0.conv2", input_size=(3, 32, 32))
     assert model.cut_values == 2  # the block's input (for its downsampling shortcut) and conv1's output

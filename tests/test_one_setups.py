@@ -83,10 +83,90 @@ def test_autocast_bf16_keeps_the_loss_in_float32(tiny_net):
     assert all(p.grad is not None for p in model.gate.parameters())
 
 
-def test_channels_last(tiny_net):
-    model, loss_fn = kdwrap.one(tiny_net.to(memory_format=torch.channels_last))
-    x, y = _batch(0)
-    loss_fn(model(x.to(memory_format=torch.channels_last)), y).backward()
+def _channels_last(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _conv_inputs_layout(model):
+    """Hooks recording, per Conv2d module called, whether its input was channels_last; and their handles."""
+    seen = {}
+    handles = [
+        m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, _channels_last(args[0])))
+        for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+    ]
+    return seen, handles
+
+
+class _LayoutRecorder(torch.fx.Interpreter):
+    """Runs the fused graph, recording whether each 4-D tensor it makes is channels_last."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.layouts = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[-2:] != (1, 1):  # 1x1 maps are both
+            self.layouts[n.name] = _channels_last(out)
+        return out
+
+
+@pytest.mark.parametrize("execution", ["sequential", "fused", "auto"])
+def test_channels_last(execution, monkeypatch):
+    """``model.to(memory_format=torch.channels_last)`` (examples/train_cifar.py --channels-last) reaches the trunk
+    and every branch; the trunk, the branches (sequential or fused) and the export run NHWC throughout; training
+    and the exported model match the contiguous run; ``execution="auto"`` times channels_last inputs apart."""
+    monkeypatch.setattr(one_module, "MEASURE_DEVICES", ("cpu",))  # auto times on the CPU too
+    runs = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model, loss_fn = _make("train", execution=execution)
+        model.to(memory_format=fmt)
+        seen, handles = _conv_inputs_layout(model)
+
+        def batch(step, fmt=fmt):
+            x, y = _batch(step)
+            return x.contiguous(memory_format=fmt), y
+
+        losses = train_steps(model, loss_fn, model, batch, STEPS)
+        for h in handles:
+            h.remove()
+        runs[fmt] = model, losses, seen
+    model, losses, seen = runs[torch.channels_last]
+    plain, plain_losses, plain_seen = runs[torch.contiguous_format]
+    convs = {n: p for n, p in model.named_parameters() if p.ndim == 4}
+    assert {n.split(".")[1] for n in convs if n.startswith("branches.")} == {"0", "1", "2"}  # every branch's convs
+    assert [n for n, p in convs.items() if not _channels_last(p)] == []  # after optimizer steps too
+    assert [n for n, p in convs.items() if not _channels_last(p.grad)] == []
+    assert seen and all(seen.values()), seen  # every conv module called saw an NHWC input
+    assert not any(plain_seen.values())
+    assert any(n.startswith("branches.") for n in seen) != (execution == "fused")  # fused: no module calls
+    timings = model.execution_timings
+    if execution == "auto":
+        assert [k for k in timings if "channels_last" in k] == list(timings) != []
+        assert not any("channels_last" in k for k in plain.execution_timings) and plain.execution_timings
+    else:
+        assert timings == {}
+    torch.testing.assert_close(losses, plain_losses, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    x, _ = _batch(STEPS)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        for kwargs in ({}, {"branch": 2}, {"ensemble": True}):
+            exported = kdwrap.export(model, **kwargs)
+            assert [n for n, p in exported.named_parameters() if p.ndim == 4 and not _channels_last(p)] == []
+            out = exported(x_cl)
+            torch.testing.assert_close(out, kdwrap.export(plain, **kwargs)(x), atol=1e-5, rtol=1e-4)
+            if not kwargs:
+                torch.testing.assert_close(out, model(x_cl), atol=0, rtol=0)
+    model.train()  # last: these training forwards move BatchNorm statistics
+    f = model.trunk(x_cl)
+    assert _channels_last(f)
+    if execution == "fused":
+        recorder = _LayoutRecorder(model._fused[True].graph_module)
+        recorder.run(f)
+        assert recorder.layouts and all(recorder.layouts.values()), recorder.layouts
 
 
 def test_gradient_accumulation_matches_whole_batch_and_counts_optimizer_steps():

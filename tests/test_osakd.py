@@ -276,7 +276,7 @@ def test_state_dict_round_trip_resumes_the_bank():
 
 
 def test_faiss_backend_gives_the_same_loss():
-    pytest.importorskip("faiss")
+    pytest.importorskip("faiss", reason="faiss is an optional extra: pip install 'kdwrap[faiss]'")
     torch.manual_seed(9)
     net = nn.Linear(6, 5)
     m1, l1 = kdwrap.osakd(net, k=4, bank_size=20, backend="torch")
@@ -441,7 +441,7 @@ def test_ddp_banks_identical_and_hold_both_ranks(tmp_path):
 
 
 def test_auto_backend_times_torch_and_faiss_once_the_bank_is_full():
-    pytest.importorskip("faiss")
+    pytest.importorskip("faiss", reason="faiss is an optional extra: pip install 'kdwrap[faiss]'")
     model, loss_fn = kdwrap.osakd(nn.Identity(), k=4, bank_size=32)
     ref_model, reference = kdwrap.osakd(nn.Identity(), k=4, bank_size=32, backend="torch")
     g = torch.Generator().manual_seed(0)

@@ -71,11 +71,49 @@ def test_autocast_bf16_computes_the_loss_in_float32_and_fills_the_bank_in_float3
     loss.backward()
 
 
+def _channels_last(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def test_channels_last():
-    model, loss_fn = _make()
-    model = model.to(memory_format=torch.channels_last)
-    x, y = _batch(0)
-    loss_fn(model(x.to(memory_format=torch.channels_last)), y).backward()
+    """OSAKD leaves the net unchanged: after ``.to(memory_format=torch.channels_last)`` every conv runs NHWC, the
+    weights stay NHWC through optimizer steps and export, and losses, weights and bank match the contiguous run."""
+    runs = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model, loss_fn = _make()
+        model = model.to(memory_format=fmt)
+        seen = {}
+        handles = [
+            m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, _channels_last(args[0])))
+            for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+        ]
+
+        def batch(step, fmt=fmt):
+            x, y = _batch(step)
+            return x.contiguous(memory_format=fmt), y
+
+        losses = train_steps(model, loss_fn, model, batch, STEPS)
+        for h in handles:
+            h.remove()
+        runs[fmt] = model, loss_fn, losses, seen
+    model, loss_fn, losses, seen = runs[torch.channels_last]
+    plain, plain_loss_fn, plain_losses, plain_seen = runs[torch.contiguous_format]
+    convs = {n: p for n, p in model.named_parameters() if p.ndim == 4}
+    assert len(convs) == 3
+    assert [n for n, p in convs.items() if not _channels_last(p) or not _channels_last(p.grad)] == []
+    assert len(seen) == 3 and all(seen.values()) and not any(plain_seen.values()), (seen, plain_seen)
+    torch.testing.assert_close(losses, plain_losses, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    assert len(loss_fn.bank) == STEPS * BATCH
+    torch.testing.assert_close(loss_fn.bank.get(), plain_loss_fn.bank.get(), atol=1e-5, rtol=1e-4)
+    x, _ = _batch(STEPS)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        exported = kdwrap.export(model)
+        assert [n for n, p in exported.named_parameters() if p.ndim == 4 and not _channels_last(p)] == []
+        out = exported(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, kdwrap.export(plain)(x), atol=1e-5, rtol=1e-4)
 
 
 def test_gradient_accumulation_fills_the_bank_with_every_micro_batch_and_counts_steps():

@@ -7,10 +7,9 @@ import pytest
 
 from kdwrap.seeds import T_975, paired_difference, plot_curves, spread, t_975, verdict
 
-stats = pytest.importorskip("scipy.stats")
-
 
 def test_t_table_matches_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats", reason="the check against scipy needs it: pip install scipy")
     for df, value in T_975.items():
         assert value == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
     # Between table rows the next smaller df is used: a wider interval, never a narrower one.
@@ -31,6 +30,7 @@ def test_spread_is_mean_and_sample_std() -> None:
 
 
 def test_paired_interval_equals_scipy_paired_t_test() -> None:
+    stats = pytest.importorskip("scipy.stats", reason="the check against scipy needs it: pip install scipy")
     a = [66.1, 65.2, 66.8, 65.9]
     b = [64.9, 64.7, 65.1, 65.3]
     d = paired_difference(a, b)
@@ -54,7 +54,7 @@ def test_verdicts() -> None:
 
 
 def test_plot_curves_writes_a_png_of_unequal_runs(tmp_path) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra: pip install 'kdwrap[bench]'")
     path = tmp_path / "curves.png"
     # an unfinished seed (2 epochs of 3) is cut to the shortest curve rather than failing
     assert plot_curves({"plain": [[50.0, 60.0, 61.0], [51.0, 59.0]], "ONE": [[52.0, 62.0, 63.0]]}, path, "t")
