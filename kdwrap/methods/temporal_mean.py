@@ -22,8 +22,8 @@ def mean_copy(piece: nn.Module) -> nn.Module:
     for module in mean.modules():
         for name, p in list(module._parameters.items()):
             del module._parameters[name]
-            if p is not None:
-                module.register_buffer(name, p.detach().clone())
+            # a None parameter (Conv2d(bias=False)) stays a None attribute, which the module's forward reads
+            module.register_buffer(name, None if p is None else p.detach().clone())
     return mean
 
 
