@@ -131,7 +131,10 @@ class PCLModel(BranchedModel):
             self._note_input(x)
             self._put_capture(EVAL_CAPTURE)
             f = self.mean_trunk(x, *args, **kwargs)
-            return self.mean_branches[self.branch](*self._branch_inputs(f), **extra)
+            out = self.mean_branches[self.branch](*self._branch_inputs(f), **extra)
+            # The deployed mean has no gradient. A loop that trains a wrapper left in eval mode then gets the
+            # family's warning from the loss (and a backward that changes nothing), not an autograd error.
+            return KeepReachable.apply(out, self.ensemble.weight) if torch.is_grad_enabled() else out
         self._update_means()
         views = peer_views(self.augment, x, self.num_branches)
         self._note_input(x if views is None or self.augment != "views" else x[:, 0])
