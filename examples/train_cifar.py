@@ -103,14 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--split", default=None,
                    help="ONE, OKDDip, PCL: first module of the replicated tail (default: automatic)")
     g.add_argument("--branch-init", default="reinit", choices=["reinit", "copy"],
-                   help="ONE, OKDDip, PCL: branches 1..m-1 re-initialised (default, as the reference code) or copies of "
-                   "branch 0")
+                   help="ONE, OKDDip, PCL: branches 1..m-1 re-initialised (default, as the reference code) or "
+                   "copies of branch 0")
     g.add_argument("--temperature", type=float, default=None,
-                   help="ONE, KD, DML, OKDDip, BYOT, PCL: distillation temperature (default: the method's; ONE, OKDDip, "
-                   "BYOT, PCL 3, KD 4, DML 1)")
+                   help="ONE, KD, DML, OKDDip, BYOT, PCL: distillation temperature (default: the method's; ONE, "
+                   "OKDDip, BYOT, PCL 3, KD 4, DML 1)")
     g.add_argument("--rampup-epochs", type=float, default=0.0,
-                   help="ONE, OKDDip, PCL: epochs of the sigmoid ramp-up of the KL weight (the papers: 80 of 300; default 0 = "
-                   "off)")
+                   help="ONE, OKDDip, PCL: epochs of the sigmoid ramp-up of the KL weight (the papers: 80 of 300; "
+                   "default 0 = off)")
     g.add_argument("--k", type=int, default=8, help="OSAKD: neighbours per soft label (default 8)")
     g.add_argument("--alpha", type=float, default=None,
                    help="OSAKD: weight of cross-entropy; KD, BYOT: weight of the distillation term (each method's own "

@@ -7,7 +7,9 @@ from torch import nn
 
 from .base import KDLoss, KDModel, unwrap
 
-__all__ = ["METHODS", "register_method", "wrap", "one", "osakd", "kd", "dml", "okddip", "byot", "pcl", "export", "summary"]
+__all__ = [
+    "METHODS", "register_method", "wrap", "one", "osakd", "kd", "dml", "okddip", "byot", "pcl", "export", "summary",
+]
 
 Wrapper = Callable[..., "tuple[KDModel, KDLoss]"]
 # Method name -> its entry point (``kdwrap.one``, ...): what ``wrap(net, method=name)`` calls. Filled by
