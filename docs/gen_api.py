@@ -66,7 +66,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
       "kdwrap.methods.byot.MultiExit", "kdwrap.methods.byot.EXIT_HEADS"]),
     ("PCL", "Peer Collaborative Learning; see [methods.md](methods.md#pcl-peer-collaborative-learning).",
      ["kdwrap.methods.pcl.build_pcl", "kdwrap.methods.pcl.PCLModel", "kdwrap.methods.pcl.PCLLoss",
-      "kdwrap.methods.peer_views.random_crop_flip", "kdwrap.methods.temporal_mean.mean_copy"]),
+      "kdwrap.augment.random_crop_flip", "kdwrap.methods.temporal_mean.mean_copy"]),
     ("timm's task API (`kdwrap.integrations.timm`)", "A `timm.task` training task for every method, a drop-in for "
      "timm's `ClassificationTask`; see [integrations.md](integrations.md#timms-task-api).",
      ["kdwrap.integrations.timm.KDTask"]),

@@ -12,7 +12,7 @@ import kdwrap
 from conftest import TinyNet
 from kdwrap import OptionError, SplitError
 from kdwrap.methods.pcl import PCLLoss, PCLModel
-from kdwrap.methods.peer_views import random_crop_flip
+from kdwrap.augment import random_crop_flip
 from loop_utils import assert_compiles_without_graph_break, assert_resume_in_process_is_exact
 
 

@@ -10,42 +10,21 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["VIEW_MODES", "random_crop_flip", "check_augment", "peer_views", "describe_views"]
+from ..augment import random_crop_flip
 
-
-def random_crop_flip(x: torch.Tensor, padding: int | None = None) -> torch.Tensor:
-    """Each sample of ``x`` (``B x C x H x W``) shifted by a random crop of its zero-padded self and flipped
-    left-right with probability 1/2, independently per sample: the CIFAR recipe (``RandomCrop(H, padding)`` +
-    ``RandomHorizontalFlip``) as tensor ops, on ``x``'s device. ``padding`` defaults to ``H // 8`` (4 for 32 px).
-
-    The padding is zeros of the tensor given, i.e. of the normalised input (the dataset mean, where torchvision's
-    ``RandomCrop`` pads black pixels before normalisation).
-    """
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(
-            f"kdwrap pcl: augment='crop_flip' crops image batches (B, C, H, W) of floats, got "
-            f"{x.dtype} {tuple(x.shape)}; pass augment=None (every peer sees the batch as given) or your own "
-            "augment=callable(x) -> x"
-        )
-    b, _, h, w = x.shape
-    p = h // 8 if padding is None else int(padding)
-    padded = F.pad(x, (p, p, p, p)) if p else x
-    # One gather for crop and flip: per sample, the rows and columns of the padded image that land in the view.
-    dy = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
-    dx = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
-    flip = torch.rand(b, 1, device=x.device) < 0.5
-    cols = torch.arange(w, device=x.device).expand(b, w)
-    rows = dy + torch.arange(h, device=x.device)
-    cols = dx + torch.where(flip, (w - 1) - cols, cols)
-    batch = torch.arange(b, device=x.device).view(b, 1, 1)
-    out = padded.permute(0, 2, 3, 1)[batch, rows.unsqueeze(-1), cols.unsqueeze(1)]  # B x H x W x C
-    return out.permute(0, 3, 1, 2).contiguous()
+__all__ = ["VIEW_MODES", "check_augment", "peer_views", "describe_views"]
 
 
 def _crop_flip_views(x: torch.Tensor, m: int, augment: Any) -> torch.Tensor:
-    return random_crop_flip(x.repeat(m, *([1] * (x.dim() - 1))))
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"kdwrap pcl: augment='crop_flip' crops image batches (B, C, H, W) of floats, got {what}; pass "
+            "augment=None (every peer sees the batch as given) or your own augment=callable(x) -> x"
+        )
+    # torch's default generator: no generator object in the graph, so no graph break under torch.compile
+    return random_crop_flip(x.repeat(m, 1, 1, 1))
 
 
 def _own_views(x: torch.Tensor, m: int, augment: Callable) -> torch.Tensor:
