@@ -298,14 +298,64 @@ def test_wrap_by_name_and_summary():
     assert "the trunk on 2 views" in text
 
 
-class NoLinearHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
-        self.stage2 = nn.Sequential(nn.Conv2d(8, 5, 3, stride=2), nn.ReLU())
+class ConvHeadNet(TinyNet):
+    """TinyNet with SqueezeNet's head: a 1x1 convolution makes the logits, then ReLU and global pooling."""
+
+    def __init__(self, num_classes=5):
+        super().__init__(num_classes)
+        del self.fc, self.pool
+        self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Conv2d(32, num_classes, 1), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1))
 
     def forward(self, x):
-        return self.stage2(self.stage1(x)).mean((2, 3))
+        return self.classifier(self.stage2(self.stage1(self.stem(x)))).flatten(1)
+
+
+class ScaledHeadNet(TinyNet):
+    """TinyNet whose last Linear is followed by a layer with weights (a BatchNorm1d): not the classifier."""
+
+    def __init__(self, num_classes=5):
+        super().__init__(num_classes)
+        self.bn = nn.BatchNorm1d(num_classes)
+
+    def forward(self, x):
+        return self.bn(super().forward(x))
+
+
+def test_a_conv_head_gets_the_ensemble_classifier_over_the_peers_logits_and_trains():
+    model, loss_fn = kdwrap.pcl(ConvHeadNet(), branches=3, augment=None, mean_decay=0.5)
+    assert model.ensemble_input == "logits" and model.classifier is None
+    assert (model.ensemble.in_features, model.ensemble.out_features) == (15, 5)  # m * C -> C
+    text = kdwrap.summary(model)
+    assert "ensemble classifier over the peers' logits, a Linear over the 3 peers' logits (15 -> 5): the classifier " \
+           "input of ConvHeadNet is not a flat feature vector (it calls no nn.Linear" in text
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        _sgd_step(model, loss_fn, opt, step)
+    x, y = _batch(2)
+    out = model(x)
+    logits, ensemble, _ = model._capture
+    torch.testing.assert_close(ensemble, model.ensemble(torch.cat(logits, -1)))
+    opt.zero_grad()
+    loss_fn(out, y).backward()
+    assert model.ensemble.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.eval()
+    deployed = kdwrap.export(model)
+    assert type(deployed) is ConvHeadNet and not deployed.training
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x))
+
+
+def test_a_linear_classifier_keeps_the_feature_form_and_one_with_weights_after_it_falls_back():
+    model, _ = kdwrap.pcl(TinyNet(), branches=3)
+    assert model.ensemble_input == "features" and model.classifier == "fc"
+    assert (model.ensemble.in_features, model.ensemble.out_features) == (3 * 32, 5)  # m * d -> C
+    model, _ = kdwrap.pcl(ScaledHeadNet(), branches=2)
+    assert model.ensemble_input == "logits" and model.ensemble.in_features == 10
+    assert "its last nn.Linear 'fc' is followed by 'bn', which has weights of its own" in kdwrap.summary(model)
+    model, _ = kdwrap.pcl(ScaledHeadNet(), branches=2, classifier="fc")  # named: the paper's form
+    assert model.ensemble_input == "features" and model.ensemble.in_features == 64
 
 
 @pytest.mark.parametrize("build, exc, match", [
@@ -316,7 +366,6 @@ class NoLinearHead(nn.Module):
     (lambda: kdwrap.pcl(TinyNet(), accumulation_steps=0), ValueError, "accumulation_steps must be an int >= 1"),
     (lambda: kdwrap.pcl(TinyNet(), temperature=0), ValueError, "temperature=0 is invalid"),
     (lambda: kdwrap.pcl(TinyNet(), classifier="stage2.0"), SplitError, "no in_features"),
-    (lambda: kdwrap.pcl(NoLinearHead(), split="stage2"), SplitError, "classifier=<module name>"),
     (lambda: kdwrap.pcl(TinyNet(), mean_decai=0.9), OptionError, "did you mean 'mean_decay'"),
 ])
 def test_bad_options_are_clear_errors(build, exc, match):

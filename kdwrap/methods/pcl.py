@@ -4,7 +4,9 @@ ONE's surgery (:class:`kdwrap.methods.branched.BranchedModel`): a shared trunk a
 tail). Each peer sees its own random augmentation of the batch (:mod:`kdwrap.methods.peer_views`). Two teachers:
 
 * the **peer ensemble teacher**, an extra classifier ``W_e`` over the peers' concatenated features (the inputs ``h_i``
-  of each peer's classifier): ``z_e = W_e [h_1; ...; h_m]``;
+  of each peer's classifier): ``z_e = W_e [h_1; ...; h_m]``; where the tail has no classifier whose input is a
+  flat feature vector (a 1x1-convolution head), over the peers' concatenated logits instead (kdwrap's choice,
+  :data:`ENSEMBLE_INPUTS`);
 * the **peer mean teachers**, the temporal mean (exponential moving average) of the trunk and of each peer
   (:mod:`kdwrap.methods.temporal_mean`); peer ``i`` learns from the mean teachers of the *other* peers.
 
@@ -24,9 +26,10 @@ from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
+from ..probe import _run_trunk, trial_mode
 from ..split_candidates import describe_split
 from ..surgery import count_parameters
-from ..taps import classifier_name
+from ..taps import classifier_name, found_classifier
 from .._deploy import rebuild_original
 from .branched import BranchedModel
 from .okddip import with_classifier_input
@@ -35,7 +38,18 @@ from .peer_views import check_augment, describe_views, peer_views
 from .soft_targets import softened_kl
 from .temporal_mean import mean_copy, parameter_names, update_means
 
-__all__ = ["PCLModel", "PCLLoss", "build_pcl"]
+__all__ = ["ENSEMBLE_INPUTS", "PCLModel", "PCLLoss", "build_pcl"]
+
+# What the peer ensemble classifier reads of each peer, by what the tail's classifier is: a peer's tail output ->
+# (its logits, its part of the ensemble classifier's input).
+# "features": the paper's form, the input h of the classifier, an nn.Linear (token or position axes averaged, as
+#     OKDDip does), when the tail has one to identify (kdwrap.taps.found_classifier) or classifier= names one;
+# "logits": kdwrap's choice where the classifier's input is not a flat feature vector (a 1x1-convolution head,
+#     SqueezeNet's or timm's conv classifiers): the peers' logits, concatenated, into a Linear m*C -> C.
+ENSEMBLE_INPUTS: dict[str, Callable[[Any], tuple[Any, torch.Tensor]]] = {
+    "features": lambda out: (out[0], global_pool(out[1], -1)),
+    "logits": lambda out: (out, out),
+}
 
 
 class PCLModel(BranchedModel):
@@ -60,7 +74,8 @@ class PCLModel(BranchedModel):
             at the first forward of each optimizer step only.
         branch: the peer whose temporal mean eval-mode ``forward`` returns and :func:`kdwrap.export` keeps.
         classifier: the module of the tail whose input is a peer's feature vector ``h`` (default: the tail's last
-            ``nn.Linear``).
+            ``nn.Linear``, where it is the classifier: called once, nothing with weights after it; where there is
+            none, the ensemble classifier takes the peers' logits, see :data:`ENSEMBLE_INPUTS`).
         split, reinit_branches, input_size, leaf_modules, autowrap_functions, output: as for ONE
             (:class:`kdwrap.methods.branched.BranchedModel`).
     """
@@ -103,23 +118,47 @@ class PCLModel(BranchedModel):
             raise ValueError(f"kdwrap pcl: branch must be an int in [0, {branches}), got {branch!r}")
         self.branch, self.mean_decay, self.accumulation_steps = branch, float(mean_decay), int(accumulation_steps)
         tail = self.branches[0]
-        self.classifier = classifier_name(tail, [tail.train_graph, tail.eval_graph], classifier, "pcl")
-        head = tail.get_submodule(self.classifier)
-        features, classes = getattr(head, "in_features", None), getattr(head, "out_features", None)
-        if not isinstance(features, int) or not isinstance(classes, int):
-            raise SplitError(
-                f"kdwrap pcl: classifier={self.classifier!r} is a {type(head).__name__} with no in_features and "
-                "out_features; name an nn.Linear (or a module with both) with classifier=<module name>"
-            )
+        graphs = [tail.train_graph, tail.eval_graph]
+        # A classifier named by the user must serve as the paper's form; the default falls back to the logits.
+        self.classifier, self.ensemble_why = (
+            (classifier_name(tail, graphs, classifier, "pcl"), "") if classifier is not None
+            else found_classifier(tail, graphs))
+        self.ensemble_input = "logits" if self.classifier is None else "features"
+        if self.classifier is not None:
+            head = tail.get_submodule(self.classifier)
+            features, classes = getattr(head, "in_features", None), getattr(head, "out_features", None)
+            if not isinstance(features, int) or not isinstance(classes, int):
+                raise SplitError(
+                    f"kdwrap pcl: classifier={self.classifier!r} is a {type(head).__name__} with no in_features and "
+                    "out_features; name an nn.Linear (or a module with both) with classifier=<module name>, or "
+                    "leave classifier unset for the ensemble classifier over the peers' logits"
+                )
+        else:
+            features = classes = self._count_classes(net, input_size)
         # The temporal means copy the pieces that return logits alone; the peers also return their features.
         self.mean_trunk = mean_copy(self.trunk)
         self.mean_branches = nn.ModuleList(mean_copy(b) for b in self.branches)
-        self.branches = nn.ModuleList(with_classifier_input(b, self.classifier) for b in self.branches)
+        if self.classifier is not None:
+            self.branches = nn.ModuleList(with_classifier_input(b, self.classifier) for b in self.branches)
         self.ensemble = nn.Linear(branches * features, classes)
         # Training forwards so far: the means' clock (their step count is state, saved with them).
         self.register_buffer("mean_forwards", torch.zeros((), dtype=torch.int64))
         self.register_buffer("mean_updates", torch.zeros((), dtype=torch.int64))
         self._follow_mode(net)
+
+    def _count_classes(self, net: nn.Module, input_size: Sequence[int] | None) -> int:
+        """The number of classes, from a trial forward of the trunk and a tail (for the ensemble classifier over
+        the peers' logits, where no classifier module says it)."""
+        f = _run_trunk(net, self.trunk, input_size, "the number of classes for the ensemble classifier over the "
+                       "peers' logits")
+        tail = self.branches[0]
+        with trial_mode(tail):
+            z = tail(*self._branch_inputs(f))
+        if not isinstance(z, torch.Tensor) or z.dim() != 2:
+            raise TypeError(
+                "kdwrap pcl: the tail returned no (B, C) logits tensor; name the logits with output=<index or key>"
+            )
+        return int(z.shape[-1])
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -145,13 +184,15 @@ class PCLModel(BranchedModel):
             )
         inputs = (x, *args) if views is None else (views,)
         f = self.trunk(*inputs, **kwargs)
-        outs = [b(*self._branch_inputs(self._peer_part(f, i, views)), **extra) for i, b in enumerate(self.branches)]
+        read = ENSEMBLE_INPUTS[self.ensemble_input]
+        outs = [read(b(*self._branch_inputs(self._peer_part(f, i, views)), **extra))
+                for i, b in enumerate(self.branches)]
         logits = [z for z, _ in outs]
         if not isinstance(logits[0], torch.Tensor) or logits[0].dim() != 2:
             raise TypeError(
                 "kdwrap pcl: the tail returned no (B, C) logits tensor; name the logits with output=<index or key>"
             )
-        ensemble = self.ensemble(torch.cat([global_pool(h, -1) for _, h in outs], dim=-1))
+        ensemble = self.ensemble(torch.cat([h for _, h in outs], dim=-1))
         with torch.no_grad():
             mean_f = self.mean_trunk(*inputs, **kwargs)
             mean_logits = torch.stack([
@@ -211,9 +252,9 @@ class PCLModel(BranchedModel):
         return "\n".join([
             f"kdwrap PCL: {type(self._original).__name__} split at '{self.split}', {m} peers; deployed: the temporal "
             f"mean of peer {self.branch} (what eval-mode forward returns and export keeps)",
-            f"  peer ensemble teacher: a Linear over the {m} peers' inputs of '{self.classifier}' "
-            f"({self.ensemble.in_features} -> {self.ensemble.out_features}); peer mean teachers: decay "
-            f"{self.mean_decay:g}, updated at the first training forward of each optimizer step",
+            f"  peer ensemble teacher: {self._describe_ensemble()}",
+            f"  peer mean teachers: the temporal means of the trunk and of each peer, decay {self.mean_decay:g}, "
+            "updated at the first training forward of each optimizer step",
             f"  views: {describe_views(self.augment)}",
             f"  parameters: trunk {trunk_p:,} | one peer {branch_p:,} | ensemble classifier "
             f"{count_parameters([self.ensemble]):,} | wrapper {count_parameters([self]):,} | deployed "
@@ -222,6 +263,15 @@ class PCLModel(BranchedModel):
             f"  execution: sequential peers; per training step {trunk_passes} and {m} tails with gradients, the same "
             "again without gradients for the mean teachers",
         ])
+
+    def _describe_ensemble(self) -> str:
+        sizes = f"({self.ensemble.in_features} -> {self.ensemble.out_features})"
+        m = self.num_branches
+        if self.ensemble_input == "features":
+            return f"a Linear over the {m} peers' inputs of '{self.classifier}' {sizes}"
+        return (f"ensemble classifier over the peers' logits, a Linear over the {m} peers' logits {sizes}: the "
+                f"classifier input of {type(self._original).__name__} is not a flat feature vector "
+                f"({self.ensemble_why})")
 
     def extra_repr(self) -> str:
         return (f"split={self.split!r}, branches={self.num_branches}, branch={self.branch}, "
