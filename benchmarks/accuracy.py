@@ -81,6 +81,7 @@ VARIANTS: dict[str, list[str]] = {
     "dml-2-lr0.3x": ["--method", "dml", "--peers", "2", "--lr", "{lr_times_0_3}"],
     "okddip-4-lr0.3x": ["--method", "okddip", "--branches", "4", "--lr", "{lr_times_0_3}"],
     "byot-lr0.3x": ["--method", "byot", "--lr", "{lr_times_0_3}"],
+    "pcl-3-lr0.3x": ["--method", "pcl", "--branches", "3", "--lr", "{lr_times_0_3}"],
     "osakd-k8-kl": ["--method", "osakd", "--k", "8", "--distill", "kl", "--alpha", "0.9"],
     "one-m2": ["--method", "one", "--branches", "2"],
     "one-m3": ["--method", "one", "--branches", "3"],
@@ -90,6 +91,7 @@ VARIANTS: dict[str, list[str]] = {
     "dml-2": ["--method", "dml", "--peers", "2"],
     "okddip-4": ["--method", "okddip", "--branches", "4"],
     "byot": ["--method", "byot"],
+    "pcl-3": ["--method", "pcl", "--branches", "3"],
     # The protocol's settings with a larger network (TEACHER_MODELS): KD's teacher, reported as its own row.
     "teacher": ["--method", "plain", "--model", "{teacher_model}"],
     "kd": ["--method", "kd", "--teacher", "{teacher_run}"],
@@ -116,6 +118,8 @@ LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN"
           "okddip-4-lr0.3x": "OKDDip 3 peers + leader (leader), 0.3x learning rate",
           "byot-lr0.3x": "BYOT (deepest exit), 0.3x learning rate",
           "okddip-4": "OKDDip 3 peers + leader (leader)", "byot": "BYOT (deepest exit)",
+          "pcl-3": "PCL 3 peers (temporal mean of peer 0)",
+          "pcl-3-lr0.3x": "PCL 3 peers (temporal mean of peer 0), 0.3x learning rate",
           "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
           "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up",
           "dml-2": "DML 2 peers (peer 0)", "teacher": "teacher ({teacher_model}, plain)",
@@ -129,6 +133,9 @@ NOTES = {
           "subset, the teacher learnt seed {teacher_seed}'s images).",
 }
 NOTES["kd-lr0.3x"] = NOTES["kd"]
+NOTES["pcl-3"] = ("PCL reports its deployed model, the temporal mean of peer 0; peer 0 itself is in the runs' "
+                  "history.json (test_acc_live_peer). Each peer trains on its own crop and flip of every image.")
+NOTES["pcl-3-lr0.3x"] = NOTES["pcl-3"]
 
 # Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.
 PROTOCOLS: dict[str, dict[str, Any]] = {

@@ -77,12 +77,12 @@ CONFIGS = {
 def variant_specs(executions: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD in-batch (the paper's
     mode), with its default bank (16,384 entries) and with a small and a large one; KD from a same-model teacher;
-    DML with 2 peers; OKDDip with 4 branches; BYOT."""
+    DML with 2 peers; OKDDip with 4 branches; BYOT; PCL with 3 peers (each on its own view)."""
     one = [(f"ONE m={m} {e}", "one", {"branches": m, "execution": e}) for m in (2, 3, 4) for e in executions]
     osakd = [("OSAKD in-batch", "osakd", {"bank_size": 0})]
     osakd += [(f"OSAKD bank {n:,}", "osakd", {"bank_size": n}) for n in (4096, 16384, 65536)]
     others = [("KD same-model teacher", "kd", {}), ("DML 2 peers", "dml", {"peers": 2}),
-              ("OKDDip m=4", "okddip", {"branches": 4}), ("BYOT", "byot", {})]
+              ("OKDDip m=4", "okddip", {"branches": 4}), ("BYOT", "byot", {}), ("PCL m=3", "pcl", {"branches": 3})]
     return [("plain", "plain", {}), *one, *osakd, *others]
 
 
@@ -96,6 +96,7 @@ WRAPPERS: dict[str, Callable[[nn.Module, int, dict[str, Any]], tuple[nn.Module, 
     "dml": lambda net, px, kw: kdwrap.dml(net, **kw),
     "okddip": lambda net, px, kw: kdwrap.okddip(net, input_size=(3, px, px), **kw),
     "byot": lambda net, px, kw: kdwrap.byot(net, input_size=(3, px, px), **kw),
+    "pcl": lambda net, px, kw: kdwrap.pcl(net, input_size=(3, px, px), **kw),
 }
 
 

@@ -42,6 +42,10 @@ TV_SIZES = {"inception_v3": 299}
 NUM_CLASSES = 10
 
 
+# Methods that cut the model and trace it: traced at the model's own input size, their split and cut reported.
+TRACED_AT_SIZE = ("one", "pcl")
+
+
 def make_list() -> list[str]:
     import timm
     import torchvision
@@ -90,9 +94,10 @@ def check_one(name: str, method: str) -> dict[str, Any]:
         row["size"] = size
         stage = "wrap"
         t0 = time.perf_counter()
-        model, loss_fn = kdwrap.wrap(net, method=method, **({"input_size": (3, size, size)} if method == "one" else {}))
+        traced_at = {"input_size": (3, size, size)} if method in TRACED_AT_SIZE else {}
+        model, loss_fn = kdwrap.wrap(net, method=method, **traced_at)
         row["wrap_s"] = round(time.perf_counter() - t0, 2)
-        if method == "one":
+        if method in TRACED_AT_SIZE:
             row["split"] = model.split
             row["cut_values"] = model.cut_values
         stage = "train"

@@ -24,10 +24,10 @@ OUT = Path(__file__).resolve().parent / "api.md"
 # (section title, intro, [dotted names]); a module name stands for everything in its __all__.
 SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Entry points", "Wrap a model, export the deployable model, describe a wrapper. Usage is always "
-     "`model, loss_fn = kdwrap.one(net)` (or `osakd`, `kd`, `dml`, `okddip`, `byot`, `wrap`), then "
+     "`model, loss_fn = kdwrap.one(net)` (or `osakd`, `kd`, `dml`, `okddip`, `byot`, `pcl`, `wrap`), then "
      "`loss = loss_fn(model(x), y)`.",
      ["kdwrap.wrap", "kdwrap.one", "kdwrap.osakd", "kdwrap.kd", "kdwrap.dml", "kdwrap.okddip", "kdwrap.byot",
-      "kdwrap.export", "kdwrap.summary",
+      "kdwrap.pcl", "kdwrap.export", "kdwrap.summary",
       "kdwrap.METHODS", "kdwrap.register_method"]),
     ("Errors", "Raised on purpose, with a message that names the problem and the fix; all importable from `kdwrap`.",
      ["kdwrap.errors"]),
@@ -64,6 +64,9 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("BYOT", "Be Your Own Teacher; see [methods.md](methods.md#byot-be-your-own-teacher).",
      ["kdwrap.methods.byot.build_byot", "kdwrap.methods.byot.BYOTModel", "kdwrap.methods.byot.BYOTLoss",
       "kdwrap.methods.byot.MultiExit", "kdwrap.methods.byot.EXIT_HEADS"]),
+    ("PCL", "Peer Collaborative Learning; see [methods.md](methods.md#pcl-peer-collaborative-learning).",
+     ["kdwrap.methods.pcl.build_pcl", "kdwrap.methods.pcl.PCLModel", "kdwrap.methods.pcl.PCLLoss",
+      "kdwrap.augment.random_crop_flip", "kdwrap.methods.temporal_mean.mean_copy"]),
     ("timm's task API (`kdwrap.integrations.timm`)", "A `timm.task` training task for every method, a drop-in for "
      "timm's `ClassificationTask`; see [integrations.md](integrations.md#timms-task-api).",
      ["kdwrap.integrations.timm.KDTask"]),

@@ -64,7 +64,7 @@ RUN_KEYS = (
 LATER_KEYS = {"peers": 2, "teacher": None, "holdout": None}
 # --temperature's default, each method's own (kdwrap's). Methods without a temperature record ONE's 3, the default
 # of every run before the default depended on the method, so that their checkpoints still resume.
-TEMPERATURES = {"one": 3.0, "kd": 4.0, "dml": 1.0, "okddip": 3.0, "byot": 3.0}
+TEMPERATURES = {"one": 3.0, "kd": 4.0, "dml": 1.0, "okddip": 3.0, "byot": 3.0, "pcl": 3.0}
 # --alpha's default, likewise: OSAKD's, KD's and BYOT's own; the other methods record 0.9, every earlier run's default.
 ALPHAS = {"osakd": OSAKD_DEFAULT_ALPHA, "kd": 0.9, "byot": 0.1}
 # --branches' default: OKDDip's 4 (3 peers and the leader); the other methods record ONE's 3, every earlier run's.
@@ -93,23 +93,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("model and method")
     g.add_argument("--method", default="plain", choices=list(WRAPPERS),
-                   help="plain (default), one, osakd, dml, okddip, byot (online); kd (from a trained --teacher)")
+                   help="plain (default), one, osakd, dml, okddip, byot, pcl (online); kd (from a trained --teacher)")
     g.add_argument("--model", default=None,
                    help="any timm model name (built with pretrained=False) or cifar_resnet20/32/44/56/110, "
                    "small_cnn (default: cifar_resnet32; small_cnn for fashion-mnist)")
     g.add_argument("--branches", type=int, default=None,
-                   help="ONE, OKDDip: number of branches (default: ONE 3; OKDDip 4, the last is the group leader)")
+                   help="ONE, OKDDip, PCL: number of branches (default: ONE, PCL 3; OKDDip 4, the last is the group "
+                   "leader)")
     g.add_argument("--split", default=None,
-                   help="ONE, OKDDip: first module of the replicated tail (default: automatic)")
+                   help="ONE, OKDDip, PCL: first module of the replicated tail (default: automatic)")
     g.add_argument("--branch-init", default="reinit", choices=["reinit", "copy"],
-                   help="ONE, OKDDip: branches 1..m-1 re-initialised (default, as the reference code) or copies of "
-                   "branch 0")
+                   help="ONE, OKDDip, PCL: branches 1..m-1 re-initialised (default, as the reference code) or "
+                   "copies of branch 0")
     g.add_argument("--temperature", type=float, default=None,
-                   help="ONE, KD, DML, OKDDip, BYOT: distillation temperature (default: the method's; ONE, OKDDip, "
-                   "BYOT 3, KD 4, DML 1)")
+                   help="ONE, KD, DML, OKDDip, BYOT, PCL: distillation temperature (default: the method's; ONE, "
+                   "OKDDip, BYOT, PCL 3, KD 4, DML 1)")
     g.add_argument("--rampup-epochs", type=float, default=0.0,
-                   help="ONE, OKDDip: epochs of the sigmoid ramp-up of the KL weight (the papers: 80 of 300; default 0 = "
-                   "off)")
+                   help="ONE, OKDDip, PCL: epochs of the sigmoid ramp-up of the KL weight (the papers: 80 of 300; "
+                   "default 0 = off)")
     g.add_argument("--k", type=int, default=8, help="OSAKD: neighbours per soft label (default 8)")
     g.add_argument("--alpha", type=float, default=None,
                    help="OSAKD: weight of cross-entropy; KD, BYOT: weight of the distillation term (each method's own "
@@ -283,6 +284,13 @@ def _okddip(args: argparse.Namespace, net: nn.Module, input_size: Size, num_clas
                          reinit_branches=args.branch_init == "reinit")
 
 
+def _pcl(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
+    # With --augment, kdwrap gives each peer its own crop and flip (the paper's protocol) and the loop none.
+    return kdwrap.pcl(net, branches=args.branches, split=args.split, temperature=args.temperature,
+                      rampup_steps=args.rampup_steps, input_size=input_size,
+                      reinit_branches=args.branch_init == "reinit", augment="crop_flip" if args.augment else None)
+
+
 def _byot(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
     return kdwrap.byot(net, alpha=args.alpha, temperature=args.temperature, input_size=input_size)
 
@@ -290,6 +298,7 @@ def _byot(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classe
 # --method -> the model and loss it trains: a new method is one entry here (and its options in parse_args).
 WRAPPERS: dict[str, Callable[[argparse.Namespace, nn.Module, Size, int], Wrapped]] = {
     "plain": _plain, "one": _one, "osakd": _osakd, "dml": _dml, "kd": _kd, "okddip": _okddip, "byot": _byot,
+    "pcl": _pcl,
 }
 
 
@@ -463,7 +472,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for step in bar:
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             xb, yb = prep(x_train[idx]), y_train[idx]
-            if args.augment:
+            if args.augment and args.method != "pcl":  # PCL crops and flips per peer itself
                 # Padding after normalisation pads with the mean colour, as torchvision's RandomCrop on tensors.
                 xb = random_crop_flip(xb, padding=4, generator=aug_gen).contiguous(memory_format=memory_format)
             if cudagraphs:
@@ -498,6 +507,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if args.method == "dml":
             # Every peer's: which peer ends best is not known in advance, and export(model, peer=i) deploys any.
             row["test_acc_peers"] = [acc] + [evaluate(p, x_test, y_test, prep, autocast)[0] for p in model.peers[1:]]
+        if args.method == "pcl":  # test_acc is the deployed temporal mean of peer 0; this, peer 0 itself
+            live = kdwrap.export(model, mean=False).eval()
+            row["test_acc_live_peer"] = evaluate(live, x_test, y_test, prep, autocast)[0]
         history["epochs"].append(row)
         print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {train_loss:.4f}  train acc {train_acc:6.2f} %  "
               f"{'val' if args.holdout else 'test'} acc {acc:6.2f} %"

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The summary options each method reads; one given to another method is an error, not silently ignored.
-_SUMMARY_OPTIONS = {"split": ("one", "okddip"), "branches": ("one", "okddip"), "peers": ("dml",), "teacher": ("kd",)}
+_SUMMARY_OPTIONS = {"split": ("one", "okddip", "pcl"), "branches": ("one", "okddip", "pcl"), "peers": ("dml",), "teacher": ("kd",)}
 
 
 def _summary(args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ from torch import nn
 
 from .base import KDLoss, KDModel, unwrap
 
-__all__ = ["METHODS", "register_method", "wrap", "one", "osakd", "kd", "dml", "okddip", "byot", "export", "summary"]
+__all__ = [
+    "METHODS", "register_method", "wrap", "one", "osakd", "kd", "dml", "okddip", "byot", "pcl", "export", "summary",
+]
 
 Wrapper = Callable[..., "tuple[KDModel, KDLoss]"]
 # Method name -> its entry point (``kdwrap.one``, ...): what ``wrap(net, method=name)`` calls. Filled by
@@ -136,6 +138,23 @@ def byot(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
     return build_byot(net, **kwargs)
 
 
+@register_method("pcl")
+def pcl(net: nn.Module, branches: int = 3, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for PCL (Peer Collaborative Learning): ONE's trunk/branch surgery, ``branches`` peers each
+    trained on its own random view of the batch, a peer ensemble teacher (a classifier over the peers' concatenated
+    features) and the peers' temporal means, which teach the other peers; the temporal mean of peer 0 is the
+    deployed model. Returns ``(model, loss_fn)``.
+
+    Options (``augment``, ``mean_decay``, ``split``, ``temperature``, ``rampup_steps``, ...): see
+    :class:`kdwrap.methods.pcl.PCLModel` and :class:`kdwrap.methods.pcl.PCLLoss`; an unknown one raises
+    :class:`OptionError` listing the valid ones.
+    """
+    from .methods.pcl import build_pcl
+
+    _check_net(net)
+    return build_pcl(net, branches=branches, **kwargs)
+
+
 def wrap(net: nn.Module, method: str = "one", **kwargs: Any) -> tuple[KDModel, KDLoss]:
     """Wrap ``net`` for online KD with ``method`` (a name in :data:`METHODS`). Returns ``(model, loss_fn)``."""
     if method not in METHODS:
@@ -160,7 +179,7 @@ def export(model: nn.Module, **kwargs: Any) -> nn.Module:
     gated ensemble (ONE-E) as a module with a plain Tensor output. OSAKD: the original model, with no hook. KD: the
     student (never the teacher). DML: ``peer=i`` picks the peer kept (default: the one ``model(x)`` returns). OKDDip: the group leader (or
     ``branch=i``). BYOT: the network without its exits, or ``exits=True`` for a multi-exit model returning every
-    exit's logits.
+    exit's logits. PCL: the temporal mean of peer 0 (or ``branch=i``; ``mean=False`` for the live peer).
     """
     return _kd_model(model).export(**kwargs)
 

@@ -12,10 +12,10 @@ from torch import fx, nn
 
 from .errors import SplitError
 from .probe import example_input, trial_mode
-from .surgery import _cut_graph, _downsamples, _module_paths_with_nodes, _Traced
+from .surgery import _cut_graph, _downsamples, _module_paths_with_nodes, _parameters_read, _Traced
 
 __all__ = [
-    "classifier_name", "classifier_input", "graph_with_outputs", "stage_starts", "stage_input", "stage_end",
+    "classifier_name", "found_classifier", "classifier_input", "graph_with_outputs", "stage_starts", "stage_input", "stage_end",
     "graph_stage_starts",
 ]
 
@@ -53,6 +53,33 @@ def classifier_name(root: nn.Module, graphs: Sequence[fx.Graph], name: str | Non
             "once (its input is the feature vector read). Name another module with classifier=<module name>"
         )
     return name
+
+
+def found_classifier(root: nn.Module, graphs: Sequence[fx.Graph]) -> tuple[str | None, str]:
+    """``(name, "")``: the network's classifier, an ``nn.Linear`` whose input is one feature vector per sample (or
+    per token); or ``(None, why)`` where there is none to identify. The classifier is the last ``nn.Linear`` the
+    graph calls, if it is called once per forward in every graph and nothing with parameters acts on its output on
+    the way to the logits (else it is a layer inside the network, and a convolution or another module makes the
+    logits)."""
+    linears = [n for n in graphs[-1].nodes
+               if n.op == "call_module" and isinstance(root.get_submodule(n.target), nn.Linear)]
+    if not linears:
+        return None, "it calls no nn.Linear: a convolution or another module makes the logits"
+    name = linears[-1].target
+    calls = max(len(_calls(g, name)) for g in graphs)
+    if calls != 1:
+        return None, f"its last nn.Linear '{name}' is called {calls} times per forward"
+    seen, todo = set(), list(linears[-1].users)
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op != "output" and _parameters_read(root, node):
+            what = node.target if node.op == "call_module" else node.name
+            return None, f"its last nn.Linear '{name}' is followed by '{what}', which has weights of its own"
+        todo.extend(node.users)
+    return name, ""
 
 
 def classifier_input(graph: fx.Graph, name: str) -> fx.Node:

@@ -1,4 +1,4 @@
-"""KD, DML, OKDDip and BYOT inside real training setups, as ONE and OSAKD are tested: DDP on 2 CPU ranks equals one
+"""KD, DML, OKDDip, BYOT and PCL inside real training setups, as ONE and OSAKD are tested: DDP on 2 CPU ranks equals one
 process on the whole batch (static graph and find_unused_parameters), torch.compile traces the forward without a
 graph break and gives the eager loss."""
 import pytest
@@ -20,6 +20,8 @@ BUILDS = {
     "dml": lambda: kdwrap.dml(TinyNet(), peers=2),
     "okddip": lambda: kdwrap.okddip(TinyNet(), branches=3),
     "byot": lambda: kdwrap.byot(TinyNet(), feature_weight=0.0),
+    # Random views would differ between the ranks and the whole batch: every peer sees the batch as given here.
+    "pcl": lambda: kdwrap.pcl(TinyNet(), branches=3, augment=None),
 }
 
 

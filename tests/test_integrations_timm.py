@@ -36,7 +36,11 @@ OPTIONS = {
     "dml": lambda: dict(),
     "okddip": lambda: dict(branches=3, rampup_steps=4),
     "byot": lambda: dict(),
+    "pcl": lambda: dict(branches=2, rampup_steps=4, augment=None),  # random views: no expected output to compare
 }
+# method -> the export options of the model whose training-mode forward the task's output is: PCL deploys the
+# temporal mean of the peer that trains, and trains (and outputs) the live peer.
+TRAINED = {"pcl": dict(mean=False)}
 
 
 def make_net(seed: int = 0) -> nn.Module:
@@ -66,7 +70,8 @@ def deployed_ce(task: KDTask, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """The cross-entropy term of the deployed model among the loss's parts (per branch, peer or exit for some)."""
     wrapper = task.loss_fn.model
     ce = parts["ce"]
-    index = {"one": getattr(wrapper, "branch", 0), "dml": getattr(wrapper, "peer", 0), "okddip": -1, "byot": -1}
+    index = {"one": getattr(wrapper, "branch", 0), "dml": getattr(wrapper, "peer", 0), "okddip": -1, "byot": -1,
+             "pcl": getattr(wrapper, "branch", 0)}
     return ce if ce.dim() == 0 else ce[index[task.method]]
 
 
@@ -91,7 +96,7 @@ def test_each_method_trains_on_mixup_targets_with_ema_and_evaluates_the_exported
     for step in range(2):
         x, y = mixup(*hard_batch(step))
         targets.append(y)
-        expected = kdwrap.export(model)(x)  # the deployed model's training-mode forward, on a copy
+        expected = kdwrap.export(model, **TRAINED.get(method, {}))(x)  # its training-mode forward, on a copy
         result = task(x, y)
         assert result.keys() >= {"loss", "output", "ce"}
         torch.testing.assert_close(result["output"], expected)

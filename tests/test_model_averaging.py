@@ -21,6 +21,7 @@ WRAPPERS = {
     "dml": lambda: kdwrap.dml(TinyNet(), peers=2),
     "okddip": lambda: kdwrap.okddip(TinyNet(), branches=3),
     "byot": lambda: kdwrap.byot(TinyNet()),
+    "pcl": lambda: kdwrap.pcl(TinyNet(), branches=3),
 }
 
 

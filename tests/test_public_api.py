@@ -27,6 +27,7 @@ def test_a_bad_split_raises_the_public_split_error():
     ("dml", "temprature", "did you mean 'temperature'"),
     ("okddip", "temprature", "did you mean 'temperature'"),
     ("byot", "feature_wieght", "did you mean 'feature_weight'"),
+    ("pcl", "mean_decai", "did you mean 'mean_decay'"),
 ])
 def test_an_unknown_option_names_itself_and_the_valid_ones(method, option, hint):
     with pytest.raises(OptionError, match=hint) as info:
@@ -35,7 +36,7 @@ def test_an_unknown_option_names_itself_and_the_valid_ones(method, option, hint)
 
 
 def test_wrap_dispatches_through_the_registry():
-    assert set(kdwrap.METHODS) == {"one", "osakd", "kd", "dml", "okddip", "byot"}
+    assert set(kdwrap.METHODS) == {"one", "osakd", "kd", "dml", "okddip", "byot", "pcl"}
     assert kdwrap.METHODS["one"] is kdwrap.one and kdwrap.METHODS["kd"] is kdwrap.kd
 
     calls = []
@@ -52,7 +53,7 @@ def test_wrap_dispatches_through_the_registry():
             kdwrap.register_method("tiny-test-method")(tiny)
     finally:
         del kdwrap.METHODS["tiny-test-method"]
-    with pytest.raises(ValueError, match="valid methods: one, osakd, kd, dml, okddip, byot"):
+    with pytest.raises(ValueError, match="valid methods: one, osakd, kd, dml, okddip, byot, pcl"):
         kdwrap.wrap(TinyNet(), method="tiny-test-method")
 
 

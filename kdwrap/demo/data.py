@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ..augment import random_crop_flip  # the crop-and-flip PCL's peers' views use too
 
 __all__ = [
     "Dataset",
@@ -396,38 +397,6 @@ def normalize(
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (to_float(x) - mean_t) / std_t
-
-
-def random_crop_flip(
-    x: torch.Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """The standard CIFAR augmentation on a whole batch, on the batch's device: zero-pad by ``padding``, take a
-    random crop of the original size per image, and mirror half of the images horizontally.
-
-    ``generator`` (on ``x``'s device) makes it reproducible. Pads with zeros, so apply it after normalisation to
-    pad with the mean colour, as torchvision's ``RandomCrop(32, padding=4)`` on normalised tensors does.
-    """
-    if x.dim() != 4:
-        raise ValueError(f"expected an N x C x H x W batch, got shape {tuple(x.shape)}")
-    n, _, h, w = x.shape
-    dev = x.device
-    if padding > 0:
-        xp = F.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
-        ox = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
-    else:
-        xp = x
-        oy = ox = torch.zeros(n, dtype=torch.long, device=dev)
-    rows = oy[:, None] + torch.arange(h, device=dev)  # n x h
-    cols = torch.arange(w, device=dev).expand(n, w)  # n x w
-    if flip:
-        mirror = torch.rand(n, device=dev, generator=generator) < 0.5
-        cols = torch.where(mirror[:, None], cols.flip(1), cols)
-    cols = ox[:, None] + cols
-    b = torch.arange(n, device=dev)[:, None, None]
-    # Advanced indexing around the channel slice puts the indexed dims first: n x h x w x c.
-    out = xp[b, :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def batches(

@@ -46,6 +46,7 @@ DEPLOYED_PIECES: dict[str, Callable[[KDModel], list[nn.Module]]] = {
     "osakd": lambda m: [m.model],
     "kd": lambda m: [m.student],
     "dml": lambda m: [m.peers[m.peer]],
+    "pcl": lambda m: [m.mean_trunk, m.mean_branches[m.branch]],
 }
 
 
