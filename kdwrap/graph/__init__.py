@@ -1,0 +1,34 @@
+"""Reading and cutting a model: kdwrap's internals for the methods that change a network's layout (ONE, OKDDip,
+BYOT). Not part of kdwrap's public surface; its names may change between versions.
+
+Modules, each importing only those above it:
+
+* :mod:`.inputs`: the input size a model declares, a random example input, the mode of a trial forward.
+* :mod:`.concrete_tracer`: tracing with values, for models plain torch.fx cannot trace.
+* :mod:`.tracing`: a model traced into an fx graph whose nodes know their module.
+* :mod:`.cut`: cutting a traced graph at a module into trunk and tail, the pieces that hold them, parameter use.
+* :mod:`.outputs`: the logits among a graph's outputs, and values read besides them (classifier input, stage ends).
+* :mod:`.channels`: the channel count and axis of the values crossing a cut.
+* :mod:`.stages`: the one rule that finds a model's stages: the default split and BYOT's exits.
+* :mod:`.split`: the split itself, :func:`split_model`.
+* :mod:`.cost`: parameters and forward FLOPs.
+* :mod:`.split_summary`: the cuts near the split and their FLOP shares, for ``summary()``.
+"""
+from .split_summary import Candidate, candidates, describe_split, flop_input_size, not_measured_line
+from .channels import producer_channels
+from .concrete_tracer import check_batch_free
+from .cost import count_parameters, forward_flops
+from .cut import Piece, check_split_name
+from .inputs import declared_input_size, example_input, trial_mode
+from .outputs import classifier_input, classifier_name, graph_with_outputs, select_output, stage_end, stage_input
+from .split import SplitResult, split_model
+from .stages import SplitChoice, auto_split, graph_stage_starts, stage_starts
+from .tracing import Traced, trace
+
+__all__ = [
+    "split_model", "SplitResult", "auto_split", "SplitChoice", "stage_starts", "graph_stage_starts",
+    "candidates", "Candidate", "describe_split", "flop_input_size", "not_measured_line",
+    "trace", "Traced", "select_output", "check_batch_free", "check_split_name", "Piece",
+    "classifier_name", "classifier_input", "graph_with_outputs", "stage_input", "stage_end",
+    "example_input", "declared_input_size", "trial_mode", "producer_channels", "count_parameters", "forward_flops",
+]
