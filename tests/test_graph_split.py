@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 import kdwrap
-from conftest import FunctionalLeNet
+from conftest import FunctionalLeNet, TinyNet
 from kdwrap import SplitError
 
 
