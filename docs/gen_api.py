@@ -68,8 +68,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
      "between versions. The entry points ONE, OKDDip and BYOT use to trace, cut and read a model; see "
      "[one.md](one.md#choosing-the-split).",
      ["kdwrap.graph.split_model", "kdwrap.graph.auto_split", "kdwrap.graph.SplitResult", "kdwrap.graph.SplitChoice",
-      "kdwrap.graph.candidates", "kdwrap.graph.Candidate", "kdwrap.graph.stage_starts",
-      "kdwrap.graph.graph_stage_starts", "kdwrap.graph.trace", "kdwrap.graph.check_batch_free"]),
+      "kdwrap.graph.candidates", "kdwrap.graph.Candidate", "kdwrap.graph.stage_starts", "kdwrap.graph.trace"]),
 ]
 
 _ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|obj|exc):`~?([^`]+)`")

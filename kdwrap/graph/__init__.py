@@ -16,19 +16,19 @@ Modules, each importing only those above it:
 """
 from .split_summary import Candidate, candidates, describe_split, flop_input_size, not_measured_line
 from .channels import producer_channels
-from .concrete_tracer import check_batch_free
 from .cost import count_parameters, forward_flops
 from .cut import Piece, check_split_name
-from .inputs import declared_input_size, example_input, trial_mode
+from .inputs import example_input, trial_mode
 from .outputs import classifier_input, classifier_name, graph_with_outputs, select_output, stage_end, stage_input
 from .split import SplitResult, split_model
-from .stages import SplitChoice, auto_split, graph_stage_starts, stage_starts
-from .tracing import Traced, trace
+from .stages import SplitChoice, auto_split, stage_starts
+from .tracing import trace
 
+# What the methods use (and the documented internals: auto_split, SplitChoice, candidates, Candidate).
 __all__ = [
-    "split_model", "SplitResult", "auto_split", "SplitChoice", "stage_starts", "graph_stage_starts",
+    "split_model", "SplitResult", "auto_split", "SplitChoice", "stage_starts",
     "candidates", "Candidate", "describe_split", "flop_input_size", "not_measured_line",
-    "trace", "Traced", "select_output", "check_batch_free", "check_split_name", "Piece",
+    "trace", "select_output", "check_split_name", "Piece",
     "classifier_name", "classifier_input", "graph_with_outputs", "stage_input", "stage_end",
-    "example_input", "declared_input_size", "trial_mode", "producer_channels", "count_parameters", "forward_flops",
+    "example_input", "trial_mode", "producer_channels", "count_parameters", "forward_flops",
 ]
