@@ -26,7 +26,7 @@ loop), with data on the device. The CIFAR-10 JPEG pack ships with the repository
 Run folders go to --out (default runs/accuracy-<protocol>[-smoke]); a run that is already there is resumed, so the
 same command continues an interrupted benchmark. Reported per model: test accuracy at the best epoch (the papers'
 convention) and the last, mean ± standard deviation over seeds with each seed's value, the paired difference to
-plain with its 95 % t-interval over seeds and the verdict (beyond / within noise, see kdwrap.seeds), and the last
+plain with its 95 % t-interval over seeds and the verdict (beyond / within noise, see kdwrap.demo.seed_statistics), and the last
 epoch's training accuracy (so a reader sees whether the network fits its training set). ONE gives two rows from the
 same runs: ONE (branch 0), the deployed model, and ONE-E, the gated ensemble (not a model of the original size).
 DML's row is peer 0, the deployed peer (every peer's accuracy is in its runs' history.json). A variant that needs
@@ -57,7 +57,7 @@ TRAIN = ROOT / "examples" / "train_cifar.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT))
 
-from kdwrap.seeds import paired_difference, plot_curves, spread  # noqa: E402
+from kdwrap.demo.seed_statistics import paired_difference, plot_curves, spread  # noqa: E402
 
 # What each variant passes to train_cifar.py on top of its protocol. One module, one entry: a new variant is a line.
 VARIANTS: dict[str, list[str]] = {

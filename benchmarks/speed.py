@@ -64,7 +64,7 @@ import kdwrap.models  # noqa: E402,F401  (registers cifar_resnet* with timm)
 from kdwrap.base import unwrap  # noqa: E402
 from kdwrap.fused import FusionError  # noqa: E402
 from kdwrap._timing import elapsed_ms  # noqa: E402
-from kdwrap.methods.one import EXECUTIONS  # noqa: E402
+from kdwrap.fused.planner import EXECUTIONS  # noqa: E402
 from common import (Deadline, Stopped, command_line, markdown_table, pyplot, read_rows, stop_on_sigterm,  # noqa: E402
                     write_json, write_text)
 

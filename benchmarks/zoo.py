@@ -3,6 +3,7 @@
     python benchmarks/zoo.py                              # every model of benchmarks/zoo_models.txt, ONE and OSAKD
     python benchmarks/zoo.py --methods one --models timm/pit_ti_224 tv/mnasnet0_5
     python benchmarks/zoo.py --make-list                  # rewrite zoo_models.txt from the installed timm/torchvision
+    python benchmarks/zoo.py --record-splits before.json  # where kdwrap cuts each model, no training
 
 The list (in the repository, so a sweep is repeatable) holds one model per timm family (timm's modules; the smallest
 by name: atto/femto/pico/nano/tiny/small before the others) and every torchvision classifier. Per model and method,
@@ -11,6 +12,11 @@ step on a batch of 2 at the model's own input size, export, and compare the expo
 wrapper's. --jobs processes run at once (default: one per core); --retry-timeout runs the models that ran out of
 time (or whose process died) again, one at a time, with a longer limit. Prints a table and a summary per method and
 writes benchmarks/results/zoo_<device>_<date>.json.
+
+--record-splits FILE trains nothing: per model (in its own process, as above) it records where kdwrap cuts it (ONE's
+split with its rule, the cuts it considered and its summary, OKDDip's split, BYOT's exits and summary), or the error
+when a wrapper cannot be built. Two recordings made before and after a change to kdwrap.graph must be equal; an
+existing FILE is completed, not overwritten.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -122,9 +129,56 @@ def check_one(name: str, method: str) -> dict[str, Any]:
     return row
 
 
+def record_splits(name: str) -> dict[str, Any]:
+    """Where kdwrap cuts model ``name``, without training: the fields of one --record-splits row."""
+    import copy
+
+    import torch
+
+    import kdwrap
+
+    def error(exc: Exception) -> str:
+        return f"{type(exc).__name__}: {str(exc)[:600]}"
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    row: dict[str, Any] = {"model": name}
+    try:
+        net, size = build(name)
+    except Exception as exc:  # every failure is a field of the row
+        return {**row, "build_error": error(exc)}
+    input_size = (3, size, size)
+    try:
+        model, _ = kdwrap.one(copy.deepcopy(net), input_size=input_size)
+        c = model.split_choice
+        row["one"] = {"split": model.split, "rule": c.rule, "automatic": c.automatic, "considered": list(c.considered),
+                      "cut_values": model.cut_values, "channels": [model.trunk_channels, model.trunk_channels_dim],
+                      "main_value": model.main_value}
+        try:
+            row["one"]["summary"] = model.summary()
+        except Exception as exc:
+            row["one"]["summary_error"] = error(exc)
+    except Exception as exc:
+        row["one"] = {"error": error(exc)}
+    try:
+        model, _ = kdwrap.okddip(copy.deepcopy(net), input_size=input_size)
+        row["okddip"] = {"split": model.split, "rule": model.split_choice.rule, "classifier": model.classifier}
+    except Exception as exc:
+        row["okddip"] = {"error": error(exc)}
+    try:
+        model, _ = kdwrap.byot(copy.deepcopy(net), input_size=input_size)
+        row["byot"] = {"stages": list(model.stages), "classifier": model.classifier,
+                       "heads": [type(h).__name__ for h in model.heads], "summary": model.summary()}
+    except Exception as exc:
+        row["byot"] = {"error": error(exc)}
+    return row
+
+
 def run_isolated(name: str, method: str, timeout: float) -> dict[str, Any]:
     t0 = time.time()
     cmd = [sys.executable, __file__, "--check", name, "--methods", method]
+    if method == "record-splits":
+        cmd = [sys.executable, __file__, "--record-one", name]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -152,11 +206,18 @@ def main() -> None:
                    help="after the pass, run each model that ran out of time or whose process died again, alone, "
                         "with this limit (a model that is only slow on a loaded machine is not a failure)")
     p.add_argument("--make-list", action="store_true", help="rewrite zoo_models.txt and exit")
+    p.add_argument("--record-splits", type=Path, default=None, metavar="FILE",
+                   help="record where kdwrap cuts each model (JSON, no training) and exit")
     p.add_argument("--check", default=None, help=argparse.SUPPRESS)  # one model, in this process (a worker)
+    p.add_argument("--record-one", default=None, help=argparse.SUPPRESS)  # the same for --record-splits
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.check:
         print(json.dumps(check_one(args.check, args.methods[0])))
+        return
+    if args.record_one:
+        warnings.simplefilter("ignore")  # the JSON line is the worker's output
+        print(json.dumps(record_splits(args.record_one)))
         return
     if args.make_list:
         names = make_list()
@@ -166,6 +227,17 @@ def main() -> None:
     names = args.models or [ln.strip() for ln in LIST.read_text().splitlines() if ln.strip()]
     if args.match:
         names = [n for n in names if re.search(args.match, n)]
+    if args.record_splits:
+        recorded = json.loads(args.record_splits.read_text()) if args.record_splits.exists() else {}
+        todo = [n for n in names if n not in recorded]
+        print(f"recording the splits of {len(todo)} models, {args.jobs} at a time", flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for row in pool.map(lambda n: run_isolated(n, "record-splits", args.timeout), todo):
+                recorded[row["model"]] = row
+                found = row.get("one", {}).get("split", row.get("error", ""))
+                print(f"{row['model']:<40} {row['seconds']:>6.1f} s  {found}", flush=True)
+                args.record_splits.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        return
     jobs = [(n, m) for n in names for m in args.methods]
     print(f"{len(names)} models x {len(args.methods)} methods, {args.jobs} at a time, {args.timeout:.0f} s each at most",
           flush=True)

@@ -34,28 +34,19 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Base classes", "What every method's model and loss share.", ["kdwrap.KDModel", "kdwrap.KDLoss"]),
     ("ONE", "On-the-fly Native Ensemble; see [one.md](one.md).",
      ["kdwrap.methods.one.build_one", "kdwrap.methods.one.ONEModel", "kdwrap.methods.one.ONELoss",
-      "kdwrap.methods.one.ONEEnsemble", "kdwrap.methods.one.ONEGate", "kdwrap.methods.one.ramp_weight",
+      "kdwrap.methods.one.ONEEnsemble", "kdwrap.methods.one.ONEGate", "kdwrap.methods.losses.ramp_weight",
+      "kdwrap.methods.losses.RampedLoss",
       "kdwrap.methods.branched.BranchedModel", "kdwrap.methods.branch_init.reinitialise_like"]),
-    ("Surgery (`kdwrap.surgery`, `kdwrap.concrete_trace`, `kdwrap.split_candidates`, `kdwrap.taps`, `kdwrap.probe`)",
-     "Cutting a traced "
-     "model, why it is cut where it is, reading it besides its output, and what kdwrap reads off a model it was not "
-     "told about; see [one.md](one.md#choosing-the-split).",
-     ["kdwrap.surgery.split_model", "kdwrap.surgery.auto_split", "kdwrap.surgery.SplitResult",
-      "kdwrap.split_candidates.SplitChoice", "kdwrap.split_candidates.candidates",
-      "kdwrap.split_candidates.Candidate",
-      "kdwrap.taps.stage_starts", "kdwrap.taps.graph_stage_starts", "kdwrap.taps.classifier_name",
-      "kdwrap.taps.graph_with_outputs", "kdwrap.probe.example_input", "kdwrap.probe.declared_input_size",
-      "kdwrap.surgery.trace", "kdwrap.concrete_trace.check_batch_free"]),
     ("Fused branches (`kdwrap.fused`)", "ONE's branches as one graph; see [one.md](one.md#how-the-branches-run).",
      ["kdwrap.fused.fuse_branches", "kdwrap.fused.FusedBranches", "kdwrap.fused.register_module_rule",
-      "kdwrap.fused.ModuleRule"]),
+      "kdwrap.fused.ModuleRule", "kdwrap.fused.planner.EXECUTIONS", "kdwrap.fused.planner.FUSE_MAX_GFLOP"]),
     ("OSAKD", "Online Self-Acquired Knowledge Distillation; see [osakd.md](osakd.md).",
      ["kdwrap.methods.osakd.build_osakd", "kdwrap.methods.osakd.OSAKDModel", "kdwrap.methods.osakd.OSAKDLoss",
       "kdwrap.memory_bank.MemoryBank", "kdwrap.knn.knn_soft_labels", "kdwrap.knn.knn_search"]),
     ("KD", "Knowledge distillation from a frozen teacher; see [methods.md](methods.md#kd-knowledge-distillation-from-a-"
      "frozen-teacher).",
      ["kdwrap.methods.kd.build_kd", "kdwrap.methods.kd.HintonKDModel", "kdwrap.methods.kd.HintonKDLoss",
-      "kdwrap.methods.soft_targets.softened_kl"]),
+      "kdwrap.methods.losses.softened_kl"]),
     ("DML", "Deep Mutual Learning; see [methods.md](methods.md#dml-deep-mutual-learning).",
      ["kdwrap.methods.dml.build_dml", "kdwrap.methods.dml.DMLModel", "kdwrap.methods.dml.DMLLoss"]),
     ("OKDDip", "Online KD with Diverse Peers; see [methods.md](methods.md#okddip-online-distillation-with-diverse-peers).",
@@ -74,8 +65,13 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
      ["kdwrap.models"]),
     ("Data (`kdwrap.demo.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",
      ["kdwrap.demo.data"]),
-    ("Comparing over seeds (`kdwrap.seeds`)", "The statistics the demo and `benchmarks/accuracy.py` report; see "
-     "[results.md](results.md).", ["kdwrap.seeds"]),
+    ("Comparing over seeds (`kdwrap.demo.seed_statistics`)", "The statistics the demo and `benchmarks/accuracy.py` "
+     "report; see [results.md](results.md).", ["kdwrap.demo.seed_statistics"]),
+    ("Internals: reading and cutting a model (`kdwrap.graph`)", "Not part of the public surface: these may change "
+     "between versions. The entry points ONE, OKDDip and BYOT use to trace, cut and read a model; see "
+     "[one.md](one.md#choosing-the-split).",
+     ["kdwrap.graph.split_model", "kdwrap.graph.auto_split", "kdwrap.graph.SplitResult", "kdwrap.graph.SplitChoice",
+      "kdwrap.graph.candidates", "kdwrap.graph.Candidate", "kdwrap.graph.stage_starts", "kdwrap.graph.trace"]),
 ]
 
 _ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|obj|exc):`~?([^`]+)`")

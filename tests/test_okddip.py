@@ -104,7 +104,7 @@ def test_ramp_up_weights_the_distillation_as_one_does():
     x, y = _batch(0)
     for step in range(5):
         loss = loss_fn(model(x), y)
-        want = torch.tensor(kdwrap.methods.one.ramp_weight(step, 4))
+        want = torch.tensor(kdwrap.methods.losses.ramp_weight(step, 4))
         torch.testing.assert_close(loss_fn.parts["ramp_weight"], want)
         torch.testing.assert_close(loss, loss_fn.parts["ce"].sum() + want * loss_fn.parts["kl"].sum())
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import kdwrap
-from kdwrap.methods import one as one_module
+from kdwrap.fused import planner
 from conftest import TinyNet
 from dist_utils import run_two_ranks
 from loop_utils import assert_resume_is_bit_exact, train_steps
@@ -38,7 +38,7 @@ def _train(model, loss_fn, forward, rank=None):
 def _ddp_worker(rank, mode, out):
     execution = mode.split("-")[1] if "-" in mode else "sequential"
     if execution == "auto":  # time the executions on the CPU too: each rank measures inside DDP's forward
-        one_module.MEASURE_DEVICES = ("cpu",)
+        planner.MEASURE_DEVICES = ("cpu",)
     model, loss_fn = _make("frozen", execution=execution)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=mode.startswith("find_unused"))
     _train(model, loss_fn, ddp, rank)
@@ -116,7 +116,7 @@ def test_channels_last(execution, monkeypatch):
     """``model.to(memory_format=torch.channels_last)`` (examples/train_cifar.py --channels-last) reaches the trunk
     and every branch; the trunk, the branches (sequential or fused) and the export run NHWC throughout; training
     and the exported model match the contiguous run; ``execution="auto"`` times channels_last inputs apart."""
-    monkeypatch.setattr(one_module, "MEASURE_DEVICES", ("cpu",))  # auto times on the CPU too
+    monkeypatch.setattr(planner, "MEASURE_DEVICES", ("cpu",))  # auto times on the CPU too
     runs = {}
     for fmt in (torch.contiguous_format, torch.channels_last):
         model, loss_fn = _make("train", execution=execution)

@@ -25,7 +25,7 @@ from torch import nn
 from .. import api
 from .data import Dataset, batches, channel_stats, load_dataset, normalize, random_crop_flip
 from ..methods.osakd import DEFAULT_ALPHA
-from ..seeds import paired_difference, plot_curves, spread
+from .seed_statistics import paired_difference, plot_curves, spread
 
 __all__ = ["DEMO_DEFAULTS", "METHODS", "DemoRow", "DemoResult", "resolve_dataset", "create_model", "format_table",
            "run_demo"]

@@ -1,7 +1,7 @@
 """Fused execution of ONE's branches: the ``m`` replicated tails run as one ``m``-times wider tail.
 
 :func:`fuse_branches` rewrites the fx graph of a tail (``train_graph`` or ``eval_graph`` of the torchvision
-``DualGraphModule`` that :mod:`kdwrap.surgery` builds, or ``.graph`` of a plain ``GraphModule``) into one graph that
+``DualGraphModule`` that :mod:`kdwrap.graph` builds, or ``.graph`` of a plain ``GraphModule``) into one graph that
 computes every branch at once, with fewer and larger kernels. It is a graph transformation driven by per-op rules,
 not code written per architecture. Nothing is copied: each call reads the branches' *current* parameters and buffers
 and concatenates them (``torch.cat`` is differentiable, so each branch's own parameters get their own gradients);
@@ -71,6 +71,8 @@ Where the rules live. :mod:`.modules` keeps the rules for modules in a registry 
 functions and tensor methods keyed by a normalised op name (``torch.flatten`` and ``Tensor.flatten`` share one).
 :mod:`._builder` walks the graph and asks them; :mod:`._layout` and :mod:`._layers` are the helpers the generated graph
 calls at run time; :mod:`._catalog` says what each torch op does to a layout (elementwise, random, along a dim...).
+:mod:`.planner` decides, for ONE's ``execution`` option, whether a training forward runs the branches fused or one
+after the other (``"auto"``: the faster of the two, timed).
 Modules named with a leading underscore are internal (their contents may change between versions); the public names
 are the ones this package exports.
 """

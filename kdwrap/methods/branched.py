@@ -1,5 +1,6 @@
-"""The layout ONE and OKDDip share: the user's model cut by :mod:`kdwrap.surgery` into a shared trunk and a tail
-replicated into ``m`` branches (branch 0 *is* the original tail, the others start from their own initialisation).
+"""The layout ONE and OKDDip share: the user's model cut by :func:`kdwrap.graph.split_model` into a shared trunk
+and a tail replicated into ``m`` branches (branch 0 *is* the original tail, the others start from their own
+initialisation).
 Export keeps the trunk and one branch, as an instance of the user's own class."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .._deploy import rebuild_original
 from ..base import KDModel
-from ..surgery import split_model
+from ..graph import split_model
 from .branch_init import reinitialise_like
 
 __all__ = ["BranchedModel"]
@@ -23,7 +24,7 @@ class BranchedModel(KDModel):
 
     Args:
         branches: number of branches ``m`` (at least :attr:`min_branches`).
-        split: dotted name of the first module of the tail; default :func:`kdwrap.surgery.auto_split`.
+        split: dotted name of the first module of the tail; default :func:`kdwrap.graph.auto_split`.
         reinit_branches: branches 1..m-1 start from their own random initialisation, made the way the model
             initialises itself (default, as the reference code); ``False``: copies of the tail's weights (the
             choice for fine-tuning a pretrained model).
@@ -33,7 +34,7 @@ class BranchedModel(KDModel):
         gate_channels, gate_channels_dim: override the inferred channel count (and its axis) of the trunk output.
 
     Attributes:
-        split_choice: why the split is where it is (:class:`kdwrap.split_candidates.SplitChoice`), for ``summary()``.
+        split_choice: why the split is where it is (:class:`kdwrap.graph.SplitChoice`), for ``summary()``.
         first_input_size: (C, H, W) of the first batch ``forward`` saw (``None`` before it, and under
             ``torch.compile``): ``summary()`` measures FLOPs there when no input size was given.
     """
@@ -66,7 +67,7 @@ class BranchedModel(KDModel):
             gate_channels=gate_channels, gate_channels_dim=gate_channels_dim, output=output,
         )
         self.split, self.input_size, self.output = cut.split, input_size, output
-        # Why this split and what the summary re-traces with to list the other cuts (kdwrap.split_candidates).
+        # Why this split and what the summary re-traces with to list the other cuts (kdwrap.graph.split_summary).
         self.split_choice, self._trace_options = cut.choice, (tuple(leaf_modules), tuple(autowrap_functions))
         # (C, H, W) of the first batch forward saw: summary's FLOPs at a real input size when none was given.
         self.first_input_size: tuple[int, ...] | None = None

@@ -1,6 +1,6 @@
 """BYOT: Be Your Own Teacher (Zhang, Song, Gao, Chen, Bao, Ma, ICCV 2019), self-distillation through exits.
 
-Auxiliary classifiers (exits) read the ends of the network's stages (:func:`kdwrap.taps.stage_starts`: ResNet's
+Auxiliary classifiers (exits) read the ends of the network's stages (:func:`kdwrap.graph.stage_starts`: ResNet's
 layer1..layer3, ViT's block quarters); the deepest classifier is the network's own head. Each exit gives logits
 ``z_i`` and a feature vector ``F_i`` of the width ``d`` of the network's classifier input ``F_n``:
 
@@ -23,11 +23,12 @@ from torch import fx, nn
 from .._deploy import rebuild_original
 from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
 from ..errors import SplitError
-from ..probe import _producer_channels, example_input, trial_mode
-from ..surgery import Piece, _check_split_name, count_parameters, select_output, trace
-from ..taps import classifier_input, classifier_name, graph_with_outputs, stage_end, stage_input, stage_starts
-from .one import _cross_entropy_rows, global_pool
-from .soft_targets import check_fraction, check_temperature
+from ..graph import (
+    Piece, check_split_name, classifier_input, classifier_name, count_parameters, example_input, graph_with_outputs,
+    producer_channels, select_output, stage_end, stage_input, stage_starts, trace, trial_mode,
+)
+from .losses import check_fraction, check_temperature, cross_entropy_rows
+from .pooling import global_pool
 
 __all__ = ["EXIT_HEADS", "ConvExitHead", "TokenExitHead", "BYOTModel", "BYOTLoss", "MultiExit", "build_byot"]
 
@@ -77,7 +78,7 @@ def _layout(net: nn.Module, node: fx.Node, value: torch.Tensor) -> tuple[str, in
     """(layout, channels) of a stage's output: 4-D maps are channels-first unless the module that makes them says
     the channels are last (Swin's NHWC); everything else (tokens, vectors) is channels-last."""
     if value.dim() == 4:
-        found = _producer_channels(net, node)
+        found = producer_channels(net, node)
         if found is not None and found[1] == -1 and found[0] == value.shape[-1]:
             return "channels_last", value.shape[-1]
         return "channels_first", value.shape[1]
@@ -93,11 +94,11 @@ class BYOTModel(KDModel):
 
     Args:
         stages: the modules at whose input an exit reads (the end of the stage before each); default
-            :func:`kdwrap.taps.stage_starts` (ResNet ``layer2``..``layer4``: exits after ``layer1``..``layer3``).
+            :func:`kdwrap.graph.stage_starts` (ResNet ``layer2``..``layer4``: exits after ``layer1``..``layer3``).
         classifier: the network's classifier, whose input is ``F_n`` (default: the last ``nn.Linear`` it calls).
         input_size: (C, H, W) of an input, for the trial forward that sizes the heads (default: the model's own
             image size, e.g. timm's ``pretrained_cfg``, else 224 x 224).
-        leaf_modules, autowrap_functions, output: as for ONE (:func:`kdwrap.surgery.split_model`).
+        leaf_modules, autowrap_functions, output: as for ONE (:func:`kdwrap.graph.split_model`).
     """
 
     method = "byot"
@@ -124,7 +125,7 @@ class BYOTModel(KDModel):
         else:
             starts = list(stages)
             for s in starts:
-                _check_split_name(net, s, traced[False])
+                check_split_name(net, s, traced[False])
         self.stages, self.input_size, self.output = starts, input_size, output
         self.classifier = classifier_name(net, [t.graph for t in traced.values()], classifier, "byot")
         taps = {mode: [classifier_input(t.graph, self.classifier)] + [stage_input(t, s) for s in starts]
@@ -259,7 +260,7 @@ class BYOTLoss(KDLoss):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             z = torch.stack([*z_aux, logits]).float()  # n x B x C, the network's own logits last
             self._stop_if_not_finite(z, "exit logits")
-            ce = _cross_entropy_rows(z.log_softmax(-1), target)
+            ce = cross_entropy_rows(z.log_softmax(-1), target)
             teacher = (z[-1].detach() / T).softmax(-1)
             kd = (T * T) * -(teacher * (z[:-1] / T).log_softmax(-1)).sum(-1).mean(-1)
             f = torch.stack(f_aux).float()  # (n-1) x B x d

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, check_output_option, route_options, select_logits
-from ..surgery import count_parameters
+from ..graph import count_parameters
 from .branch_init import reinitialise_like
-from .soft_targets import check_temperature, softened_kl
+from .losses import check_temperature, softened_kl
 
 __all__ = ["DMLModel", "DMLLoss", "build_dml"]
 

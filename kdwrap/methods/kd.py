@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import EVAL_CAPTURE, KDLoss, KDModel, check_output_option, route_options, select_logits
-from ..surgery import count_parameters
-from .soft_targets import check_fraction, check_temperature, softened_kl
+from ..graph import count_parameters
+from .losses import check_fraction, check_temperature, softened_kl
 
 __all__ = ["HintonKDModel", "HintonKDLoss", "build_kd"]
 

@@ -21,12 +21,10 @@ from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
-from ..split_candidates import describe_split
-from ..surgery import Piece, count_parameters
-from ..taps import classifier_input, classifier_name, graph_with_outputs
+from ..graph import Piece, classifier_input, classifier_name, count_parameters, describe_split, graph_with_outputs
 from .branched import BranchedModel
-from .one import RampedLoss, _cross_entropy_rows, global_pool
-from .soft_targets import softened_kl
+from .losses import RampedLoss, cross_entropy_rows, softened_kl
+from .pooling import global_pool
 
 __all__ = ["PeerAttention", "OKDDipModel", "OKDDipLoss", "build_okddip", "with_classifier_input"]
 
@@ -185,7 +183,7 @@ class OKDDipLoss(RampedLoss):
             zs[-1] = logits  # the given tensor stands for the leader: gradients pass what DDP/autocast did to it
             z = torch.stack(zs).float()  # m x B x C, leader last
             self._stop_if_not_finite(z, "branch logits")
-            ce = _cross_entropy_rows(z.log_softmax(-1), target)
+            ce = cross_entropy_rows(z.log_softmax(-1), target)
             peers = z[:-1]
             kl = torch.cat([
                 softened_kl(peers, targets.float(), self.temperature),  # P

@@ -1,55 +1,27 @@
 """ONE: On-the-fly Native Ensemble (Lan, Zhu, Gong, NeurIPS 2018), for any fx-traceable classifier.
 
-The model is cut by :mod:`kdwrap.surgery` into a shared trunk and a tail; the tail is replicated into ``m``
-branches (branch 0 *is* the original tail) and a gate weights the branch logits into the ensemble teacher.
+The model is cut by :func:`kdwrap.graph.split_model` into a shared trunk and a tail; the tail is replicated into ``m``
+branches (branch 0 *is* the original tail) and a gate weights the branch logits into the ensemble teacher. How the
+branches run in training (sequential, fused, or timed by ``execution="auto"``) is :mod:`kdwrap.fused.planner`'s.
 The maths is written out in docs/one.md; each default is a keyword argument.
 """
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._timing import median_ms, timing_may_decide
-from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
-from ..fused import FusedBranches, FusionError, fuse_branches
-from ..split_candidates import describe_split, flop_input_size, not_measured_line
-from ..surgery import count_parameters, example_input, forward_flops
+from ..base import EVAL_CAPTURE, KeepReachable, route_options
+from ..fused.planner import EXECUTIONS, PlannedExecution, check_logits
+from ..graph import count_parameters, describe_split, example_input, flop_input_size, forward_flops, not_measured_line
 from .branched import BranchedModel
-from .soft_targets import check_ramp_options, check_temperature
+from .losses import RampedLoss, cross_entropy_rows
+from .pooling import global_pool
 
-__all__ = [
-    "EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one",
-    "ramp_weight", "RampedLoss",
-]
-
-EXECUTIONS = ("auto", "sequential", "fused")
-# execution="auto" times both executions instead of guessing, as cudnn.benchmark does for convolution algorithms:
-# at the first training forward of each input signature (device, shape, dtype, autocast, memory format) it runs the
-# tail forward + backward both ways on that very input and keeps the faster. Which one wins depends on the GPU, the
-# model, the batch and the precision: fusing saves kernel launches (what bounds a small model's step) but runs
-# grouped convolutions, slower per FLOP than dense ones (what matters for a large one).
-MEASURE_DEVICES = ("cuda",)
-# Where auto cannot time (the CPU, inside torch.compile, under deterministic algorithms, without autograd) it
-# follows a rule: fused on CUDA while one branch's forward work per step (batch x FLOPs per sample) is at most this
-# many GFLOP, between those two models' per-step work on a log scale. On the CPU
-# fusion saves no measurable time (docs/results.md), so auto stays sequential there: no timing noise in the choice.
-FUSE_MAX_GFLOP = 32.0
-_MEASURE_REPEATS = 3  # timed runs per execution, after one untimed run (cudnn autotuning, allocation)
-
-
-
-def global_pool(f: torch.Tensor, channels_dim: int) -> torch.Tensor:
-    """Average over every axis but batch and channels: NCHW (``channels_dim=1``), NHWC or B x N x D (``-1``)."""
-    if f.ndim <= 2:
-        return f
-    if channels_dim == 1:
-        return f.flatten(2).mean(-1)
-    return f.flatten(1, -2).mean(1)
+__all__ = ["ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one"]
 
 
 class ONEGate(nn.Module):
@@ -78,7 +50,7 @@ class ONEGate(nn.Module):
         return F.softmax(F.relu(self.bn(self.fc(pooled))), dim=1)
 
 
-class ONEModel(BranchedModel):
+class ONEModel(PlannedExecution, BranchedModel):
     """Trunk, ``m`` branches and the gate. ``forward`` returns the logits of branch ``self.branch``.
 
     In training mode every branch runs and the branch logits and gate weights are captured for :class:`ONELoss`;
@@ -87,7 +59,7 @@ class ONEModel(BranchedModel):
     Args:
         branches: number of branches ``m`` (>= 2).
         split: dotted name of the first module of the tail (``"layer4"``, ``"stages.3"``, ``"blocks.9"``);
-            default :func:`kdwrap.surgery.auto_split` (start of the last stage; last quarter of ViT blocks).
+            default :func:`kdwrap.graph.auto_split` (start of the last stage; last quarter of ViT blocks).
         reinit_branches: branches 1..m-1 start from their own random initialisation, made the way the model
             initialises itself (:func:`kdwrap.methods.branch_init.reinitialise_like`), as in the reference code (default). ``False``: they
             start as copies of the tail's weights, the choice for fine-tuning a pretrained model.
@@ -150,7 +122,7 @@ class ONEModel(BranchedModel):
             self._put_capture(EVAL_CAPTURE)
             return self.branches[self.branch](*self._branch_inputs(f), **extra)
         logits = self._run_branches(f, extra)
-        _check_logits(logits[0])
+        check_logits(logits[0])
         gate = self.gate(self._main(f))
         self._put_capture((logits, gate))
         others = [z for i, z in enumerate(logits) if i != self.branch]
@@ -161,124 +133,6 @@ class ONEModel(BranchedModel):
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
         return self._run_branches(f, extra), self.gate(self._main(f))
-
-    # ------------------------------------------------------------------------------------------ branch execution
-    def _plan_execution(self) -> None:
-        """Build the fused graphs (train and eval) unless ``execution="sequential"``; on a model whose tail cannot
-        be fused, ``"auto"`` keeps sequential execution and records why, ``"fused"`` fails."""
-        self._fused: dict[bool, FusedBranches] = {}
-        self.fusion_error: str | None = None
-        self._tail_gflop_per_sample: float | None = None
-        self._timings: dict[tuple, dict[str, float]] = {}  # input signature -> ms per execution (auto)
-        if self.execution == "sequential":
-            return
-        if self.cut_values > 1:
-            reason = f"the cut is crossed by {self.cut_values} values; fused execution takes one"
-            if self.execution == "fused":
-                raise FusionError(f"execution='fused' is not possible for this tail: {reason}. Use 'sequential'")
-            self.fusion_error = reason
-            return
-        try:
-            self._fused = {mode: fuse_branches(self.branches, mode) for mode in (True, False)}
-            self._check_fusion()
-        except Exception as err:  # a FusionError names the op; anything else is a gap in the rules: same fallback
-            if self.execution == "fused":
-                raise FusionError(
-                    f"execution='fused' is not possible for this tail: {err}. Use execution='sequential' (or "
-                    "'auto', which falls back to it)"
-                ) from err
-            reason = str(err) if isinstance(err, FusionError) else f"{type(err).__name__}: {err}"
-            self._fused, self.fusion_error = {}, reason
-
-    def _check_fusion(self) -> None:
-        """Run the shape-dependent fusion checks on a 2-sample example input, and measure one branch's FLOPs per
-        sample for the ``auto`` rule. Skipped when no example input fits the model: the first call checks."""
-        try:
-            x = example_input(self._original, self.input_size, batch=2)
-            modes = [m.training for m in self.modules()]
-            self.eval()
-            try:
-                with torch.no_grad():
-                    f = self.trunk(x)
-                    flops, _ = forward_flops(self.branches[0], f)
-            finally:
-                for m, mode in zip(self.modules(), modes):
-                    m.training = mode
-        except Exception:  # the input size is unknown here; an unfusable op still fails at the first call
-            return
-        self._tail_gflop_per_sample = flops / 2 / 1e9
-        for fused in self._fused.values():
-            fused.check(f)
-
-    def execution_plan(self, batch: int | None = None, device: str | torch.device = "cuda") -> str:
-        """The rule's plan for a training batch of ``batch`` samples on ``device``: ``"fused"`` (one graph for all
-        branches) or ``"sequential"``. ``execution="auto"`` follows it where it cannot time the executions
-        (see :attr:`execution_timings`): fused on CUDA while ``batch`` x one branch's forward GFLOP per sample is
-        at most :data:`FUSE_MAX_GFLOP`."""
-        if not self._fused:
-            return "sequential"
-        if self.execution == "fused":
-            return "fused"
-        per_sample = self._tail_gflop_per_sample
-        small = batch is None or per_sample is None or batch * per_sample <= FUSE_MAX_GFLOP
-        return "fused" if torch.device(device).type == "cuda" and small else "sequential"
-
-    @property
-    def execution_timings(self) -> dict[str, dict[str, float]]:
-        """What ``execution="auto"`` measured: per input signature (device, shape, dtype, autocast, memory
-        format), the median milliseconds of the tail's forward + backward in each execution. The faster is used
-        for every training batch of that signature."""
-        return {_describe_signature(k): dict(v) for k, v in self._timings.items()}
-
-    def _run_branches(self, f: torch.Tensor, extra: dict[str, Any]) -> list[torch.Tensor]:
-        if self._fused and self._plan_for(f, extra) == "fused":
-            return self._fused[self.training](f, **extra)
-        return [b(*self._branch_inputs(f), **extra) for b in self.branches]
-
-    def _plan_for(self, f: torch.Tensor, extra: dict[str, Any]) -> str:
-        if (
-            self.execution != "auto" or not self.training or f.device.type not in MEASURE_DEVICES
-            or torch.compiler.is_compiling()
-        ):
-            return self.execution_plan(f.shape[0], f.device)
-        key = _signature(f)
-        timing = self._timings.get(key)
-        if timing is None:
-            if not _timing_allowed():
-                return self.execution_plan(f.shape[0], f.device)
-            timing = self._timings[key] = self._time_executions(f, extra)
-        return min(timing, key=timing.__getitem__)
-
-    def _time_executions(self, f: torch.Tensor, extra: dict[str, Any]) -> dict[str, float]:
-        """Median milliseconds of the tail's forward + backward in each execution, on this input. Leaves no
-        trace: gradients are returned, not accumulated, BatchNorm statistics are restored, the RNG is forked."""
-        f = f.detach().requires_grad_(f.requires_grad)
-        inputs = [t for t in (f, *self.branches.parameters()) if t.requires_grad]
-        buffers = list(self.branches.buffers())
-        saved = [b.detach().clone() for b in buffers]
-        runs = {
-            "sequential": lambda: [b(f, **extra) for b in self.branches],
-            "fused": lambda: self._fused[True](f, **extra),
-        }
-
-        def step(run: Callable[[], list[torch.Tensor]]) -> None:
-            outs = run()
-            _check_logits(outs[0])
-            total = torch.stack([z.float().sum() for z in outs]).sum()
-            if inputs:
-                torch.autograd.grad(total, inputs, allow_unused=True)
-
-        devices = []  # CUDA RNGs to fork besides the CPU's
-        if f.device.type == "cuda":
-            devices = [f.device.index if f.device.index is not None else torch.cuda.current_device()]
-        try:
-            with torch.random.fork_rng(devices=devices):
-                return median_ms({name: lambda run=run: step(run) for name, run in runs.items()}, f.device,
-                                 _MEASURE_REPEATS)
-        finally:
-            with torch.no_grad():
-                for b, v in zip(buffers, saved):
-                    b.copy_(v)
 
     def forward_ensemble(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """ONE-E: the gated ensemble's logits ``sum_i g_i z_i``."""
@@ -326,35 +180,6 @@ class ONEModel(BranchedModel):
             )
         return "\n".join(lines)
 
-    def _describe_execution(self) -> str:
-        if self.execution == "sequential":
-            return "sequential (branches one after the other), as requested"
-        if not self._fused:
-            return f"sequential: the tail cannot be fused ({self.fusion_error})"
-        if self.execution == "fused":
-            return "fused (all branches as one graph of m-times wider, grouped layers)"
-        if not torch.cuda.is_available() and not self.execution_timings:
-            # auto only ever fuses on CUDA: a plan for a device this machine lacks would only mislead.
-            return ("auto: sequential on this machine (no CUDA device; on the CPU fusion saves no measurable time); "
-                    "on CUDA, auto times fused against sequential at the first training step")
-        per_sample = self._tail_gflop_per_sample
-        limit = (
-            f"batch <= {int(FUSE_MAX_GFLOP // per_sample):,}" if per_sample else "any batch (tail FLOPs unknown)"
-        )
-        lines = [
-            f"auto: on {'/'.join(MEASURE_DEVICES)}, the faster of fused and sequential, timed at the first training "
-            "step of each input signature",
-            "    where it cannot time (other devices, torch.compile, deterministic algorithms, no autograd): fused on "
-            f"CUDA for {limit} (one branch <= {FUSE_MAX_GFLOP:g} GFLOP per step), else sequential",
-        ]
-        for sig, ms in self.execution_timings.items():
-            best = min(ms, key=ms.__getitem__)
-            lines.append(
-                f"    {sig}: {best} (tail forward + backward: "
-                + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()) + ")"
-            )
-        return "\n".join(lines)
-
     def _flops(self, input_size: Sequence[int]) -> tuple[int, int, int, tuple[int, ...]]:
         x = example_input(self._original, input_size)
         modes = [m.training for m in (self.trunk, self.branches[0], self.gate)]
@@ -371,39 +196,6 @@ class ONEModel(BranchedModel):
 
     def extra_repr(self) -> str:
         return f"split={self.split!r}, branches={self.num_branches}, branch={self.branch}"
-
-
-def _timing_allowed() -> bool:
-    # Deterministic algorithms ask for runs that repeat exactly; a choice by timing may differ between runs (the
-    # executions agree to float tolerance, not bit for bit), so the rule decides there. Without autograd there is
-    # no backward to time.
-    return torch.is_grad_enabled() and timing_may_decide()
-
-
-def _check_logits(z: Any) -> None:
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(
-            f"kdwrap one: the tail returned a {type(z).__name__}, not a logits tensor; name the logits "
-            "with kdwrap.one(net, output=<index or key>)"
-        )
-
-
-def _signature(f: torch.Tensor) -> tuple:
-    """What the speed of the branches depends on, besides the model: the key of ``execution="auto"``'s timings."""
-    kind = f.device.type
-    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-    channels_last = f.ndim == 4 and not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
-    return str(f.device), tuple(f.shape), f.dtype, autocast, channels_last
-
-
-def _describe_signature(key: tuple) -> str:
-    device, shape, dtype, autocast, channels_last = key
-    parts = [device, "x".join(map(str, shape)), str(dtype).removeprefix("torch.")]
-    if autocast is not None:
-        parts.append(f"autocast {str(autocast).removeprefix('torch.')}")
-    if channels_last:
-        parts.append("channels_last")
-    return " ".join(parts)
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor] | torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -428,55 +220,6 @@ class ONEEnsemble(nn.Module):
         f = self.trunk(x)
         values = tuple(f) if self.cut_values > 1 else (f,)
         return ensemble_logits([b(*values) for b in self.branches], self.gate(values[self.main_value]))
-
-
-def ramp_weight(step: int, rampup_steps: int) -> float:
-    """ONE's sigmoid ramp-up ``exp(-5 (1 - min(t, R) / R)^2)``; 1 when ``rampup_steps`` is 0."""
-    if rampup_steps <= 0:
-        return 1.0
-    t = min(step, rampup_steps) / rampup_steps
-    return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-class RampedLoss(KDLoss):
-    """A loss whose distillation term at temperature ``T`` is weighted by ONE's sigmoid ramp-up (ONE, OKDDip).
-
-    Args:
-        temperature: ``T`` of the distillation term.
-        rampup_steps: optimizer steps of the sigmoid ramp-up of its weight (0: full weight from the start).
-        accumulation_steps: loss calls per optimizer step under gradient accumulation (the ramp clock counts
-            optimizer steps).
-        check_finite: stop with a ``FloatingPointError`` naming the step at the first NaN/Inf in the logits (one
-            host sync per step).
-    """
-
-    def __init__(
-        self,
-        model: KDModel,
-        *,
-        temperature: float = 3.0,
-        rampup_steps: int = 0,
-        accumulation_steps: int = 1,
-        check_finite: bool = False,
-    ) -> None:
-        super().__init__(model, check_finite)
-        self.temperature = check_temperature(model.method, temperature)
-        self.rampup_steps, self.accumulation_steps = check_ramp_options(
-            model.method, rampup_steps, accumulation_steps)
-        # self.step (KDLoss) counts training-mode calls; the ramp clock is step // accumulation_steps
-
-    def ramp(self) -> float:
-        """The distillation weight at this step."""
-        return ramp_weight(self.step // self.accumulation_steps, self.rampup_steps)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            **super().get_extra_state(), "temperature": self.temperature, "rampup_steps": self.rampup_steps,
-            "accumulation_steps": self.accumulation_steps,
-        }
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, rampup_steps={self.rampup_steps}, step={self.step}"
 
 
 class ONELoss(RampedLoss):
@@ -514,7 +257,7 @@ class ONELoss(RampedLoss):
         # All branches (and the ensemble) in one tensor per op: a small model's step is bound by kernel launches,
         # so the loss's op count must not grow with m.
         T = self.temperature
-        ce_all = _cross_entropy_rows(torch.cat([z, ensemble.unsqueeze(0)]).log_softmax(-1), target)  # m + 1
+        ce_all = cross_entropy_rows(torch.cat([z, ensemble.unsqueeze(0)]).log_softmax(-1), target)  # m + 1
         teacher = F.softmax(ensemble.detach() / T, dim=-1)
         # KL(teacher || branch_i), summed over classes, averaged over the batch: F.kl_div's "batchmean" per branch.
         cross = (teacher * F.log_softmax(z / T, dim=-1)).sum(-1)  # m x B
@@ -528,14 +271,6 @@ class ONELoss(RampedLoss):
             "ramp_weight": torch.tensor(weight),
         }
         return loss
-
-
-def _cross_entropy_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each of the ``n`` rows of ``logp`` (n x B x C log-probabilities) with the same targets: int
-    classes (B,) or probabilities (B, C); averaged over the batch, like ``F.cross_entropy``. Returns (n,)."""
-    if target.is_floating_point():
-        return -(logp * target).sum(-1).mean(-1)
-    return -logp.gather(-1, target.expand(logp.shape[0], -1).unsqueeze(-1)).mean((1, 2))
 
 
 def build_one(net: nn.Module, **options: Any) -> tuple[ONEModel, ONELoss]:

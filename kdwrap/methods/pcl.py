@@ -26,16 +26,13 @@ from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
-from ..probe import _run_trunk, trial_mode
-from ..split_candidates import describe_split
-from ..surgery import count_parameters
-from ..taps import classifier_name, found_classifier
+from ..graph import classifier_name, count_parameters, describe_split, found_classifier, run_trunk, trial_mode
 from .._deploy import rebuild_original
 from .branched import BranchedModel
+from .losses import RampedLoss, cross_entropy_rows, softened_kl
 from .okddip import with_classifier_input
-from .one import RampedLoss, _cross_entropy_rows, global_pool
 from .peer_views import check_augment, describe_views, peer_views
-from .soft_targets import softened_kl
+from .pooling import global_pool
 from .temporal_mean import mean_copy, parameter_names, update_means
 
 __all__ = ["ENSEMBLE_INPUTS", "PCLModel", "PCLLoss", "build_pcl"]
@@ -43,7 +40,7 @@ __all__ = ["ENSEMBLE_INPUTS", "PCLModel", "PCLLoss", "build_pcl"]
 # What the peer ensemble classifier reads of each peer, by what the tail's classifier is: a peer's tail output ->
 # (its logits, its part of the ensemble classifier's input).
 # "features": the paper's form, the input h of the classifier, an nn.Linear (token or position axes averaged, as
-#     OKDDip does), when the tail has one to identify (kdwrap.taps.found_classifier) or classifier= names one;
+#     OKDDip does), when the tail has one to identify (kdwrap.graph.found_classifier) or classifier= names one;
 # "logits": kdwrap's choice where the classifier's input is not a flat feature vector (a 1x1-convolution head,
 #     SqueezeNet's or timm's conv classifiers): the peers' logits, concatenated, into a Linear m*C -> C.
 ENSEMBLE_INPUTS: dict[str, Callable[[Any], tuple[Any, torch.Tensor]]] = {
@@ -149,7 +146,7 @@ class PCLModel(BranchedModel):
     def _count_classes(self, net: nn.Module, input_size: Sequence[int] | None) -> int:
         """The number of classes, from a trial forward of the trunk and a tail (for the ensemble classifier over
         the peers' logits, where no classifier module says it)."""
-        f = _run_trunk(net, self.trunk, input_size, "the number of classes for the ensemble classifier over the "
+        f = run_trunk(net, self.trunk, input_size, "the number of classes for the ensemble classifier over the "
                        "peers' logits")
         tail = self.branches[0]
         with trial_mode(tail):
@@ -308,7 +305,7 @@ class PCLLoss(RampedLoss):
             z = torch.stack(zs).float()  # m x B x C
             z_e = ensemble.float()
             self._stop_if_not_finite(torch.cat([z, z_e.unsqueeze(0)]), "peer and ensemble logits")
-            ce = _cross_entropy_rows(torch.cat([z, z_e.unsqueeze(0)]).log_softmax(-1), target)  # m + 1
+            ce = cross_entropy_rows(torch.cat([z, z_e.unsqueeze(0)]).log_softmax(-1), target)  # m + 1
             T = self.temperature
             kl_ensemble = softened_kl(z, z_e.detach(), T)  # m
             m = z.shape[0]

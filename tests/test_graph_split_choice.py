@@ -10,8 +10,7 @@ from torch import nn
 
 import kdwrap
 from conftest import FunctionalLeNet, TinyNet
-from kdwrap.split_candidates import candidates
-from kdwrap.surgery import auto_split, forward_flops, split_model
+from kdwrap.graph import auto_split, candidates, forward_flops, split_model
 
 
 class Block(nn.Module):

@@ -4,12 +4,10 @@ import warnings
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import kdwrap
 from conftest import TinyNet
-from kdwrap import SplitError
 
 # method -> its options, built afresh for each wrapper (KD's teacher is a model of its own)
 METHODS = {
@@ -137,54 +135,6 @@ def test_parts_name_the_total_loss(method):
     with torch.no_grad():
         loss = loss_fn(model(x), y)
     assert torch.equal(loss_fn.parts["loss"], loss)
-
-
-class DictNet(nn.Module):
-    """Returns a dict, as Hugging Face-style models do."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = TinyNet()
-
-    def forward(self, x):
-        return {"logits": self.net(x), "pooled": self.net.pool(x).flatten(1)}
-
-
-def test_one_dict_output_needs_output_and_then_trains_and_exports():
-    with pytest.raises(SplitError, match=r"returns a dict in training mode.*output='logits'"):
-        kdwrap.one(DictNet(), split="net.stage2")
-    with pytest.raises(SplitError, match=r"output='feats' does not name.*'logits', 'pooled'"):
-        kdwrap.one(DictNet(), split="net.stage2", output="feats")
-    net = DictNet()
-    model, loss_fn = kdwrap.one(net, split="net.stage2", output="logits")
-    x = _x()
-    out = model(x)
-    assert type(out) is torch.Tensor and out.shape == (4, 5)
-    loss_fn(out, torch.tensor([0, 1, 2, 3])).backward()
-    assert all(p.grad is not None for p in model.parameters())
-    model.eval()
-    exported = kdwrap.export(model).eval()
-    assert type(exported) is DictNet and set(exported.state_dict()) == set(net.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(exported(x)["logits"], model(x), atol=1e-5, rtol=1e-5)
-
-
-def test_one_refuses_to_drop_auxiliary_heads():
-    """torchvision GoogLeNet returns (logits, aux2, aux1) in training: ONE would leave aux heads untrained."""
-    net = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
-    with pytest.raises(SplitError, match=r"namedtuple GoogLeNetOutputs.*output=<index or key>"):
-        kdwrap.one(net)
-    with pytest.raises(SplitError, match=r"aux1.*aux_logits=False"):
-        kdwrap.one(net, output="logits")
-    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True)
-    model, loss_fn = kdwrap.one(net, branches=2)
-    loss_fn(model(torch.randn(2, 3, 64, 64)), torch.tensor([1, 2])).backward()
-
-
-def test_ambiguous_split_of_a_module_called_twice():
-    """torchvision's BasicBlock calls its `relu` twice: that name marks two places."""
-    with pytest.raises(SplitError, match=r"ambiguous.*2 times.*layer1.0.relu, layer1.0.relu_1"):
-        kdwrap.one(torchvision.models.resnet18(), split="layer1.0.relu")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,11 +1,11 @@
-"""kdwrap.seeds: the over-seeds statistics the demo and the accuracy benchmark report, checked against scipy."""
+"""kdwrap.demo.seed_statistics: the over-seeds statistics the demo and the accuracy benchmark report, checked against scipy."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from kdwrap.seeds import T_975, paired_difference, plot_curves, spread, t_975, verdict
+from kdwrap.demo.seed_statistics import T_975, paired_difference, plot_curves, spread, t_975, verdict
 
 
 def test_t_table_matches_scipy() -> None:

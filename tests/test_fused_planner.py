@@ -11,8 +11,8 @@ import kdwrap
 import kdwrap.models  # noqa: F401  (registers cifar_resnet* with timm)
 from conftest import TinyNet
 from kdwrap import FusionError
-from kdwrap.methods import one as one_module
-from kdwrap.methods.one import FUSE_MAX_GFLOP
+from kdwrap.fused import planner
+from kdwrap.fused.planner import FUSE_MAX_GFLOP
 from test_fused import ResLike
 
 
@@ -134,7 +134,7 @@ def test_fused_wrapper_compiles_without_graph_breaks_and_deep_copies():
 @pytest.fixture
 def timed_on_cpu(monkeypatch):
     """execution="auto" times the executions on the CPU as it does on CUDA."""
-    monkeypatch.setattr(one_module, "MEASURE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(planner, "MEASURE_DEVICES", ("cpu", "cuda"))
 
 
 def test_auto_times_both_executions_once_per_input_signature_and_the_step_is_unchanged(timed_on_cpu, monkeypatch):

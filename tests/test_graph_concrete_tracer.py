@@ -1,7 +1,7 @@
 """ONE on models plain torch.fx cannot trace: Hugging Face image classifiers (decorated forwards with **kwargs, shape
 checks) and user code that asks traced shapes questions. They are traced with values on an example input
-(kdwrap.concrete_trace); the wrapper trains, exports the user's own class with equal outputs, and leaves the model,
-its buffers and the global RNG as they were."""
+(kdwrap.graph.concrete_tracer); the wrapper trains, exports the user's own class with equal outputs, and leaves the
+model, its buffers and the global RNG as they were."""
 import math
 
 import pytest
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdwrap
-from kdwrap import surgery
+from kdwrap import graph
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra: pip install 'kdwrap[hf]'")
 
@@ -110,7 +110,7 @@ def test_tracing_with_values_leaves_the_model_buffers_and_rng_as_they_were():
     expected = torch.rand(3)
     net.eval()
     torch.manual_seed(1)
-    traced = surgery.trace(net, training=True)
+    traced = graph.trace(net, training=True)
     assert torch.equal(torch.rand(3), expected)  # dropout ran on the example without consuming the user's RNG
     assert traced.example is not None and not any(m.training for m in net.modules())
     assert [(m.window_size, m.shift_size) for m in blocks] == before  # no proxy left on a module
@@ -127,7 +127,7 @@ def test_a_user_model_with_shape_questions_is_traced_with_values_and_keeps_the_p
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(kdwrap.export(model).eval()(x), model(x))
-    assert surgery.trace(nn.Sequential(nn.Linear(4, 4)), training=False).example is None  # plain fx when it can
+    assert graph.trace(nn.Sequential(nn.Linear(4, 4)), training=False).example is None  # plain fx when it can
 
 
 def test_a_batch_size_frozen_into_the_graph_is_a_trace_error_at_wrap_time():

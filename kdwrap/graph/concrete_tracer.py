@@ -21,8 +21,8 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.experimental.meta_tracer import gen_constructor_wrapper
 from torch.fx.proxy import Attribute
 
-from .errors import TraceError
-from .probe import trial_mode
+from ..errors import TraceError
+from .inputs import trial_mode
 
 __all__ = ["ConcreteTracerMixin", "plain_fx_can_take_inputs", "first_input_forward", "check_batch_free"]
 

@@ -1,0 +1,221 @@
+"""How ONE runs its branches in a training forward: one after the other, or fused into one graph
+(:func:`.fuse_branches`), and with ``execution="auto"`` the faster of the two, timed on the first batch of each input
+signature, or chosen by a rule where it cannot be timed.
+
+:class:`PlannedExecution` is mixed into ONE's model, which holds what it plans for: ``execution`` (one of
+:data:`EXECUTIONS`), ``branches`` (the ``m`` replicated tails), ``trunk``, ``cut_values`` (how many values cross the
+cut), ``input_size`` and the original model (``_original``), and ``_branch_inputs(f)`` (the trunk output as the
+branches take it).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .._timing import median_ms, timing_may_decide
+from ..errors import FusionError
+from ..graph import example_input, forward_flops
+from .branches import FusedBranches, fuse_branches
+
+__all__ = ["EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "PlannedExecution", "check_logits"]
+
+EXECUTIONS = ("auto", "sequential", "fused")
+# execution="auto" times both executions instead of guessing, as cudnn.benchmark does for convolution algorithms:
+# at the first training forward of each input signature (device, shape, dtype, autocast, memory format) it runs the
+# tail forward + backward both ways on that very input and keeps the faster. Which one wins depends on the GPU, the
+# model, the batch and the precision: fusing saves kernel launches (what bounds a small model's step) but runs
+# grouped convolutions, slower per FLOP than dense ones (what matters for a large one).
+MEASURE_DEVICES = ("cuda",)
+# Where auto cannot time (the CPU, inside torch.compile, under deterministic algorithms, without autograd) it
+# follows a rule: fused on CUDA while one branch's forward work per step (batch x FLOPs per sample) is at most this
+# many GFLOP, between those two models' per-step work on a log scale. On the CPU
+# fusion saves no measurable time (docs/results.md), so auto stays sequential there: no timing noise in the choice.
+FUSE_MAX_GFLOP = 32.0
+_MEASURE_REPEATS = 3  # timed runs per execution, after one untimed run (cudnn autotuning, allocation)
+
+
+class PlannedExecution:
+    """The branch execution of a ONE model (see the module's docstring for what the model holds): the fused graphs
+    and why there are none (:attr:`fusion_error`), the plan (:meth:`execution_plan`) and what ``auto`` measured
+    (:attr:`execution_timings`)."""
+
+    def _plan_execution(self) -> None:
+        """Build the fused graphs (train and eval) unless ``execution="sequential"``; on a model whose tail cannot
+        be fused, ``"auto"`` keeps sequential execution and records why, ``"fused"`` fails."""
+        self._fused: dict[bool, FusedBranches] = {}
+        self.fusion_error: str | None = None
+        self._tail_gflop_per_sample: float | None = None
+        self._timings: dict[tuple, dict[str, float]] = {}  # input signature -> ms per execution (auto)
+        if self.execution == "sequential":
+            return
+        if self.cut_values > 1:
+            reason = f"the cut is crossed by {self.cut_values} values; fused execution takes one"
+            if self.execution == "fused":
+                raise FusionError(f"execution='fused' is not possible for this tail: {reason}. Use 'sequential'")
+            self.fusion_error = reason
+            return
+        try:
+            self._fused = {mode: fuse_branches(self.branches, mode) for mode in (True, False)}
+            self._check_fusion()
+        except Exception as err:  # a FusionError names the op; anything else is a gap in the rules: same fallback
+            if self.execution == "fused":
+                raise FusionError(
+                    f"execution='fused' is not possible for this tail: {err}. Use execution='sequential' (or "
+                    "'auto', which falls back to it)"
+                ) from err
+            reason = str(err) if isinstance(err, FusionError) else f"{type(err).__name__}: {err}"
+            self._fused, self.fusion_error = {}, reason
+
+    def _check_fusion(self) -> None:
+        """Run the shape-dependent fusion checks on a 2-sample example input, and measure one branch's FLOPs per
+        sample for the ``auto`` rule. Skipped when no example input fits the model: the first call checks."""
+        try:
+            x = example_input(self._original, self.input_size, batch=2)
+            modes = [m.training for m in self.modules()]
+            self.eval()
+            try:
+                with torch.no_grad():
+                    f = self.trunk(x)
+                    flops, _ = forward_flops(self.branches[0], f)
+            finally:
+                for m, mode in zip(self.modules(), modes):
+                    m.training = mode
+        except Exception:  # the input size is unknown here; an unfusable op still fails at the first call
+            return
+        self._tail_gflop_per_sample = flops / 2 / 1e9
+        for fused in self._fused.values():
+            fused.check(f)
+
+    def execution_plan(self, batch: int | None = None, device: str | torch.device = "cuda") -> str:
+        """The rule's plan for a training batch of ``batch`` samples on ``device``: ``"fused"`` (one graph for all
+        branches) or ``"sequential"``. ``execution="auto"`` follows it where it cannot time the executions
+        (see :attr:`execution_timings`): fused on CUDA while ``batch`` x one branch's forward GFLOP per sample is
+        at most :data:`FUSE_MAX_GFLOP`."""
+        if not self._fused:
+            return "sequential"
+        if self.execution == "fused":
+            return "fused"
+        per_sample = self._tail_gflop_per_sample
+        small = batch is None or per_sample is None or batch * per_sample <= FUSE_MAX_GFLOP
+        return "fused" if torch.device(device).type == "cuda" and small else "sequential"
+
+    @property
+    def execution_timings(self) -> dict[str, dict[str, float]]:
+        """What ``execution="auto"`` measured: per input signature (device, shape, dtype, autocast, memory
+        format), the median milliseconds of the tail's forward + backward in each execution. The faster is used
+        for every training batch of that signature."""
+        return {_describe_signature(k): dict(v) for k, v in self._timings.items()}
+
+    def _run_branches(self, f: torch.Tensor, extra: dict[str, Any]) -> list[torch.Tensor]:
+        if self._fused and self._plan_for(f, extra) == "fused":
+            return self._fused[self.training](f, **extra)
+        return [b(*self._branch_inputs(f), **extra) for b in self.branches]
+
+    def _plan_for(self, f: torch.Tensor, extra: dict[str, Any]) -> str:
+        if (
+            self.execution != "auto" or not self.training or f.device.type not in MEASURE_DEVICES
+            or torch.compiler.is_compiling()
+        ):
+            return self.execution_plan(f.shape[0], f.device)
+        key = _signature(f)
+        timing = self._timings.get(key)
+        if timing is None:
+            if not _timing_allowed():
+                return self.execution_plan(f.shape[0], f.device)
+            timing = self._timings[key] = self._time_executions(f, extra)
+        return min(timing, key=timing.__getitem__)
+
+    def _time_executions(self, f: torch.Tensor, extra: dict[str, Any]) -> dict[str, float]:
+        """Median milliseconds of the tail's forward + backward in each execution, on this input. Leaves no
+        trace: gradients are returned, not accumulated, BatchNorm statistics are restored, the RNG is forked."""
+        f = f.detach().requires_grad_(f.requires_grad)
+        inputs = [t for t in (f, *self.branches.parameters()) if t.requires_grad]
+        buffers = list(self.branches.buffers())
+        saved = [b.detach().clone() for b in buffers]
+        runs = {
+            "sequential": lambda: [b(f, **extra) for b in self.branches],
+            "fused": lambda: self._fused[True](f, **extra),
+        }
+
+        def step(run: Callable[[], list[torch.Tensor]]) -> None:
+            outs = run()
+            check_logits(outs[0])
+            total = torch.stack([z.float().sum() for z in outs]).sum()
+            if inputs:
+                torch.autograd.grad(total, inputs, allow_unused=True)
+
+        devices = []  # CUDA RNGs to fork besides the CPU's
+        if f.device.type == "cuda":
+            devices = [f.device.index if f.device.index is not None else torch.cuda.current_device()]
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return median_ms({name: lambda run=run: step(run) for name, run in runs.items()}, f.device,
+                                 _MEASURE_REPEATS)
+        finally:
+            with torch.no_grad():
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
+
+    def _describe_execution(self) -> str:
+        if self.execution == "sequential":
+            return "sequential (branches one after the other), as requested"
+        if not self._fused:
+            return f"sequential: the tail cannot be fused ({self.fusion_error})"
+        if self.execution == "fused":
+            return "fused (all branches as one graph of m-times wider, grouped layers)"
+        if not torch.cuda.is_available() and not self.execution_timings:
+            # auto only ever fuses on CUDA: a plan for a device this machine lacks would only mislead.
+            return ("auto: sequential on this machine (no CUDA device; on the CPU fusion saves no measurable time); "
+                    "on CUDA, auto times fused against sequential at the first training step")
+        per_sample = self._tail_gflop_per_sample
+        limit = (
+            f"batch <= {int(FUSE_MAX_GFLOP // per_sample):,}" if per_sample else "any batch (tail FLOPs unknown)"
+        )
+        lines = [
+            f"auto: on {'/'.join(MEASURE_DEVICES)}, the faster of fused and sequential, timed at the first training "
+            "step of each input signature",
+            "    where it cannot time (other devices, torch.compile, deterministic algorithms, no autograd): fused on "
+            f"CUDA for {limit} (one branch <= {FUSE_MAX_GFLOP:g} GFLOP per step), else sequential",
+        ]
+        for sig, ms in self.execution_timings.items():
+            best = min(ms, key=ms.__getitem__)
+            lines.append(
+                f"    {sig}: {best} (tail forward + backward: "
+                + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()) + ")"
+            )
+        return "\n".join(lines)
+
+
+def _timing_allowed() -> bool:
+    # Deterministic algorithms ask for runs that repeat exactly; a choice by timing may differ between runs (the
+    # executions agree to float tolerance, not bit for bit), so the rule decides there. Without autograd there is
+    # no backward to time.
+    return torch.is_grad_enabled() and timing_may_decide()
+
+
+def _signature(f: torch.Tensor) -> tuple:
+    """What the speed of the branches depends on, besides the model: the key of ``execution="auto"``'s timings."""
+    kind = f.device.type
+    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    channels_last = f.ndim == 4 and not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
+    return str(f.device), tuple(f.shape), f.dtype, autocast, channels_last
+
+
+def _describe_signature(key: tuple) -> str:
+    device, shape, dtype, autocast, channels_last = key
+    parts = [device, "x".join(map(str, shape)), str(dtype).removeprefix("torch.")]
+    if autocast is not None:
+        parts.append(f"autocast {str(autocast).removeprefix('torch.')}")
+    if channels_last:
+        parts.append("channels_last")
+    return " ".join(parts)
+
+
+def check_logits(z: Any) -> None:
+    """A tail must return a logits tensor: a clear error when it returns a container."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(
+            f"kdwrap one: the tail returned a {type(z).__name__}, not a logits tensor; name the logits "
+            "with kdwrap.one(net, output=<index or key>)"
+        )
