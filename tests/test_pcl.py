@@ -327,8 +327,8 @@ def test_a_conv_head_gets_the_ensemble_classifier_over_the_peers_logits_and_trai
     assert model.ensemble_input == "logits" and model.classifier is None
     assert (model.ensemble.in_features, model.ensemble.out_features) == (15, 5)  # m * C -> C
     text = kdwrap.summary(model)
-    assert "ensemble classifier over the peers' logits, a Linear over the 3 peers' logits (15 -> 5): the classifier " \
-           "input of ConvHeadNet is not a flat feature vector (it calls no nn.Linear" in text
+    assert "ensemble classifier over the peers' logits, a Linear (3 x 5 -> 5): the classifier input of ConvHeadNet " \
+           "is not a flat feature vector (it calls no nn.Linear" in text
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(2):
         _sgd_step(model, loss_fn, opt, step)

@@ -266,7 +266,8 @@ class PCLModel(BranchedModel):
         m = self.num_branches
         if self.ensemble_input == "features":
             return f"a Linear over the {m} peers' inputs of '{self.classifier}' {sizes}"
-        return (f"ensemble classifier over the peers' logits, a Linear over the {m} peers' logits {sizes}: the "
+        classes = self.ensemble.out_features
+        return (f"ensemble classifier over the peers' logits, a Linear ({m} x {classes} -> {classes}): the "
                 f"classifier input of {type(self._original).__name__} is not a flat feature vector "
                 f"({self.ensemble_why})")
 
