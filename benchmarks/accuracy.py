@@ -134,7 +134,9 @@ NOTES = {
 }
 NOTES["kd-lr0.3x"] = NOTES["kd"]
 NOTES["pcl-3"] = ("PCL reports its deployed model, the temporal mean of peer 0; peer 0 itself is in the runs' "
-                  "history.json (test_acc_live_peer). Each peer trains on its own crop and flip of every image.")
+                  "history.json (test_acc_live_peer). Where the protocol augments, each peer trains on its own crop and flip of "
+                  "every image (kdwrap's, in place of the loop's); where it does not, every peer sees the images as "
+                  "given, as plain does.")
 NOTES["pcl-3-lr0.3x"] = NOTES["pcl-3"]
 
 # Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.
@@ -654,8 +656,10 @@ def report(args: argparse.Namespace, setup: dict[str, Any], runs: list[dict[str,
         print(f"NOT MEASURED (no finished epoch; not in the tables): {', '.join(not_measured)}")
     for kind in ("best", "last"):
         print(f"\n{kind} epoch:\n" + format_table(rows, kind))
-    print("\nONE (branch 0) is the deployed model (kdwrap.export); ONE-E is the gated ensemble of all branches from "
-          "the same runs. 'best' is the maximum over epochs of the test accuracy (the papers' convention), 'last' the "
+    one = any(r["variant"].startswith("one-") for r in rows)
+    print(("\nONE (branch 0) is the deployed model (kdwrap.export); ONE-E is the gated ensemble of all branches from "
+           "the same runs. " if one else "\n")
+          + "'best' is the maximum over epochs of the test accuracy (the papers' convention), 'last' the "
           "final epoch's; ± is the standard deviation over seeds; the interval is the paired 95 % t-interval of the "
           "difference to plain over seeds (same seed: same initial weights and data order).")
     for v in args.variants:
