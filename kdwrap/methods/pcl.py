@@ -179,11 +179,9 @@ class PCLModel(BranchedModel):
                 "kdwrap pcl: the peers' own views take the image batch alone, and this forward got other inputs "
                 f"({len(args)} positional, {sorted(kwargs)}); pass augment=None so that every peer sees them as given"
             )
-        inputs = (x, *args) if views is None else (views,)
-        f = self.trunk(*inputs, **kwargs)
         read = ENSEMBLE_INPUTS[self.ensemble_input]
-        outs = [read(b(*self._branch_inputs(self._peer_part(f, i, views)), **extra))
-                for i, b in enumerate(self.branches)]
+        outs = [read(b(*self._branch_inputs(f), **extra))
+                for b, f in zip(self.branches, self._trunk_outputs(self.trunk, x, args, kwargs, views))]
         logits = [z for z, _ in outs]
         if not isinstance(logits[0], torch.Tensor) or logits[0].dim() != 2:
             raise TypeError(
@@ -191,27 +189,23 @@ class PCLModel(BranchedModel):
             )
         ensemble = self.ensemble(torch.cat([h for _, h in outs], dim=-1))
         with torch.no_grad():
-            mean_f = self.mean_trunk(*inputs, **kwargs)
             mean_logits = torch.stack([
-                b(*self._branch_inputs(self._peer_part(mean_f, i, views)), **extra)
-                for i, b in enumerate(self.mean_branches)
+                b(*self._branch_inputs(f), **extra)
+                for b, f in zip(self.mean_branches, self._trunk_outputs(self.mean_trunk, x, args, kwargs, views))
             ])
         self._put_capture((logits, ensemble, mean_logits))
         others = [z for i, z in enumerate(logits) if i != self.branch]
         return KeepReachable.apply(logits[self.branch], ensemble, *others)
 
-    def _peer_part(self, f: Any, i: int, views: torch.Tensor | None) -> Any:
-        """Peer ``i``'s rows of a trunk output over all views (every value crossing the cut), or ``f`` itself when
-        the peers share the batch."""
+    def _trunk_outputs(self, trunk: nn.Module, x: Any, args: tuple, kwargs: dict,
+                       views: torch.Tensor | None) -> list[Any]:
+        """What each peer's tail reads: the trunk's output on the batch, shared, when the peers see it as given;
+        else the trunk run on each peer's view by itself, as the paper's code does. One run per view keeps every
+        value crossing the cut that view's alone, whichever axis holds the batch (TNT folds it into its pixel
+        tokens, CrossViT splits it over two branches), and the trunk's BatchNorm normalises one view at a time."""
         if views is None:
-            return f
-        m = self.num_branches
-        rows = views.shape[0] // m
-
-        def part(t: Any) -> Any:
-            return t[i * rows:(i + 1) * rows] if isinstance(t, torch.Tensor) and t.shape[:1] == (m * rows,) else t
-
-        return tuple(part(t) for t in f) if self.cut_values > 1 else part(f)
+            return [trunk(x, *args, **kwargs)] * self.num_branches
+        return [trunk(view) for view in views.chunk(self.num_branches)]
 
     def _update_means(self) -> None:
         """Take the current weights into the temporal means at the first forward of each optimizer step: after

@@ -2,8 +2,8 @@
 batch's device inside the training forward, so that the user's loop stays ``loss_fn(model(x), y)``.
 
 A view mode is a rule for turning the batch ``x`` given to ``model(x)`` into the ``m`` peers' inputs, returned as
-one tensor of ``m * B`` samples (peer ``i``'s view is rows ``[i*B, (i+1)*B)``) so the trunk runs once over all of
-them; ``None`` means every peer takes ``x`` itself (one trunk pass).
+one tensor of ``m * B`` samples (peer ``i``'s view is rows ``[i*B, (i+1)*B)``), which the trunk then runs on one
+view at a time; ``None`` means every peer takes ``x`` itself (one trunk pass).
 """
 from __future__ import annotations
 
