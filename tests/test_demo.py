@@ -158,7 +158,7 @@ def test_summary_help_shows_defaults_and_every_method(capsys: pytest.CaptureFixt
 
 def test_summary_refuses_another_methods_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["summary", "lenet5", "--method", "osakd", "--branches", "3"]) == 2
-    assert "--method osakd reads no --branches (a one/okddip option)" in capsys.readouterr().err
+    assert "--method osakd reads no --branches (a one/okddip/pcl option)" in capsys.readouterr().err
 
 
 def test_summary_shows_no_cuda_plan_without_cuda(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
