@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 SCRIPT = textwrap.dedent(
     """
@@ -124,3 +125,18 @@ def assert_compiles_without_graph_break(make: Callable, batch: Callable) -> None
     loss.backward()
     eager, eager_loss = make()
     torch.testing.assert_close(loss, eager_loss(eager(x), y), atol=1e-5, rtol=1e-5)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Channels-last and not also contiguous (a 1x1 map or a single channel is both)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def record_conv_input_layouts(model: nn.Module) -> tuple[dict[str, bool], list]:
+    """Hooks recording, per Conv2d module called, whether its input was channels_last; and their handles."""
+    seen: dict[str, bool] = {}
+    handles = [
+        m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, is_channels_last(args[0])))
+        for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+    ]
+    return seen, handles

@@ -7,7 +7,7 @@ import kdwrap
 from kdwrap.fused import planner
 from conftest import TinyNet
 from dist_utils import run_two_ranks
-from loop_utils import assert_resume_is_bit_exact, train_steps
+from loop_utils import assert_resume_is_bit_exact, is_channels_last, record_conv_input_layouts, train_steps
 
 STEPS, BATCH = 3, 8
 
@@ -83,20 +83,6 @@ def test_autocast_bf16_keeps_the_loss_in_float32(tiny_net):
     assert all(p.grad is not None for p in model.gate.parameters())
 
 
-def _channels_last(t):
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _conv_inputs_layout(model):
-    """Hooks recording, per Conv2d module called, whether its input was channels_last; and their handles."""
-    seen = {}
-    handles = [
-        m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, _channels_last(args[0])))
-        for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
-    ]
-    return seen, handles
-
-
 class _LayoutRecorder(torch.fx.Interpreter):
     """Runs the fused graph, recording whether each 4-D tensor it makes is channels_last."""
 
@@ -107,12 +93,12 @@ class _LayoutRecorder(torch.fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[-2:] != (1, 1):  # 1x1 maps are both
-            self.layouts[n.name] = _channels_last(out)
+            self.layouts[n.name] = is_channels_last(out)
         return out
 
 
 @pytest.mark.parametrize("execution", ["sequential", "fused", "auto"])
-def test_channels_last(execution, monkeypatch):
+def testis_channels_last(execution, monkeypatch):
     """``model.to(memory_format=torch.channels_last)`` (examples/train_cifar.py --channels-last) reaches the trunk
     and every branch; the trunk, the branches (sequential or fused) and the export run NHWC throughout; training
     and the exported model match the contiguous run; ``execution="auto"`` times channels_last inputs apart."""
@@ -121,7 +107,7 @@ def test_channels_last(execution, monkeypatch):
     for fmt in (torch.contiguous_format, torch.channels_last):
         model, loss_fn = _make("train", execution=execution)
         model.to(memory_format=fmt)
-        seen, handles = _conv_inputs_layout(model)
+        seen, handles = record_conv_input_layouts(model)
 
         def batch(step, fmt=fmt):
             x, y = _batch(step)
@@ -135,8 +121,8 @@ def test_channels_last(execution, monkeypatch):
     plain, plain_losses, plain_seen = runs[torch.contiguous_format]
     convs = {n: p for n, p in model.named_parameters() if p.ndim == 4}
     assert {n.split(".")[1] for n in convs if n.startswith("branches.")} == {"0", "1", "2"}  # every branch's convs
-    assert [n for n, p in convs.items() if not _channels_last(p)] == []  # after optimizer steps too
-    assert [n for n, p in convs.items() if not _channels_last(p.grad)] == []
+    assert [n for n, p in convs.items() if not is_channels_last(p)] == []  # after optimizer steps too
+    assert [n for n, p in convs.items() if not is_channels_last(p.grad)] == []
     assert seen and all(seen.values()), seen  # every conv module called saw an NHWC input
     assert not any(plain_seen.values())
     assert any(n.startswith("branches.") for n in seen) != (execution == "fused")  # fused: no module calls
@@ -155,14 +141,14 @@ def test_channels_last(execution, monkeypatch):
     with torch.no_grad():
         for kwargs in ({}, {"branch": 2}, {"ensemble": True}):
             exported = kdwrap.export(model, **kwargs)
-            assert [n for n, p in exported.named_parameters() if p.ndim == 4 and not _channels_last(p)] == []
+            assert [n for n, p in exported.named_parameters() if p.ndim == 4 and not is_channels_last(p)] == []
             out = exported(x_cl)
             torch.testing.assert_close(out, kdwrap.export(plain, **kwargs)(x), atol=1e-5, rtol=1e-4)
             if not kwargs:
                 torch.testing.assert_close(out, model(x_cl), atol=0, rtol=0)
     model.train()  # last: these training forwards move BatchNorm statistics
     f = model.trunk(x_cl)
-    assert _channels_last(f)
+    assert is_channels_last(f)
     if execution == "fused":
         recorder = _LayoutRecorder(model._fused[True].graph_module)
         recorder.run(f)

@@ -6,7 +6,10 @@ from torch import nn
 import kdwrap
 from conftest import TinyNet
 from dist_utils import run_two_ranks
-from loop_utils import assert_compiles_without_graph_break, assert_resume_is_bit_exact, train_steps
+from loop_utils import (
+    assert_compiles_without_graph_break, assert_resume_is_bit_exact, is_channels_last, record_conv_input_layouts,
+    train_steps,
+)
 
 STEPS, BATCH, BANK = 3, 8, 64
 
@@ -71,22 +74,14 @@ def test_autocast_bf16_computes_the_loss_in_float32_and_fills_the_bank_in_float3
     loss.backward()
 
 
-def _channels_last(t):
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def test_channels_last():
+def testis_channels_last():
     """OSAKD leaves the net unchanged: after ``.to(memory_format=torch.channels_last)`` every conv runs NHWC, the
     weights stay NHWC through optimizer steps and export, and losses, weights and bank match the contiguous run."""
     runs = {}
     for fmt in (torch.contiguous_format, torch.channels_last):
         model, loss_fn = _make()
         model = model.to(memory_format=fmt)
-        seen = {}
-        handles = [
-            m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, _channels_last(args[0])))
-            for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
-        ]
+        seen, handles = record_conv_input_layouts(model)
 
         def batch(step, fmt=fmt):
             x, y = _batch(step)
@@ -100,7 +95,7 @@ def test_channels_last():
     plain, plain_loss_fn, plain_losses, plain_seen = runs[torch.contiguous_format]
     convs = {n: p for n, p in model.named_parameters() if p.ndim == 4}
     assert len(convs) == 3
-    assert [n for n, p in convs.items() if not _channels_last(p) or not _channels_last(p.grad)] == []
+    assert [n for n, p in convs.items() if not is_channels_last(p) or not is_channels_last(p.grad)] == []
     assert len(seen) == 3 and all(seen.values()) and not any(plain_seen.values()), (seen, plain_seen)
     torch.testing.assert_close(losses, plain_losses, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
@@ -111,7 +106,7 @@ def test_channels_last():
     model.eval(), plain.eval()
     with torch.no_grad():
         exported = kdwrap.export(model)
-        assert [n for n, p in exported.named_parameters() if p.ndim == 4 and not _channels_last(p)] == []
+        assert [n for n, p in exported.named_parameters() if p.ndim == 4 and not is_channels_last(p)] == []
         out = exported(x.contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(out, kdwrap.export(plain)(x), atol=1e-5, rtol=1e-4)
 
