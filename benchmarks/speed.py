@@ -13,7 +13,8 @@ other ("sequential"), as one fused graph ("fused"; skipped with the reason for a
 OSAKD (k=8, default alpha) in-batch and with memory banks of 4,096, 16,384 (the default) and 65,536 entries, pre-filled
 so that every timed step searches a full bank; KD from a teacher of the same architecture (an untrained copy: a
 step's cost does not depend on the teacher's weights), DML with 2 peers, OKDDip with 4 branches (3 peers and the
-leader) and BYOT (exits at the default stage ends). --variants REGEX keeps only the matching
+leader, execution "auto"), BYOT (exits at the default stage ends), and PCL with 3 peers on their own views in each
+execution, as ONE. --variants REGEX keeps only the matching
 rows (and plain), e.g. --variants '^(KD|DML)' (a bare KD also matches OSAKD).
 
 A step is zero_grad, forward, loss, backward and an SGD (Nesterov, weight decay) update on a fixed random batch,
@@ -77,13 +78,14 @@ CONFIGS = {
 def variant_specs(executions: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD in-batch (the paper's
     mode), with its default bank (16,384 entries) and with a small and a large one; KD from a same-model teacher;
-    DML with 2 peers; OKDDip with 4 branches; BYOT; PCL with 3 peers (each on its own view)."""
+    DML with 2 peers; OKDDip with 4 branches and BYOT; PCL with 3 peers (each on its own view) in each execution."""
     one = [(f"ONE m={m} {e}", "one", {"branches": m, "execution": e}) for m in (2, 3, 4) for e in executions]
     osakd = [("OSAKD in-batch", "osakd", {"bank_size": 0})]
     osakd += [(f"OSAKD bank {n:,}", "osakd", {"bank_size": n}) for n in (4096, 16384, 65536)]
     others = [("KD same-model teacher", "kd", {}), ("DML 2 peers", "dml", {"peers": 2}),
-              ("OKDDip m=4", "okddip", {"branches": 4}), ("BYOT", "byot", {}), ("PCL m=3", "pcl", {"branches": 3})]
-    return [("plain", "plain", {}), *one, *osakd, *others]
+              ("OKDDip m=4", "okddip", {"branches": 4}), ("BYOT", "byot", {})]
+    pcl = [(f"PCL m=3 {e}", "pcl", {"branches": 3, "execution": e}) for e in executions]
+    return [("plain", "plain", {}), *one, *osakd, *others, *pcl]
 
 
 # method -> (net, pixels, options) -> (model, loss_fn).

@@ -9,7 +9,9 @@ The list (in the repository, so a sweep is repeatable) holds one model per timm 
 by name: atto/femto/pico/nano/tiny/small before the others) and every torchvision classifier. Per model and method,
 in its own process with a time limit (--timeout): build it (pretrained=False, 10 classes), wrap it, one training
 step on a batch of 2 at the model's own input size, export, and compare the exported model's eval outputs with the
-wrapper's. --jobs processes run at once (default: one per core); --retry-timeout runs the models that ran out of
+wrapper's. Where the wrapper can run its branches fused (ONE, OKDDip, PCL), one more training step runs them fused
+whatever this machine's default execution is; the row's "fused" field says "ok", the error, or "no" with the reason
+the tail cannot be fused (the status is about the default execution). --jobs processes run at once (default: one per core); --retry-timeout runs the models that ran out of
 time (or whose process died) again, one at a time, with a longer limit. Prints a table and a summary per method and
 writes benchmarks/results/zoo_<device>_<date>.json.
 
@@ -126,7 +128,33 @@ def check_one(name: str, method: str) -> dict[str, Any]:
         row["status"] = "ok"
     except Exception as exc:  # every failure is a row: the sweep reports, it does not stop
         row.update(status="error", stage=stage, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        return row
+    row.update(fused_step(model, loss_fn, x, y))
     return row
+
+
+def fused_step(model: Any, loss_fn: Any, x: Any, y: Any) -> dict[str, Any]:
+    """For a wrapper whose branches can run fused (ONE, OKDDip, PCL): one more training step with the fused graphs,
+    whatever the default execution chose on this machine ("fused": "ok", or the error), or why the tail cannot be
+    fused ("fused": "no" and the reason). A separate field: the row's status is about the default execution."""
+    import torch
+
+    if not hasattr(model, "fusion_error"):
+        return {}
+    if not model._fused:
+        return {"fused": "no", "fusion_error": (model.fusion_error or "")[:300]}
+    setting, model.execution = model.execution, "fused"
+    try:
+        model.train()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {loss.item()}")
+    except Exception as exc:
+        return {"fused": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    finally:
+        model.execution = setting
+    return {"fused": "ok"}
 
 
 def record_splits(name: str) -> dict[str, Any]:
@@ -271,7 +299,12 @@ def main() -> None:
         mine = [r for r in rows if r["method"] == method]
         ok = sum(r["status"] == "ok" for r in mine)
         summary[method] = {"ok": ok, "total": len(mine)}
-        print(f"{method}: {ok} / {len(mine)} ok ({100 * ok / max(len(mine), 1):.1f} %)")
+        fused = [r["fused"] for r in mine if "fused" in r]
+        if fused:
+            summary[method]["fused"] = {"ok": fused.count("ok"), "not fusable": fused.count("no"),
+                                        "error": sum(f.startswith("error") for f in fused)}
+        print(f"{method}: {ok} / {len(mine)} ok ({100 * ok / max(len(mine), 1):.1f} %)"
+              + (f"; fused execution: {summary[method]['fused']}" if fused else ""))
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"zoo_cpu_{date}.json"
     import timm

@@ -64,9 +64,12 @@ def _tail_grads(model, nets):
     return pairs
 
 
+@pytest.mark.parametrize("execution", ["sequential", "fused"])
 @pytest.mark.parametrize("branches", [3, 4])
-def test_loss_and_gradients_match_the_reference(branches):
-    model, loss_fn = kdwrap.okddip(TinyNet(), branches=branches)
+def test_loss_and_gradients_match_the_reference(branches, execution):
+    """Also with the branches fused into one graph that returns every branch's classifier input with its logits."""
+    model, loss_fn = kdwrap.okddip(TinyNet(), branches=branches, execution=execution)
+    assert bool(model._fused) == (execution == "fused") and model.execution_plan(BATCH, "cpu") == execution
     for step in range(2):
         x, y = _batch(step)
         ref_loss, nets, wq, wk = reference(copy.deepcopy(model), x, y)

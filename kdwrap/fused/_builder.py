@@ -14,7 +14,7 @@ from ..errors import FusionError
 from ._catalog import (
     _RANDOM_FACTORIES, _describe, _get_path, _is_inplace_call, _is_random_call, _is_shape_query, _near,
 )
-from ._layers import _bn_epilogue, _split_fused, _split_stacked
+from ._layers import _bn_epilogue, _split_fused, _split_stacked, _zip_branches
 from ._layout import _F, _K, _L, _S, Val, _list_to_fused, _new_fused, _pack, _stacked_to_fused, _to_fused
 from .modules import find_module_rule
 from .ops import fail_without_rule, find_op_rule
@@ -24,8 +24,10 @@ __all__ = ["Builder"]
 
 
 class Builder:
-    def __init__(self, branches: Sequence[nn.Module], graph: fx.Graph, training: bool, conv_mode: str) -> None:
+    def __init__(self, branches: Sequence[nn.Module], graph: fx.Graph, training: bool, conv_mode: str,
+                 per_branch_input: bool = False) -> None:
         self.branches, self.src, self.training, self.conv_mode = list(branches), graph, training, conv_mode
+        self.per_branch_input = per_branch_input
         self.m = len(branches)
         self.g = fx.Graph()
         self.env: dict[fx.Node, Val] = {}
@@ -180,11 +182,17 @@ class Builder:
     # -- driver ------------------------------------------------------------------------------------------------
     def build(self) -> fx.Graph:
         out_node = None
+        first_input = True
         for node in self.src.nodes:
             self.node = node
             if node.op == "placeholder":
-                self.env[node] = Val(_S, self.g.node_copy(node))
-                self.acts.add(self.env[node].ref)
+                # The data input: one value for every branch, or (per_branch_input) the branches' own inputs
+                # concatenated along axis 1, which is the fused layout by definition. Other inputs are shared.
+                kind = _F if first_input and self.per_branch_input else _S
+                first_input = False
+                self.env[node] = Val(kind, self.g.node_copy(node))
+                if kind == _S:
+                    self.acts.add(self.env[node].ref)
             elif node.op == "get_attr":
                 self.env[node] = self.get_attr(node)
             elif node.op == "call_module":
@@ -194,24 +202,30 @@ class Builder:
             elif node.op == "output":
                 out_node = node
         self.node = out_node
-        if out_node is None or not isinstance(out_node.args[0], fx.Node):
-            self.fail("the tail must return a single tensor")
-        v = self.env[out_node.args[0]]
+        returned = out_node.args[0] if out_node is not None else None
+        # A tensor, or a tuple of tensors (a tail that also returns its classifier's input: OKDDip's, PCL's peers).
+        values = returned if isinstance(returned, tuple) else (returned,)
+        if not values or not all(isinstance(r, fx.Node) for r in values):
+            self.fail("the tail must return a tensor or a tuple of tensors")
         if self.pack is not None:
             self.pack.args = (tuple(tuple(entries) for entries, _ in self.pack_groups.values()),)
         if self.pending:
             self.call(_bn_epilogue, tuple(self.pending))
-        if v.kind == _F:
-            res = self.call(_split_fused, v.ref, self.m)
-        elif v.kind == _K:
-            res = self.call(_split_stacked, v.ref)
-        elif v.kind == _L:
-            res = self.call(list, v.ref)
-        else:
-            res = self.call(list, (v.ref,) * self.m)
+        per_branch = [self.per_branch_outputs(self.env[r]) for r in values]
+        res = per_branch[0] if not isinstance(returned, tuple) else self.call(_zip_branches, tuple(per_branch))
         self.g.output(res)
         self.g.lint()
         return self.g
+
+    def per_branch_outputs(self, v: Val) -> fx.Node:
+        """A node holding the list of the ``m`` branches' values of ``v``."""
+        if v.kind == _F:
+            return self.call(_split_fused, v.ref, self.m)
+        if v.kind == _K:
+            return self.call(_split_stacked, v.ref)
+        if v.kind == _L:
+            return self.call(list, v.ref)
+        return self.call(list, (v.ref,) * self.m)
 
     # -- get_attr ----------------------------------------------------------------------------------------------
     def get_attr(self, node: fx.Node) -> Val:

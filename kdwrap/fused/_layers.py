@@ -239,3 +239,8 @@ def _split_fused(x: Tensor, m: int) -> list[Tensor]:
 
 def _split_stacked(y: Tensor) -> list[Tensor]:
     return list(y.unbind(0))
+
+
+def _zip_branches(per_value: Sequence[list[Tensor]]) -> list[tuple[Tensor, ...]]:
+    """Per returned value the ``m`` branches' tensors -> per branch the tuple of its returned values."""
+    return [tuple(values) for values in zip(*per_value)]

@@ -83,7 +83,10 @@ def _check_same_structure(branches: Sequence[nn.Module], graphs: Sequence[fx.Gra
 
 class FusedBranches:
     """The ``m`` branches run as one fused graph. Call it like the list of branches: ``fused(f, **extra)`` returns
-    ``[b(f, **extra) for b in branches]`` (same values and gradients, to float tolerance).
+    ``[b(f, **extra) for b in branches]`` (same values and gradients, to float tolerance). Built with
+    ``per_branch_input``, each branch reads its own input: ``fused(torch.cat(fs, 1))`` returns
+    ``[b(f_i) for b, f_i in zip(branches, fs)]`` (:meth:`inputs` makes that concatenation). A tail that returns a
+    tuple (a classifier's input besides the logits) gives a tuple per branch.
 
     Not an ``nn.Module`` and owns no parameters: the generated graph (``graph_module``) reads the branch modules'
     current parameters, buffers and ``training`` flags at every call, so it stays valid after ``.to(device)``,
@@ -99,10 +102,12 @@ class FusedBranches:
     it inside compiled code is graph-break free.
     """
 
-    def __init__(self, branches: Sequence[nn.Module], training: bool, graph: fx.Graph, conv_mode: str) -> None:
+    def __init__(self, branches: Sequence[nn.Module], training: bool, graph: fx.Graph, conv_mode: str,
+                 per_branch_input: bool = False) -> None:
         self.branches = tuple(branches)
         self.training = bool(training)
         self.conv_mode = conv_mode
+        self.per_branch_input = bool(per_branch_input)
         self.graph = graph
         root = nn.Module()
         root.branches = nn.ModuleList(self.branches)
@@ -120,8 +125,18 @@ class FusedBranches:
         """The generated Python code of the fused graph."""
         return self.graph_module.code
 
-    def __call__(self, f: Tensor, **extra: Any) -> list[Tensor]:
+    def __call__(self, f: Tensor, **extra: Any) -> list[Any]:
         return self._forward(f, **extra)
+
+    def inputs(self, fs: Sequence[Tensor]) -> Tensor:
+        """The branches' own inputs (one each) as the fused graph built with ``per_branch_input`` reads them:
+        concatenated along axis 1, branch-major."""
+        if len(fs) != self.num_branches:
+            raise ValueError(f"{self.num_branches} branches need {self.num_branches} inputs, got {len(fs)}")
+        if any(not isinstance(f, Tensor) or f.ndim < 2 for f in fs):
+            raise FusionError("the branches' own inputs must be tensors of at least 2 axes (batch first) to be "
+                              "laid out per branch along axis 1")
+        return torch.cat(list(fs), 1)
 
     def check(self, f: Tensor, **extra: Any) -> None:
         """Run the fused graph and branch 0 once on fake tensors (no computation), raising the
@@ -133,9 +148,9 @@ class FusedBranches:
         try:
             with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
                 outs = self._forward(f, **extra)
-                ref = self.branches[0](f, **extra)
-                shapes = [tuple(o.shape) if isinstance(o, Tensor) else None for o in outs]
-                ref_shape = tuple(ref.shape)
+                ref = self.branches[0](f.chunk(self.num_branches, 1)[0] if self.per_branch_input else f, **extra)
+                shapes = [_shapes(o) for o in outs]
+                ref_shape = _shapes(ref)
         finally:
             with torch.no_grad():
                 for t, v in saved:
@@ -145,7 +160,7 @@ class FusedBranches:
                 raise FusionError(f"fused branch {i} returns shape {shape}, the branch returns {ref_shape}")
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return fuse_branches, (list(self.branches), self.training, self.conv_mode)
+        return fuse_branches, (list(self.branches), self.training, self.conv_mode, self.per_branch_input)
 
     def __repr__(self) -> str:
         return (
@@ -154,7 +169,15 @@ class FusedBranches:
         )
 
 
-def fuse_branches(branches: Sequence[nn.Module], training: bool, conv_mode: str = "auto") -> FusedBranches:
+def _shapes(out: Any) -> Any:
+    """The shape of a returned tensor, or the shapes of a returned tuple."""
+    if isinstance(out, tuple):
+        return tuple(_shapes(o) for o in out)
+    return tuple(out.shape) if isinstance(out, Tensor) else None
+
+
+def fuse_branches(branches: Sequence[nn.Module], training: bool, conv_mode: str = "auto",
+                  per_branch_input: bool = False) -> FusedBranches:
     """Fuse structurally identical fx tails (ONE's ``model.branches``) into one graph for the given mode.
 
     ``training`` picks the graph (``train_graph`` or ``eval_graph`` of a ``DualGraphModule``; a plain
@@ -163,7 +186,9 @@ def fuse_branches(branches: Sequence[nn.Module], training: bool, conv_mode: str 
     ``"split"``: ``m`` dense convs on the channel slices, outputs concatenated (for backends whose grouped
     convolutions are slow, such as oneDNN on CPU); ``"auto"`` (default): ``"split"`` for CPU tensors,
     ``"grouped"`` otherwise, decided at each call from the input's device. Convs on the shared trunk output with
-    ``groups == 1`` and depthwise convs are always one conv.
+    ``groups == 1`` and depthwise convs are always one conv. ``per_branch_input``: each branch reads its own input
+    (PCL's peers, each on the trunk's output for its own view), given concatenated along axis 1 (the fused layout,
+    :meth:`FusedBranches.inputs`), instead of one input shared by all.
 
     Raises :class:`FusionError` naming the node and op when a rule is missing (see the module docstring); the
     caller then runs the branches one after the other.
@@ -176,5 +201,5 @@ def fuse_branches(branches: Sequence[nn.Module], training: bool, conv_mode: str 
     graphs = [_tail_graph(b, training) for b in branches]
     _check_same_structure(branches, graphs)
     _check_hooks(branches)
-    graph = Builder(branches, graphs[0], bool(training), conv_mode).build()
-    return FusedBranches(branches, training, graph, conv_mode)
+    graph = Builder(branches, graphs[0], bool(training), conv_mode, bool(per_branch_input)).build()
+    return FusedBranches(branches, training, graph, conv_mode, per_branch_input)

@@ -1,11 +1,13 @@
-"""How ONE runs its branches in a training forward: one after the other, or fused into one graph
+"""How ONE's branches and PCL's peers run in a training forward: one after the other, or fused into one graph
 (:func:`.fuse_branches`), and with ``execution="auto"`` the faster of the two, timed on the first batch of each input
 signature, or chosen by a rule where it cannot be timed.
 
-:class:`PlannedExecution` is mixed into ONE's model, which holds what it plans for: ``execution`` (one of
+:class:`PlannedExecution` is mixed into the model, which holds what it plans for: ``execution`` (one of
 :data:`EXECUTIONS`), ``branches`` (the ``m`` replicated tails), ``trunk``, ``cut_values`` (how many values cross the
 cut), ``input_size`` and the original model (``_original``), and ``_branch_inputs(f)`` (the trunk output as the
-branches take it).
+branches take it). A model whose branches each read their own input (PCL's peers, one view each) sets
+:attr:`~PlannedExecution.per_branch_input`; one with other sets of tails that run as its branches do (PCL's mean
+teachers) names them in :attr:`~PlannedExecution.companions`.
 """
 from __future__ import annotations
 
@@ -36,14 +38,21 @@ _MEASURE_REPEATS = 3  # timed runs per execution, after one untimed run (cudnn a
 
 
 class PlannedExecution:
-    """The branch execution of a ONE model (see the module's docstring for what the model holds): the fused graphs
-    and why there are none (:attr:`fusion_error`), the plan (:meth:`execution_plan`) and what ``auto`` measured
-    (:attr:`execution_timings`)."""
+    """The branch execution of a ONE or PCL model (see the module's docstring for what the model holds): the fused
+    graphs and why there are none (:attr:`fusion_error`), the plan (:meth:`execution_plan`) and what ``auto``
+    measured (:attr:`execution_timings`)."""
+
+    # Each branch reads its own input: _run_branches takes a list of m trunk outputs instead of one shared.
+    per_branch_input = False
+    # Attribute names of other ModuleLists of m tails with the branches' graph that run without gradient in the
+    # same training forward (PCL's mean teachers): fused when the branches are, run the way the plan runs them.
+    companions: tuple[str, ...] = ()
 
     def _plan_execution(self) -> None:
         """Build the fused graphs (train and eval) unless ``execution="sequential"``; on a model whose tail cannot
         be fused, ``"auto"`` keeps sequential execution and records why, ``"fused"`` fails."""
         self._fused: dict[bool, FusedBranches] = {}
+        self._fused_companions: dict[str, FusedBranches] = {}  # training mode only
         self.fusion_error: str | None = None
         self._tail_gflop_per_sample: float | None = None
         self._timings: dict[tuple, dict[str, float]] = {}  # input signature -> ms per execution (auto)
@@ -56,7 +65,10 @@ class PlannedExecution:
             self.fusion_error = reason
             return
         try:
-            self._fused = {mode: fuse_branches(self.branches, mode) for mode in (True, False)}
+            each = self.per_branch_input
+            self._fused = {mode: fuse_branches(self.branches, mode, per_branch_input=each) for mode in (True, False)}
+            self._fused_companions = {
+                name: fuse_branches(getattr(self, name), True, per_branch_input=each) for name in self.companions}
             self._check_fusion()
         except Exception as err:  # a FusionError names the op; anything else is a gap in the rules: same fallback
             if self.execution == "fused":
@@ -65,7 +77,7 @@ class PlannedExecution:
                     "'auto', which falls back to it)"
                 ) from err
             reason = str(err) if isinstance(err, FusionError) else f"{type(err).__name__}: {err}"
-            self._fused, self.fusion_error = {}, reason
+            self._fused, self._fused_companions, self.fusion_error = {}, {}, reason
 
     def _check_fusion(self) -> None:
         """Run the shape-dependent fusion checks on a 2-sample example input, and measure one branch's FLOPs per
@@ -84,8 +96,8 @@ class PlannedExecution:
         except Exception:  # the input size is unknown here; an unfusable op still fails at the first call
             return
         self._tail_gflop_per_sample = flops / 2 / 1e9
-        for fused in self._fused.values():
-            fused.check(f)
+        for fused in [*self._fused.values(), *self._fused_companions.values()]:
+            fused.check(fused.inputs([f] * self.num_branches) if self.per_branch_input else f)
 
     def execution_plan(self, batch: int | None = None, device: str | torch.device = "cuda") -> str:
         """The rule's plan for a training batch of ``batch`` samples on ``device``: ``"fused"`` (one graph for all
@@ -107,41 +119,50 @@ class PlannedExecution:
         for every training batch of that signature."""
         return {_describe_signature(k): dict(v) for k, v in self._timings.items()}
 
-    def _run_branches(self, f: torch.Tensor, extra: dict[str, Any]) -> list[torch.Tensor]:
-        if self._fused and self._plan_for(f, extra) == "fused":
-            return self._fused[self.training](f, **extra)
-        return [b(*self._branch_inputs(f), **extra) for b in self.branches]
+    def _run_branches(self, f: Any, extra: dict[str, Any], which: str = "branches") -> list[Any]:
+        """Every tail of ``which`` (the branches, or one of the :attr:`companions`) on ``f``: the trunk output, or
+        with :attr:`per_branch_input` the list of each tail's own; fused or one after the other, as planned."""
+        tails = getattr(self, which)
+        fused = (self._fused.get(self.training) if which == "branches"
+                 else self._fused_companions.get(which) if self.training else None)
+        if fused is not None and self._plan_for(f, extra) == "fused":
+            return fused(fused.inputs(f) if self.per_branch_input else f, **extra)
+        inputs = f if self.per_branch_input else [f] * len(tails)
+        return [b(*self._branch_inputs(fi), **extra) for b, fi in zip(tails, inputs)]
 
-    def _plan_for(self, f: torch.Tensor, extra: dict[str, Any]) -> str:
+    def _plan_for(self, f: Any, extra: dict[str, Any]) -> str:
+        first = f[0] if self.per_branch_input else f
         if (
-            self.execution != "auto" or not self.training or f.device.type not in MEASURE_DEVICES
+            self.execution != "auto" or not self.training or first.device.type not in MEASURE_DEVICES
             or torch.compiler.is_compiling()
         ):
-            return self.execution_plan(f.shape[0], f.device)
-        key = _signature(f)
+            return self.execution_plan(first.shape[0], first.device)
+        key = _signature(first)
         timing = self._timings.get(key)
         if timing is None:
             if not _timing_allowed():
-                return self.execution_plan(f.shape[0], f.device)
+                return self.execution_plan(first.shape[0], first.device)
             timing = self._timings[key] = self._time_executions(f, extra)
         return min(timing, key=timing.__getitem__)
 
-    def _time_executions(self, f: torch.Tensor, extra: dict[str, Any]) -> dict[str, float]:
+    def _time_executions(self, f: Any, extra: dict[str, Any]) -> dict[str, float]:
         """Median milliseconds of the tail's forward + backward in each execution, on this input. Leaves no
         trace: gradients are returned, not accumulated, BatchNorm statistics are restored, the RNG is forked."""
-        f = f.detach().requires_grad_(f.requires_grad)
-        inputs = [t for t in (f, *self.branches.parameters()) if t.requires_grad]
+        own = [fi.detach().requires_grad_(fi.requires_grad) for fi in (f if self.per_branch_input else [f])]
+        each = own if self.per_branch_input else own * self.num_branches
+        inputs = [t for t in (*own, *self.branches.parameters()) if t.requires_grad]
         buffers = list(self.branches.buffers())
         saved = [b.detach().clone() for b in buffers]
+        fused = self._fused[True]
         runs = {
-            "sequential": lambda: [b(f, **extra) for b in self.branches],
-            "fused": lambda: self._fused[True](f, **extra),
+            "sequential": lambda: [b(fi, **extra) for b, fi in zip(self.branches, each)],
+            "fused": lambda: fused(fused.inputs(each) if self.per_branch_input else own[0], **extra),
         }
 
-        def step(run: Callable[[], list[torch.Tensor]]) -> None:
+        def step(run: Callable[[], list[Any]]) -> None:
             outs = run()
-            check_logits(outs[0])
-            total = torch.stack([z.float().sum() for z in outs]).sum()
+            check_logits(outs[0][0] if isinstance(outs[0], tuple) else outs[0], self.method)
+            total = torch.stack([z.float().sum() for o in outs for z in (o if isinstance(o, tuple) else (o,))]).sum()
             if inputs:
                 torch.autograd.grad(total, inputs, allow_unused=True)
 
@@ -212,10 +233,10 @@ def _describe_signature(key: tuple) -> str:
     return " ".join(parts)
 
 
-def check_logits(z: Any) -> None:
+def check_logits(z: Any, method: str = "one") -> None:
     """A tail must return a logits tensor: a clear error when it returns a container."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(
-            f"kdwrap one: the tail returned a {type(z).__name__}, not a logits tensor; name the logits "
-            "with kdwrap.one(net, output=<index or key>)"
+            f"kdwrap {method}: the tail returned a {type(z).__name__}, not a logits tensor; name the logits "
+            f"with kdwrap.{method}(net, output=<index or key>)"
         )

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
+from ..fused.planner import EXECUTIONS, PlannedExecution
 from ..graph import Piece, classifier_input, classifier_name, count_parameters, describe_split, graph_with_outputs
 from .branched import BranchedModel
 from .losses import RampedLoss, cross_entropy_rows, softened_kl
@@ -56,18 +57,20 @@ class PeerAttention(nn.Module):
         return torch.einsum("bij,jbc->ibc", a.to(z.dtype), z), a
 
 
-class OKDDipModel(BranchedModel):
+class OKDDipModel(PlannedExecution, BranchedModel):
     """Trunk, ``m - 1`` peers and the group leader (branch ``m - 1``), and the peers' attention. ``forward``
     returns the leader's logits.
 
     In training mode every branch runs and the logits and the peers' attention targets are captured for
     :class:`OKDDipLoss`; in eval mode only the leader runs, so eval accuracy is the deployed model's accuracy.
-    Branches run one after the other (ONE's fused execution does not return the classifier inputs).
+    The branches run one after the other or fused, as ONE's do (``execution``).
 
     Args:
         branches: ``m`` (>= 3: at least two peers and the leader); the paper's default 4.
         classifier: the module of the tail whose input is ``h`` (default: the tail's last ``nn.Linear``).
         reduction: ``W_q``, ``W_k`` map ``d`` to ``d // reduction`` (the reference's 8).
+        execution: ``"sequential"``, ``"fused"`` or ``"auto"`` (default), as for ONE (:mod:`kdwrap.fused.planner`);
+            the fused graph returns each branch's classifier input with its logits.
         split, reinit_branches, input_size, leaf_modules, autowrap_functions, output: as for ONE
             (:class:`kdwrap.methods.branched.BranchedModel`).
     """
@@ -89,7 +92,11 @@ class OKDDipModel(BranchedModel):
         leaf_modules: Sequence[type] = (),
         autowrap_functions: Sequence[Callable] = (),
         output: int | str | None = None,
+        execution: str = "auto",
     ) -> None:
+        if execution not in EXECUTIONS:
+            raise ValueError(
+                f"kdwrap okddip: unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"kdwrap okddip: reduction must be an int >= 1, got {reduction!r}")
         super().__init__(
@@ -110,6 +117,8 @@ class OKDDipModel(BranchedModel):
         self.attention = PeerAttention(features, reduction)
         self.leader = self.num_branches - 1
         self._follow_mode(net)
+        self.execution = execution
+        self._plan_execution()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture the logits and the peers' targets, return the leader's logits.
@@ -120,7 +129,7 @@ class OKDDipModel(BranchedModel):
         if not self.training:
             self._put_capture(EVAL_CAPTURE)
             return self.branches[self.leader](*self._branch_inputs(f), **extra)[0]
-        outs = [b(*self._branch_inputs(f), **extra) for b in self.branches]
+        outs = self._run_branches(f, extra)
         logits = [z for z, _ in outs]
         if not isinstance(logits[0], torch.Tensor) or logits[0].dim() != 2:
             raise TypeError(
@@ -148,11 +157,12 @@ class OKDDipModel(BranchedModel):
             f"{count_parameters([self.attention]):,} | wrapper {count_parameters([self]):,} | deployed "
             f"{trunk_p + branch_p:,}",
             *describe_split(self, input_size),
-            "  execution: sequential (the peers' features come from each branch's classifier input)",
+            "  execution: " + self._describe_execution(),
         ])
 
     def extra_repr(self) -> str:
-        return f"split={self.split!r}, branches={self.num_branches}, classifier={self.classifier!r}"
+        return (f"split={self.split!r}, branches={self.num_branches}, classifier={self.classifier!r}, "
+                f"execution={self.execution!r}")
 
 
 class OKDDipLoss(RampedLoss):
@@ -202,7 +212,7 @@ def build_okddip(net: nn.Module, **options: Any) -> tuple[OKDDipModel, OKDDipLos
 
     Each option goes, unchanged, to the class that owns it: the surgery options (``branches``, ``split``,
     ``reinit_branches``, ``classifier``, ``reduction``, ``input_size``, ``leaf_modules``, ``autowrap_functions``,
-    ``output``) to :class:`OKDDipModel`, the loss options (``temperature``, ``rampup_steps``,
+    ``output``, ``execution``) to :class:`OKDDipModel`, the loss options (``temperature``, ``rampup_steps``,
     ``accumulation_steps``, ``check_finite``) to :class:`OKDDipLoss`. An unknown option raises
     :class:`kdwrap.OptionError` listing the valid ones.
     """

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
+from ..fused.planner import EXECUTIONS, PlannedExecution
 from ..graph import classifier_name, count_parameters, describe_split, found_classifier, run_trunk, trial_mode
 from .._deploy import rebuild_original
 from .branched import BranchedModel
@@ -49,7 +50,7 @@ ENSEMBLE_INPUTS: dict[str, Callable[[Any], tuple[Any, torch.Tensor]]] = {
 }
 
 
-class PCLModel(BranchedModel):
+class PCLModel(PlannedExecution, BranchedModel):
     """Trunk, ``m`` peers, the peer ensemble classifier, and the temporal means of the trunk and of every peer.
 
     Training-mode ``forward``: first the temporal means take the current weights in (one update per optimizer step,
@@ -73,11 +74,17 @@ class PCLModel(BranchedModel):
         classifier: the module of the tail whose input is a peer's feature vector ``h`` (default: the tail's last
             ``nn.Linear``, where it is the classifier: called once, nothing with weights after it; where there is
             none, the ensemble classifier takes the peers' logits, see :data:`ENSEMBLE_INPUTS`).
+        execution: how a training forward runs the peers and their mean teachers: ``"sequential"`` (one after the
+            other), ``"fused"`` (each set as one graph of ``m``-times wider layers, every peer on its own view's
+            trunk output: same values and gradients; an error if the tail cannot be fused) or ``"auto"`` (default:
+            the faster of the two, timed on CUDA at the first training step of each input signature, as ONE's
+            ``execution``; sequential on the CPU). See :mod:`kdwrap.fused.planner`.
         split, reinit_branches, input_size, leaf_modules, autowrap_functions, output: as for ONE
             (:class:`kdwrap.methods.branched.BranchedModel`).
     """
 
     method = "pcl"
+    companions = ("mean_branches",)
     why_min_branches = "peers need other peers to learn from"
 
     def __init__(
@@ -96,8 +103,13 @@ class PCLModel(BranchedModel):
         leaf_modules: Sequence[type] = (),
         autowrap_functions: Sequence[Callable] = (),
         output: int | str | None = None,
+        execution: str = "auto",
     ) -> None:
+        if execution not in EXECUTIONS:
+            raise ValueError(f"kdwrap pcl: unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
         self.augment = check_augment(augment)
+        # With their own views the peers read the trunk's output on their own view: one input per peer.
+        self.per_branch_input = self.augment is not None
         if isinstance(mean_decay, bool) or not isinstance(mean_decay, numbers.Real) or not 0.0 <= mean_decay < 1.0:
             raise ValueError(
                 f"kdwrap pcl: mean_decay must be a float in [0, 1), got {mean_decay!r}; it is the weight the temporal "
@@ -142,6 +154,8 @@ class PCLModel(BranchedModel):
         self.register_buffer("mean_forwards", torch.zeros((), dtype=torch.int64))
         self.register_buffer("mean_updates", torch.zeros((), dtype=torch.int64))
         self._follow_mode(net)
+        self.execution = execution
+        self._plan_execution()
 
     def _count_classes(self, net: nn.Module, input_size: Sequence[int] | None) -> int:
         """The number of classes, from a trial forward of the trunk and a tail (for the ensemble classifier over
@@ -180,8 +194,7 @@ class PCLModel(BranchedModel):
                 f"({len(args)} positional, {sorted(kwargs)}); pass augment=None so that every peer sees them as given"
             )
         read = ENSEMBLE_INPUTS[self.ensemble_input]
-        outs = [read(b(*self._branch_inputs(f), **extra))
-                for b, f in zip(self.branches, self._trunk_outputs(self.trunk, x, args, kwargs, views))]
+        outs = [read(out) for out in self._run_branches(self._trunk_outputs(self.trunk, x, args, kwargs, views), extra)]
         logits = [z for z, _ in outs]
         if not isinstance(logits[0], torch.Tensor) or logits[0].dim() != 2:
             raise TypeError(
@@ -189,22 +202,21 @@ class PCLModel(BranchedModel):
             )
         ensemble = self.ensemble(torch.cat([h for _, h in outs], dim=-1))
         with torch.no_grad():
-            mean_logits = torch.stack([
-                b(*self._branch_inputs(f), **extra)
-                for b, f in zip(self.mean_branches, self._trunk_outputs(self.mean_trunk, x, args, kwargs, views))
-            ])
+            mean_logits = torch.stack(self._run_branches(
+                self._trunk_outputs(self.mean_trunk, x, args, kwargs, views), extra, "mean_branches"))
         self._put_capture((logits, ensemble, mean_logits))
         others = [z for i, z in enumerate(logits) if i != self.branch]
         return KeepReachable.apply(logits[self.branch], ensemble, *others)
 
     def _trunk_outputs(self, trunk: nn.Module, x: Any, args: tuple, kwargs: dict,
-                       views: torch.Tensor | None) -> list[Any]:
-        """What each peer's tail reads: the trunk's output on the batch, shared, when the peers see it as given;
-        else the trunk run on each peer's view by itself, as the paper's code does. One run per view keeps every
-        value crossing the cut that view's alone, whichever axis holds the batch (TNT folds it into its pixel
-        tokens, CrossViT splits it over two branches), and the trunk's BatchNorm normalises one view at a time."""
+                       views: torch.Tensor | None) -> Any:
+        """What the peers' tails read: the trunk's output on the batch, shared, when the peers see it as given;
+        else the list of the trunk's outputs on each peer's view, run by itself, as the paper's code does. One run
+        per view keeps every value crossing the cut that view's alone, whichever axis holds the batch (TNT folds it
+        into its pixel tokens, CrossViT splits it over two branches), and the trunk's BatchNorm normalises one view
+        at a time."""
         if views is None:
-            return [trunk(x, *args, **kwargs)] * self.num_branches
+            return trunk(x, *args, **kwargs)
         return [trunk(view) for view in views.chunk(self.num_branches)]
 
     def _update_means(self) -> None:
@@ -251,8 +263,9 @@ class PCLModel(BranchedModel):
             f"{count_parameters([self.ensemble]):,} | wrapper {count_parameters([self]):,} | deployed "
             f"{trunk_p + branch_p:,}; temporal means {mean_t:,} tensor elements (buffers, no gradient)",
             *describe_split(self, input_size),
-            f"  execution: sequential peers; per training step {trunk_passes} and {m} tails with gradients, the same "
-            "again without gradients for the mean teachers",
+            f"  work per training step: {trunk_passes} and {m} tails with gradients, the same again without "
+            "gradients for the mean teachers",
+            "  execution: " + self._describe_execution(),
         ])
 
     def _describe_ensemble(self) -> str:
@@ -267,7 +280,7 @@ class PCLModel(BranchedModel):
 
     def extra_repr(self) -> str:
         return (f"split={self.split!r}, branches={self.num_branches}, branch={self.branch}, "
-                f"augment={self.augment!r}, mean_decay={self.mean_decay}")
+                f"augment={self.augment!r}, mean_decay={self.mean_decay}, execution={self.execution!r}")
 
 
 class PCLLoss(RampedLoss):
@@ -323,7 +336,7 @@ def build_pcl(net: nn.Module, **options: Any) -> tuple[PCLModel, PCLLoss]:
 
     Each option goes, unchanged, to the class that owns it: the surgery, view and temporal-mean options
     (``branches``, ``augment``, ``mean_decay``, ``branch``, ``split``, ``reinit_branches``, ``classifier``,
-    ``input_size``, ``leaf_modules``, ``autowrap_functions``, ``output``) to :class:`PCLModel`, the loss options
+    ``input_size``, ``leaf_modules``, ``autowrap_functions``, ``output``, ``execution``) to :class:`PCLModel`, the loss options
     (``temperature``, ``rampup_steps``, ``check_finite``) to :class:`PCLLoss`; ``accumulation_steps`` to both (the
     means and the ramp count optimizer steps). An unknown option raises :class:`kdwrap.OptionError` listing the
     valid ones.

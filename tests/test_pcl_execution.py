@@ -1,0 +1,154 @@
+"""PCL's execution option: the peers and their mean teachers run as one fused graph each, every peer on the trunk's
+output for its own view, with the values, gradients, BatchNorm statistics and temporal means of sequential
+execution; ``"auto"`` falls back (and says why) where a tail cannot be fused."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import kdwrap
+from conftest import TinyNet
+from kdwrap import FusionError
+from test_fused import ResLike
+from test_pcl import ConvHeadNet
+
+
+def _batch(step, b=8):
+    g = torch.Generator().manual_seed(200 + step)
+    return torch.randn(b, 3, 16, 16, generator=g), torch.randint(0, 5, (b,), generator=g)
+
+
+def _count_calls(model):
+    """Wrap the fused graphs of the peers and of the mean teachers so that their calls are counted."""
+    calls = {"peers": 0, "means": 0}
+
+    def count(fused, key):
+        forward = fused._forward
+
+        def call(f, **extra):
+            calls[key] += 1
+            return forward(f, **extra)
+        fused._forward = call
+
+    count(model._fused[True], "peers")
+    count(model._fused_companions["mean_branches"], "means")
+    return calls
+
+
+def _assert_close(actual, expected, name, scale=None):
+    """Equal to float tolerance relative to ``scale`` (default: the tensor's own; sums run in another order when
+    fused)."""
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), name
+        return
+    atol = 1e-4 * (expected.abs().max().item() if scale is None else scale) + 1e-7
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _train(execution, make_net, augment, steps=3):
+    torch.manual_seed(0)
+    model, loss_fn = kdwrap.pcl(make_net(), branches=3, augment=augment, execution=execution, rampup_steps=0,
+                                mean_decay=0.5)
+    calls = _count_calls(model) if execution == "fused" else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)  # the same views in both runs
+    losses, grads = [], []
+    for step in range(steps):
+        x, y = _batch(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+        losses.append(loss.detach())
+    return model, losses, grads, calls
+
+
+@pytest.mark.parametrize("augment", [None, "crop_flip"])
+@pytest.mark.parametrize("make_net", [TinyNet, ResLike, ConvHeadNet], ids=["tiny", "reslike", "conv_head"])
+def test_fused_peers_and_mean_teachers_equal_sequential_execution(make_net, augment):
+    """Three SGD steps both ways: losses, every gradient, and the whole state (weights, BatchNorm statistics of
+    the peers and of the mean teachers, the temporal means and their clock) agree; the fused graphs did run."""
+    seq, seq_losses, seq_grads, _ = _train("sequential", make_net, augment)
+    fused, fused_losses, fused_grads, calls = _train("fused", make_net, augment)
+    assert calls == {"peers": 3, "means": 3}
+    assert fused.per_branch_input == (augment is not None)
+    torch.testing.assert_close(torch.stack(fused_losses), torch.stack(seq_losses), rtol=1e-5, atol=1e-6)
+    for g_seq, g_fused in zip(seq_grads, fused_grads):
+        assert g_seq.keys() == g_fused.keys() and any(k.startswith("branches.2.") for k in g_seq)
+        # A bias before a BatchNorm has no gradient but rounding noise: gradients compare at the model's scale.
+        scale = max(g.abs().max().item() for g in g_seq.values())
+        for k in g_seq:
+            _assert_close(g_fused[k], g_seq[k], k, scale)
+    s_seq, s_fused = seq.state_dict(), fused.state_dict()
+    assert s_seq.keys() == s_fused.keys()
+    for k in s_seq:
+        _assert_close(s_fused[k], s_seq[k], k)
+    # BatchNorm statistics moved (so the comparison above covers them), in the peers and in the mean teachers.
+    fresh = kdwrap.pcl(make_net(), branches=3, augment=augment)[0].state_dict()
+    moved = [k for k in s_seq if k.endswith("running_mean") and not torch.equal(s_seq[k], fresh[k])]
+    assert any(k.startswith("branches.1.") for k in moved) and any(k.startswith("mean_branches.1.") for k in moved)
+    fused.eval()
+    x, _ = _batch(9)
+    with torch.no_grad():
+        torch.testing.assert_close(kdwrap.export(fused).eval()(x), fused(x), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_stays_sequential_on_the_cpu_and_the_summary_says_so():
+    model, loss_fn = kdwrap.pcl(TinyNet(), branches=3)
+    assert model.execution == "auto" and model._fused and model.fusion_error is None
+    calls = _count_calls(model)
+    x, y = _batch(0)
+    loss_fn(model(x), y).backward()
+    assert calls == {"peers": 0, "means": 0}
+    assert model.execution_plan(batch=8, device="cuda") == "fused"
+    assert model.execution_plan(batch=8, device="cpu") == "sequential"
+    assert "execution: auto: sequential on this machine" in kdwrap.summary(model) or torch.cuda.is_available()
+
+
+class LayerNormTail(TinyNet):
+    """A tail with a LayerNorm over channels, which fusion has no rule for."""
+
+    def __init__(self, num_classes=5):
+        super().__init__(num_classes)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.pool(self.stage2(self.stage1(self.stem(x)))).flatten(1)))
+
+
+def test_a_tail_that_cannot_be_fused_fails_clearly_with_fused_and_falls_back_with_auto():
+    with pytest.raises(FusionError, match="LayerNorm.*Use execution='sequential'"):
+        kdwrap.pcl(LayerNormTail(), branches=3, execution="fused")
+    model, loss_fn = kdwrap.pcl(LayerNormTail(), branches=3)
+    assert not model._fused and not model._fused_companions and "LayerNorm" in model.fusion_error
+    assert "sequential: the tail cannot be fused" in kdwrap.summary(model)
+    x, y = _batch(0)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_a_deep_copy_runs_its_own_fused_graphs():
+    """timm's EMA and ONE-E deep-copy the wrapper: the copy's fused graphs read the copy's peers."""
+    model, loss_fn = kdwrap.pcl(TinyNet(), branches=3, execution="fused", augment=None)
+    twin = copy.deepcopy(model)
+    assert twin._fused[True].branches[1] is twin.branches[1]
+    assert twin._fused_companions["mean_branches"].branches[1] is twin.mean_branches[1]
+    x, y = _batch(0)
+    torch.manual_seed(3)
+    out = model(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(twin(x), out)
+
+
+def test_bad_execution_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown execution 'fast'; valid: 'auto', 'sequential', 'fused'"):
+        kdwrap.pcl(TinyNet(), execution="fast")
+
+
+def test_torch_compile_of_the_fused_peers_on_their_own_views_has_no_graph_break():
+    model, _ = kdwrap.pcl(TinyNet(), branches=3, execution="fused")
+    explained = torch._dynamo.explain(model)(_batch(0)[0])
+    assert explained.graph_break_count == 0, explained.break_reasons
