@@ -1,4 +1,4 @@
-"""Training-step cost of ONE, OSAKD, KD, DML, OKDDip and BYOT relative to the plain model, measured side by side in one process.
+"""Training-step cost of ONE, OSAKD, KD, DML, OKDDip, BYOT and PCL relative to the plain model, measured side by side in one process.
 
     python benchmarks/speed.py --device cuda              # ResNet-32 b128 32 px, timm resnet50 b128 224 px
     python benchmarks/speed.py --device cuda --compile    # adds torch.compile rows
