@@ -12,7 +12,8 @@ a GPU is bound by kernel launches: a CIFAR ResNet tail concatenates in 8 kernels
 Layout. Every value of the tail graph gets one of four kinds:
 
 * ``shared``: identical for every branch (the trunk output, extra inputs, constants, shapes, anything computed from
-  shared values only). Computed once.
+  shared values only). Computed once. (Built with ``per_branch_input``, the tail's data input is ``fused`` instead:
+  each branch's own input, concatenated along axis 1, as PCL's peers read the trunk's output on their own views.)
 * ``fused``: the ``m`` per-branch values concatenated along **axis 1**, branch-major: a per-branch ``(B, C, ...)``
   tensor becomes ``(B, m*C, ...)`` whose channels ``[i*C, (i+1)*C)`` belong to branch ``i``. Axis 0 (batch) and the
   axes after 1 keep their per-branch meaning; this holds for NCHW maps and for ``(B, D)`` vectors alike.
@@ -46,7 +47,8 @@ Rules (``S`` shared, ``F`` fused; an ``S`` input is repeated ``m`` times along a
   ``(B, m*D)`` or stacked input a per-branch batched matmul (``torch.baddbmm``) with stacked weights, output
   stacked. Any number of leading axes.
 * Parameter-only computations (weight standardisation, ``gamma.view(1, -1, 1, 1)``) run per branch (list values).
-* The branches' outputs are returned as views of the fused/stacked result (``chunk``/``unbind``).
+* The branches' outputs are returned as views of the fused/stacked result (``chunk``/``unbind``); a tail that
+  returns a tuple (OKDDip's and PCL's: the logits and the classifier's input) gives one tuple per branch.
 * Squeeze-excitation (pool, conv 1x1, act, conv 1x1, sigmoid, mul) follows from the rules above.
 
 Stochastic ops. Dropout (any variant) and ``RReLU`` on a fused value draw an independent mask per element, hence

@@ -1,5 +1,5 @@
-"""How ONE's branches and PCL's peers run in a training forward: one after the other, or fused into one graph
-(:func:`.fuse_branches`), and with ``execution="auto"`` the faster of the two, timed on the first batch of each input
+"""How ONE's and OKDDip's branches and PCL's peers run in a training forward: one after the other, or fused into
+one graph (:func:`.fuse_branches`), and with ``execution="auto"`` the faster of the two, timed on the first batch of each input
 signature, or chosen by a rule where it cannot be timed.
 
 :class:`PlannedExecution` is mixed into the model, which holds what it plans for: ``execution`` (one of
@@ -38,9 +38,9 @@ _MEASURE_REPEATS = 3  # timed runs per execution, after one untimed run (cudnn a
 
 
 class PlannedExecution:
-    """The branch execution of a ONE or PCL model (see the module's docstring for what the model holds): the fused
-    graphs and why there are none (:attr:`fusion_error`), the plan (:meth:`execution_plan`) and what ``auto``
-    measured (:attr:`execution_timings`)."""
+    """The branch execution of a ONE, OKDDip or PCL model (see the module's docstring for what the model holds):
+    the fused graphs and why there are none (:attr:`fusion_error`), the plan (:meth:`execution_plan`) and what
+    ``auto`` measured (:attr:`execution_timings`)."""
 
     # Each branch reads its own input: _run_branches takes a list of m trunk outputs instead of one shared.
     per_branch_input = False
