@@ -1,4 +1,4 @@
-"""Fused execution of replicated branches (ONE's and OKDDip's branches, PCL's peers): the ``m`` tails run as one ``m``-times wider tail.
+"""Fused execution of replicated tails (ONE's, OKDDip's, PCL's): the ``m`` tails run as one ``m``-times wider tail.
 
 :func:`fuse_branches` rewrites the fx graph of a tail (``train_graph`` or ``eval_graph`` of the torchvision
 ``DualGraphModule`` that :mod:`kdwrap.graph` builds, or ``.graph`` of a plain ``GraphModule``) into one graph that
