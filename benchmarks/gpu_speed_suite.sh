@@ -22,7 +22,8 @@
 #   core        ONE m=3 (auto, sequential, fused) and OSAKD (in-batch, bank 16,384) against plain on CIFAR
 #               ResNet-32 and timm resnet50, batch 128 (~30 s)
 #   cudagraphs  plain and ONE m=3 fused under torch.compile(mode="reduce-overhead"), ResNet-32 (~80 s: compiling)
-#   family      KD, DML, OKDDip and BYOT against plain, both models (~20 s)
+#   family      KD, DML, OKDDip, BYOT and PCL m=3 (auto, sequential, fused) against plain, both models (~20 s
+#               without PCL, which is not yet timed on a GPU)
 #   branches    ONE m=2 and m=4 in each execution, both models (~30 s)
 #   models      ONE m=3 (auto, sequential, fused) on the other 224-px models (~80 s)
 #   profile     kernel profile of plain and ONE m=3 auto, both models (slow to start on a GPU: last but one)
@@ -103,7 +104,7 @@ for step in "${steps[@]}"; do
     core) run core speed.py --models "$R32" "$R50" --variants '^(ONE m=3 |OSAKD (in-batch|bank 16,384)$)' \
       "${TIMING[@]}" ;;
     cudagraphs) run cudagraphs speed.py --models "$R32" "${COMPILE[@]}" --variants '^ONE m=3 fused$' "${TIMING[@]}" ;;
-    family) run family speed.py --models "$R32" "$R50" --variants '^(KD|DML|OKDDip|BYOT)' "${TIMING[@]}" ;;
+    family) run family speed.py --models "$R32" "$R50" --variants '^(KD|DML|OKDDip|BYOT|PCL m=3 )' "${TIMING[@]}" ;;
     branches) run branches speed.py --models "$R32" "$R50" --variants '^ONE m=(2|4) ' "${TIMING[@]}" ;;
     models) run models speed.py --models "${OTHERS[@]}" --variants '^ONE m=3 ' --repeats 15 --warmup 3 \
       "${TIMING[@]}" ;;
