@@ -1,6 +1,6 @@
-"""KD, DML, OKDDip, BYOT and PCL inside real training setups, as ONE and OSAKD are tested: DDP on 2 CPU ranks equals one
-process on the whole batch (static graph and find_unused_parameters), torch.compile traces the forward without a
-graph break and gives the eager loss."""
+"""KD, DML, OKDDip, BYOT and PCL (OKDDip and PCL also with their branches fused) inside real training setups, as ONE
+and OSAKD are tested: DDP on 2 CPU ranks equals one process on the whole batch (static graph and
+find_unused_parameters), torch.compile traces the forward without a graph break and gives the eager loss."""
 import pytest
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ BUILDS = {
     "byot": lambda: kdwrap.byot(TinyNet(), feature_weight=0.0),
     # Random views would differ between the ranks and the whole batch: every peer sees the batch as given here.
     "pcl": lambda: kdwrap.pcl(TinyNet(), branches=3, augment=None),
+    # The branches as one fused graph (that returns the classifier inputs too) under DDP and torch.compile.
+    "okddip-fused": lambda: kdwrap.okddip(TinyNet(), branches=3, execution="fused"),
+    "pcl-fused": lambda: kdwrap.pcl(TinyNet(), branches=3, augment=None, execution="fused"),
 }
 
 
