@@ -205,3 +205,22 @@ class NoLinearHead(nn.Module):
 def test_bad_input_is_a_clear_error(build, exc, match):
     with pytest.raises(exc, match=match):
         build()
+
+
+
+def test_auto_times_both_executions_where_it_measures(monkeypatch):
+    """With the CPU among the devices auto measures on, the timing runs the fused graph that returns the classifier
+    inputs too, and the step trains as sequential execution does."""
+    from kdwrap.fused import planner
+
+    monkeypatch.setattr(planner, "MEASURE_DEVICES", ("cpu",))
+    models, losses = {}, {}
+    for execution in ("auto", "sequential"):
+        torch.manual_seed(0)
+        models[execution], loss_fn = kdwrap.okddip(TinyNet(), branches=3, execution=execution)
+        x, y = _batch(0)
+        losses[execution] = loss_fn(models[execution](x), y)
+    (signature, ms), = models["auto"].execution_timings.items()
+    assert signature == f"cpu {BATCH}x16x8x8 float32" and set(ms) == {"sequential", "fused"}
+    assert models["sequential"].execution_timings == {}
+    torch.testing.assert_close(losses["auto"], losses["sequential"], rtol=1e-5, atol=1e-6)

@@ -10,6 +10,7 @@ from torch import nn
 import kdwrap
 from conftest import TinyNet
 from kdwrap import FusionError
+from kdwrap.fused import planner
 from test_fused import ResLike
 from test_pcl import ConvHeadNet
 
@@ -105,6 +106,17 @@ def test_auto_stays_sequential_on_the_cpu_and_the_summary_says_so():
     assert model.execution_plan(batch=8, device="cuda") == "fused"
     assert model.execution_plan(batch=8, device="cpu") == "sequential"
     assert "execution: auto: sequential on this machine" in kdwrap.summary(model) or torch.cuda.is_available()
+
+
+def test_auto_times_both_executions_where_it_measures_and_trains_as_sequential(monkeypatch):
+    """With the CPU among the devices auto measures on: one timing per input signature, taken on the peers' own
+    views at the first training step, and the losses of sequential execution whichever execution won."""
+    monkeypatch.setattr(planner, "MEASURE_DEVICES", ("cpu",))
+    auto, auto_losses, _, _ = _train("auto", TinyNet, "crop_flip")
+    _, seq_losses, _, _ = _train("sequential", TinyNet, "crop_flip")
+    (signature, ms), = auto.execution_timings.items()
+    assert signature == "cpu 8x16x8x8 float32" and set(ms) == {"sequential", "fused"}
+    torch.testing.assert_close(torch.stack(auto_losses), torch.stack(seq_losses), rtol=1e-5, atol=1e-6)
 
 
 class LayerNormTail(TinyNet):

@@ -166,12 +166,13 @@ class PlannedExecution:
             if inputs:
                 torch.autograd.grad(total, inputs, allow_unused=True)
 
+        device = own[0].device
         devices = []  # CUDA RNGs to fork besides the CPU's
-        if f.device.type == "cuda":
-            devices = [f.device.index if f.device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda":
+            devices = [device.index if device.index is not None else torch.cuda.current_device()]
         try:
             with torch.random.fork_rng(devices=devices):
-                return median_ms({name: lambda run=run: step(run) for name, run in runs.items()}, f.device,
+                return median_ms({name: lambda run=run: step(run) for name, run in runs.items()}, device,
                                  _MEASURE_REPEATS)
         finally:
             with torch.no_grad():
