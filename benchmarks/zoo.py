@@ -4,6 +4,7 @@
     python benchmarks/zoo.py --methods one --models timm/pit_ti_224 tv/mnasnet0_5
     python benchmarks/zoo.py --make-list                  # rewrite zoo_models.txt from the installed timm/torchvision
     python benchmarks/zoo.py --record-splits before.json  # where kdwrap cuts each model, no training
+    python benchmarks/zoo.py --methods pcl --wrap-options '{"augment": null}'   # options besides the defaults
 
 The list (in the repository, so a sweep is repeatable) holds one model per timm family (timm's modules; the smallest
 by name: atto/femto/pico/nano/tiny/small before the others) and every torchvision classifier. Per model and method,
@@ -88,8 +89,9 @@ def build(name: str) -> tuple[Any, int]:
     return torchvision.models.get_model(model, weights=None, num_classes=NUM_CLASSES, **kwargs), TV_SIZES.get(model, 224)
 
 
-def check_one(name: str, method: str) -> dict[str, Any]:
-    """Build, wrap, one training step, export, compare: the result row (status ok / error with its message)."""
+def check_one(name: str, method: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build, wrap (with ``options`` besides the method's defaults), one training step, export, compare: the result
+    row (status ok / error with its message)."""
     import torch
 
     import kdwrap
@@ -104,7 +106,7 @@ def check_one(name: str, method: str) -> dict[str, Any]:
         stage = "wrap"
         t0 = time.perf_counter()
         traced_at = {"input_size": (3, size, size)} if method in TRACED_AT_SIZE else {}
-        model, loss_fn = kdwrap.wrap(net, method=method, **traced_at)
+        model, loss_fn = kdwrap.wrap(net, method=method, **traced_at, **(options or {}))
         row["wrap_s"] = round(time.perf_counter() - t0, 2)
         if method in TRACED_AT_SIZE:
             row["split"] = model.split
@@ -202,9 +204,11 @@ def record_splits(name: str) -> dict[str, Any]:
     return row
 
 
-def run_isolated(name: str, method: str, timeout: float) -> dict[str, Any]:
+def run_isolated(name: str, method: str, timeout: float, options: str | None = None) -> dict[str, Any]:
     t0 = time.time()
     cmd = [sys.executable, __file__, "--check", name, "--methods", method]
+    if options:
+        cmd += ["--wrap-options", options]
     if method == "record-splits":
         cmd = [sys.executable, __file__, "--record-one", name]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -238,10 +242,17 @@ def main() -> None:
                    help="record where kdwrap cuts each model (JSON, no training) and exit")
     p.add_argument("--check", default=None, help=argparse.SUPPRESS)  # one model, in this process (a worker)
     p.add_argument("--record-one", default=None, help=argparse.SUPPRESS)  # the same for --record-splits
+    p.add_argument("--wrap-options", default=None, metavar="JSON",
+                   help='options for every wrapper besides its defaults, e.g. \'{"augment": null}\' (PCL without views)')
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    try:
+        if not isinstance(json.loads(args.wrap_options or "{}"), dict):
+            raise ValueError("not an object")
+    except ValueError as err:
+        p.error(f"--wrap-options must be a JSON object of option names and values, e.g. '{{\"augment\": null}}': {err}")
     if args.check:
-        print(json.dumps(check_one(args.check, args.methods[0])))
+        print(json.dumps(check_one(args.check, args.methods[0], json.loads(args.wrap_options or "{}"))))
         return
     if args.record_one:
         warnings.simplefilter("ignore")  # the JSON line is the worker's output
@@ -272,7 +283,7 @@ def main() -> None:
     t0 = time.time()
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda job: run_isolated(*job, args.timeout), jobs):
+        for row in pool.map(lambda job: run_isolated(*job, args.timeout, args.wrap_options), jobs):
             rows.append(row)
             print(f"{row['model']:<40} {row['method']:<6} {row['status']:<7} {row['seconds']:>6.1f} s  "
                   f"{row.get('error', row.get('split', ''))}", flush=True)
@@ -281,7 +292,7 @@ def main() -> None:
         print(f"\nretrying {len(retry)} alone, {args.retry_timeout:.0f} s each at most", flush=True)
         for i in retry:
             first = rows[i]
-            row = run_isolated(first["model"], first["method"], args.retry_timeout)
+            row = run_isolated(first["model"], first["method"], args.retry_timeout, args.wrap_options)
             row["first_attempt"] = {k: first[k] for k in ("status", "seconds", "error") if k in first}
             rows[i] = row
             print(f"{row['model']:<40} {row['method']:<6} {row['status']:<7} {row['seconds']:>6.1f} s  "
