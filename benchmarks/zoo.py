@@ -9,12 +9,14 @@
 The list (in the repository, so a sweep is repeatable) holds one model per timm family (timm's modules; the smallest
 by name: atto/femto/pico/nano/tiny/small before the others) and every torchvision classifier. Per model and method,
 in its own process with a time limit (--timeout): build it (pretrained=False, 10 classes), wrap it, one training
-step on a batch of 2 at the model's own input size, export, and compare the exported model's eval outputs with the
-wrapper's. Where the wrapper can run its branches fused (ONE, OKDDip, PCL), one more training step runs them fused
-whatever this machine's default execution is; the row's "fused" field says "ok", the error, or "no" with the reason
-the tail cannot be fused (the status is about the default execution). --jobs processes run at once (default: one per core); --retry-timeout runs the models that ran out of
-time (or whose process died) again, one at a time, with a longer limit. Prints a table and a summary per method and
-writes benchmarks/results/zoo_<device>_<date>.json.
+step on a batch of 2 at the model's own input size (--size: another), export, and compare the exported model's eval
+outputs with the wrapper's; each row keeps the process's peak resident memory. Where the wrapper can run its branches
+fused (ONE, OKDDip, PCL), one more training step runs them fused whatever this machine's default execution is; the
+row's "fused" field says "ok", the error, or "no" with the reason the tail cannot be fused (the status is about the
+default execution). --wrap-options passes options besides the methods' defaults. --jobs processes run at once
+(default: one per core); --retry-timeout runs the models that ran out of time (or whose process died) again, one at a
+time, with a longer limit. Prints a table and a summary per method and writes
+benchmarks/results/zoo_<device>_<date>.json.
 
 --record-splits FILE trains nothing: per model (in its own process, as above) it records where kdwrap cuts it (ONE's
 split with its rule, the cuts it considered and its summary, OKDDip's split, BYOT's exits and summary), or the error
@@ -89,9 +91,10 @@ def build(name: str) -> tuple[Any, int]:
     return torchvision.models.get_model(model, weights=None, num_classes=NUM_CLASSES, **kwargs), TV_SIZES.get(model, 224)
 
 
-def check_one(name: str, method: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build, wrap (with ``options`` besides the method's defaults), one training step, export, compare: the result
-    row (status ok / error with its message)."""
+def check_one(name: str, method: str, options: dict[str, Any] | None = None, size: int | None = None) -> dict[str, Any]:
+    """Build, wrap (with ``options`` besides the method's defaults), one training step at the model's input size (or
+    ``size`` pixels), export, compare: the result row (status ok / error with its message), with the process's peak
+    resident memory."""
     import torch
 
     import kdwrap
@@ -101,7 +104,8 @@ def check_one(name: str, method: str, options: dict[str, Any] | None = None) -> 
     row: dict[str, Any] = {"model": name, "method": method}
     stage = "build"
     try:
-        net, size = build(name)
+        net, own_size = build(name)
+        size = size or own_size
         row["size"] = size
         stage = "wrap"
         t0 = time.perf_counter()
@@ -132,7 +136,15 @@ def check_one(name: str, method: str, options: dict[str, Any] | None = None) -> 
         row.update(status="error", stage=stage, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         return row
     row.update(fused_step(model, loss_fn, x, y))
+    row["peak_rss_gb"] = peak_rss_gb()
     return row
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (Linux reports kilobytes)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 def fused_step(model: Any, loss_fn: Any, x: Any, y: Any) -> dict[str, Any]:
@@ -204,11 +216,14 @@ def record_splits(name: str) -> dict[str, Any]:
     return row
 
 
-def run_isolated(name: str, method: str, timeout: float, options: str | None = None) -> dict[str, Any]:
+def run_isolated(name: str, method: str, timeout: float, options: str | None = None,
+                 size: int | None = None) -> dict[str, Any]:
     t0 = time.time()
     cmd = [sys.executable, __file__, "--check", name, "--methods", method]
     if options:
         cmd += ["--wrap-options", options]
+    if size:
+        cmd += ["--size", str(size)]
     if method == "record-splits":
         cmd = [sys.executable, __file__, "--record-one", name]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -243,7 +258,10 @@ def main() -> None:
     p.add_argument("--check", default=None, help=argparse.SUPPRESS)  # one model, in this process (a worker)
     p.add_argument("--record-one", default=None, help=argparse.SUPPRESS)  # the same for --record-splits
     p.add_argument("--wrap-options", default=None, metavar="JSON",
-                   help='options for every wrapper besides its defaults, e.g. \'{"augment": null}\' (PCL without views)')
+                   help="options for every wrapper besides its defaults, e.g. '{\"augment\": null}' (PCL without "
+                        "views)")
+    p.add_argument("--size", type=int, default=None, metavar="PX",
+                   help="train and compare at PX x PX instead of each model's own input size")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     try:
@@ -252,7 +270,7 @@ def main() -> None:
     except ValueError as err:
         p.error(f"--wrap-options must be a JSON object of option names and values, e.g. '{{\"augment\": null}}': {err}")
     if args.check:
-        print(json.dumps(check_one(args.check, args.methods[0], json.loads(args.wrap_options or "{}"))))
+        print(json.dumps(check_one(args.check, args.methods[0], json.loads(args.wrap_options or "{}"), args.size)))
         return
     if args.record_one:
         warnings.simplefilter("ignore")  # the JSON line is the worker's output
@@ -283,7 +301,7 @@ def main() -> None:
     t0 = time.time()
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda job: run_isolated(*job, args.timeout, args.wrap_options), jobs):
+        for row in pool.map(lambda job: run_isolated(*job, args.timeout, args.wrap_options, args.size), jobs):
             rows.append(row)
             print(f"{row['model']:<40} {row['method']:<6} {row['status']:<7} {row['seconds']:>6.1f} s  "
                   f"{row.get('error', row.get('split', ''))}", flush=True)
@@ -292,7 +310,8 @@ def main() -> None:
         print(f"\nretrying {len(retry)} alone, {args.retry_timeout:.0f} s each at most", flush=True)
         for i in retry:
             first = rows[i]
-            row = run_isolated(first["model"], first["method"], args.retry_timeout, args.wrap_options)
+            row = run_isolated(first["model"], first["method"], args.retry_timeout, args.wrap_options,
+                               args.size)
             row["first_attempt"] = {k: first[k] for k in ("status", "seconds", "error") if k in first}
             rows[i] = row
             print(f"{row['model']:<40} {row['method']:<6} {row['status']:<7} {row['seconds']:>6.1f} s  "
