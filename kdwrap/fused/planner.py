@@ -1,6 +1,6 @@
 """How ONE's and OKDDip's branches and PCL's peers run in a training forward: one after the other, or fused into
-one graph (:func:`.fuse_branches`), and with ``execution="auto"`` the faster of the two, timed on the first batch of each input
-signature, or chosen by a rule where it cannot be timed.
+one graph (:func:`.fuse_branches`), and with ``execution="auto"`` the faster of the two, timed on the first batch of
+each input signature, or chosen by a rule where it cannot be timed.
 
 :class:`PlannedExecution` is mixed into the model, which holds what it plans for: ``execution`` (one of
 :data:`EXECUTIONS`), ``branches`` (the ``m`` replicated tails), ``trunk``, ``cut_values`` (how many values cross the
