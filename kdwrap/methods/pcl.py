@@ -338,8 +338,8 @@ def build_pcl(net: nn.Module, **options: Any) -> tuple[PCLModel, PCLLoss]:
     (``branches``, ``augment``, ``mean_decay``, ``branch``, ``split``, ``reinit_branches``, ``classifier``,
     ``input_size``, ``leaf_modules``, ``autowrap_functions``, ``output``, ``execution``) to :class:`PCLModel`, the
     loss options (``temperature``, ``rampup_steps``, ``check_finite``) to :class:`PCLLoss`; ``accumulation_steps`` to
-    both (the means and the ramp count optimizer steps). An unknown option raises :class:`kdwrap.OptionError` listing the
-    valid ones.
+    both (the means and the ramp count optimizer steps). An unknown option raises :class:`kdwrap.OptionError`
+    listing the valid ones.
     """
     model_options, loss_options = route_options("pcl", options, PCLModel, PCLLoss)
     model = PCLModel(net, **model_options)
