@@ -117,10 +117,7 @@ def check_one(name: str, method: str, options: dict[str, Any] | None = None, siz
             row["cut_values"] = model.cut_values
         stage = "train"
         x, y = torch.randn(2, 3, size, size), torch.tensor([0, 1])
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss {loss.item()}")
+        train_step(model, loss_fn, x, y)
         stage = "export"
         model.eval()
         deployed = kdwrap.export(model).eval()
@@ -132,12 +129,26 @@ def check_one(name: str, method: str, options: dict[str, Any] | None = None, siz
         if not err < 1e-3:
             raise AssertionError(f"export differs from the wrapper: relative max error {err:.2e}")
         row["status"] = "ok"
+        row.update(fused_step(model, loss_fn, x, y))
     except Exception as exc:  # every failure is a row: the sweep reports, it does not stop
-        row.update(status="error", stage=stage, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-        return row
-    row.update(fused_step(model, loss_fn, x, y))
+        row.update(status="error", stage=stage, error=describe_error(exc))
     row["peak_rss_gb"] = peak_rss_gb()
     return row
+
+
+def train_step(model: Any, loss_fn: Any, x: Any, y: Any) -> None:
+    """One training forward, loss and backward; a non-finite loss is an error."""
+    import torch
+
+    model.train()
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss {loss.item()}")
+
+
+def describe_error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
 
 
 def peak_rss_gb() -> float:
@@ -151,21 +162,15 @@ def fused_step(model: Any, loss_fn: Any, x: Any, y: Any) -> dict[str, Any]:
     """For a wrapper whose branches can run fused (ONE, OKDDip, PCL): one more training step with the fused graphs,
     whatever the default execution chose on this machine ("fused": "ok", or the error), or why the tail cannot be
     fused ("fused": "no" and the reason). A separate field: the row's status is about the default execution."""
-    import torch
-
     if not hasattr(model, "fusion_error"):
         return {}
     if not model._fused:
         return {"fused": "no", "fusion_error": (model.fusion_error or "")[:300]}
     setting, model.execution = model.execution, "fused"
     try:
-        model.train()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss {loss.item()}")
+        train_step(model, loss_fn, x, y)
     except Exception as exc:
-        return {"fused": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        return {"fused": "error: " + describe_error(exc)}
     finally:
         model.execution = setting
     return {"fused": "ok"}

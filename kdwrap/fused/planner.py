@@ -20,7 +20,7 @@ from ..errors import FusionError
 from ..graph import example_input, forward_flops
 from .branches import FusedBranches, fuse_branches
 
-__all__ = ["EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "PlannedExecution", "check_logits"]
+__all__ = ["EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "PlannedExecution", "check_execution", "check_logits"]
 
 EXECUTIONS = ("auto", "sequential", "fused")
 # execution="auto" times both executions instead of guessing, as cudnn.benchmark does for convolution algorithms:
@@ -48,9 +48,11 @@ class PlannedExecution:
     # same training forward (PCL's mean teachers): fused when the branches are, run the way the plan runs them.
     companions: tuple[str, ...] = ()
 
-    def _plan_execution(self) -> None:
-        """Build the fused graphs (train and eval) unless ``execution="sequential"``; on a model whose tail cannot
-        be fused, ``"auto"`` keeps sequential execution and records why, ``"fused"`` fails."""
+    def _plan_execution(self, execution: str) -> None:
+        """Take ``execution`` (checked by :func:`check_execution`) and build the fused graphs (train and eval) unless
+        it is ``"sequential"``; on a model whose tail cannot be fused, ``"auto"`` keeps sequential execution and
+        records why, ``"fused"`` fails."""
+        self.execution = execution
         self._fused: dict[bool, FusedBranches] = {}
         self._fused_companions: dict[str, FusedBranches] = {}  # training mode only
         self.fusion_error: str | None = None
@@ -232,6 +234,13 @@ def _describe_signature(key: tuple) -> str:
     if channels_last:
         parts.append("channels_last")
     return " ".join(parts)
+
+
+def check_execution(execution: Any, method: str) -> None:
+    """A clear error for an unknown ``execution`` option, raised before any surgery."""
+    if execution not in EXECUTIONS:
+        raise ValueError(
+            f"kdwrap {method}: unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
 
 
 def check_logits(z: Any, method: str = "one") -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
-from ..fused.planner import EXECUTIONS, PlannedExecution
+from ..fused.planner import PlannedExecution, check_execution
 from ..graph import Piece, classifier_input, classifier_name, count_parameters, describe_split, graph_with_outputs
 from .branched import BranchedModel
 from .losses import RampedLoss, cross_entropy_rows, softened_kl
@@ -94,9 +94,7 @@ class OKDDipModel(PlannedExecution, BranchedModel):
         output: int | str | None = None,
         execution: str = "auto",
     ) -> None:
-        if execution not in EXECUTIONS:
-            raise ValueError(
-                f"kdwrap okddip: unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
+        check_execution(execution, "okddip")
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"kdwrap okddip: reduction must be an int >= 1, got {reduction!r}")
         super().__init__(
@@ -117,8 +115,7 @@ class OKDDipModel(PlannedExecution, BranchedModel):
         self.attention = PeerAttention(features, reduction)
         self.leader = self.num_branches - 1
         self._follow_mode(net)
-        self.execution = execution
-        self._plan_execution()
+        self._plan_execution(execution)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture the logits and the peers' targets, return the leader's logits.

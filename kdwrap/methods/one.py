@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
-from ..fused.planner import EXECUTIONS, PlannedExecution, check_logits
+from ..fused.planner import PlannedExecution, check_execution, check_logits
 from ..graph import count_parameters, describe_split, example_input, flop_input_size, forward_flops, not_measured_line
 from .branched import BranchedModel
 from .losses import RampedLoss, cross_entropy_rows
@@ -97,8 +97,7 @@ class ONEModel(PlannedExecution, BranchedModel):
         output: int | str | None = None,
         execution: str = "auto",
     ) -> None:
-        if execution not in EXECUTIONS:
-            raise ValueError(f"unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
+        check_execution(execution, "one")
         super().__init__(
             net, branches=branches, split=split, reinit_branches=reinit_branches, input_size=input_size,
             leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, output=output,
@@ -109,8 +108,7 @@ class ONEModel(PlannedExecution, BranchedModel):
         self.branch = branch
         self.gate = ONEGate(self.trunk_channels, branches, self.trunk_channels_dim)
         self._follow_mode(net)
-        self.execution = execution
-        self._plan_execution()
+        self._plan_execution(execution)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture their logits and the gate for the loss, return branch

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..base import EVAL_CAPTURE, KeepReachable, route_options
 from ..errors import SplitError
-from ..fused.planner import EXECUTIONS, PlannedExecution
+from ..fused.planner import PlannedExecution, check_execution
 from ..graph import classifier_name, count_parameters, describe_split, found_classifier, run_trunk, trial_mode
 from .._deploy import rebuild_original
 from .branched import BranchedModel
@@ -105,11 +105,8 @@ class PCLModel(PlannedExecution, BranchedModel):
         output: int | str | None = None,
         execution: str = "auto",
     ) -> None:
-        if execution not in EXECUTIONS:
-            raise ValueError(f"kdwrap pcl: unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
+        check_execution(execution, "pcl")
         self.augment = check_augment(augment)
-        # With their own views the peers read the trunk's output on their own view: one input per peer.
-        self.per_branch_input = self.augment is not None
         if isinstance(mean_decay, bool) or not isinstance(mean_decay, numbers.Real) or not 0.0 <= mean_decay < 1.0:
             raise ValueError(
                 f"kdwrap pcl: mean_decay must be a float in [0, 1), got {mean_decay!r}; it is the weight the temporal "
@@ -154,8 +151,12 @@ class PCLModel(PlannedExecution, BranchedModel):
         self.register_buffer("mean_forwards", torch.zeros((), dtype=torch.int64))
         self.register_buffer("mean_updates", torch.zeros((), dtype=torch.int64))
         self._follow_mode(net)
-        self.execution = execution
-        self._plan_execution()
+        self._plan_execution(execution)
+
+    @property
+    def per_branch_input(self) -> bool:
+        """With their own views the peers read the trunk's output on their own view: one input per peer."""
+        return self.augment is not None
 
     def _count_classes(self, net: nn.Module, input_size: Sequence[int] | None) -> int:
         """The number of classes, from a trial forward of the trunk and a tail (for the ensemble classifier over
