@@ -43,161 +43,26 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import Deadline, Stopped, command_line, markdown_table, portable_path, stop_on_sigterm, write_json
+from common import Deadline, Stopped, command_line, portable_path, stop_on_sigterm, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_cifar.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT))
 
-from kdwrap.demo.seed_statistics import paired_difference, plot_curves, spread  # noqa: E402
+from kdwrap.demo.seed_statistics import plot_curves  # noqa: E402
 
-# What each variant passes to train_cifar.py on top of its protocol. One module, one entry: a new variant is a line.
-VARIANTS: dict[str, list[str]] = {
-    "plain": ["--method", "plain"],
-    # The paper's alpha 0.9, kdwrap's default: explicit, so that a table merged across sessions never mixes alphas.
-    "osakd-k8": ["--method", "osakd", "--k", "8", "--alpha", "0.9"],
-    "osakd-k16": ["--method", "osakd", "--k", "16", "--alpha", "0.9"],
-    "osakd-k8-inbatch": ["--method", "osakd", "--k", "8", "--bank-size", "0", "--alpha", "0.9"],
-    "osakd-k8-alpha0.5": ["--method", "osakd", "--k", "8", "--alpha", "0.5"],
-    "osakd-k8-alpha0.3": ["--method", "osakd", "--k", "8", "--alpha", "0.3"],
-    "osakd-k8-alpha0.1": ["--method", "osakd", "--k", "8", "--alpha", "0.1"],
-    # Control for OSAKD's alpha 0.3 without weight decay: CE weighted by 0.3 is plain SGD at 0.3x the learning rate.
-    "plain-lr0.3x": ["--method", "plain", "--lr", "{lr_times_0_3}"],
-    # Control for the other reading of the paper's alpha (distillation weight 0.9, CE weight 0.1): plain at 0.1x lr.
-    "plain-lr0.1x": ["--method", "plain", "--lr", "{lr_times_0_1}"],
-    # Neighbours from the whole training set's latest outputs: a bank of one epoch of batches (drop_last).
-    "osakd-k8-bank-epoch": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--bank-size", "{epoch_samples}"],
-    # OSAKD at that learning rate, the paper's alpha: does distillation add to a better-tuned step size?
-    "osakd-k8-lr0.3x": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--lr", "{lr_times_0_3}"],
-    "one-m3-lr0.3x": ["--method", "one", "--branches", "3", "--lr", "{lr_times_0_3}"],
-    "dml-2-lr0.3x": ["--method", "dml", "--peers", "2", "--lr", "{lr_times_0_3}"],
-    "okddip-4-lr0.3x": ["--method", "okddip", "--branches", "4", "--lr", "{lr_times_0_3}"],
-    "byot-lr0.3x": ["--method", "byot", "--lr", "{lr_times_0_3}"],
-    "pcl-3-lr0.3x": ["--method", "pcl", "--branches", "3", "--lr", "{lr_times_0_3}"],
-    "osakd-k8-kl": ["--method", "osakd", "--k", "8", "--distill", "kl", "--alpha", "0.9"],
-    "one-m2": ["--method", "one", "--branches", "2"],
-    "one-m3": ["--method", "one", "--branches", "3"],
-    "one-m3-copy": ["--method", "one", "--branches", "3", "--branch-init", "copy"],
-    # The reference code's ramp-up: the KL weight rises over 80 of its 300 epochs; here the same share of the run.
-    "one-m3-ramp": ["--method", "one", "--branches", "3", "--rampup-epochs", "{reference_rampup_epochs}"],
-    "dml-2": ["--method", "dml", "--peers", "2"],
-    "okddip-4": ["--method", "okddip", "--branches", "4"],
-    "byot": ["--method", "byot"],
-    "pcl-3": ["--method", "pcl", "--branches", "3"],
-    # The protocol's settings with a larger network (TEACHER_MODELS): KD's teacher, reported as its own row.
-    "teacher": ["--method", "plain", "--model", "{teacher_model}"],
-    "kd": ["--method", "kd", "--teacher", "{teacher_run}"],
-    "kd-lr0.3x": ["--method", "kd", "--teacher", "{teacher_run}", "--lr", "{lr_times_0_3}"],
-}
-# Variants whose runs need another variant's finished run (its folder is the placeholder of the same name + "_run").
-NEEDS = {"kd": "teacher", "kd-lr0.3x": "teacher"}
-# Variants run with one seed whatever --seeds says: one teacher serves every seed's KD run, and also the runs of a later
-# session whose table joins this one's (--merge).
-ONE_SEED = {"teacher": 0}
-# KD's teacher per protocol (default: the protocol's own model). Kept out of PROTOCOLS: a protocol's setup is what
-# --merge compares, and the published tables' setups stay as they were.
-TEACHER_MODELS = {"osakd-cifar10": "cifar_resnet20", "osakd-fmnist": "cifar_resnet20",
-                  "one-resnet20-subset": "cifar_resnet56", "one-resnet20-fit": "cifar_resnet56",
-                  "one-resnet32": "cifar_resnet110", "one-resnet32-gpu-call": "cifar_resnet110"}
-REFERENCE_RAMPUP_SHARE = 80 / 300
-LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN",  # alpha 0.9, see VARIANTS
-          "osakd-k8-inbatch": "OSAKD 8-NN in-batch",
-          "osakd-k8-alpha0.5": "OSAKD 8-NN alpha 0.5",
-          "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-alpha0.1": "OSAKD 8-NN alpha 0.1",
-          "plain-lr0.3x": "plain, 0.3x learning rate", "plain-lr0.1x": "plain, 0.1x learning rate",
-          "osakd-k8-bank-epoch": "OSAKD 8-NN, bank of one epoch", "osakd-k8-lr0.3x": "OSAKD 8-NN, 0.3x learning rate",
-          "one-m3-lr0.3x": "ONE m=3, 0.3x learning rate", "dml-2-lr0.3x": "DML 2 peers (peer 0), 0.3x learning rate",
-          "okddip-4-lr0.3x": "OKDDip 3 peers + leader (leader), 0.3x learning rate",
-          "byot-lr0.3x": "BYOT (deepest exit), 0.3x learning rate",
-          "okddip-4": "OKDDip 3 peers + leader (leader)", "byot": "BYOT (deepest exit)",
-          "pcl-3": "PCL 3 peers (temporal mean of peer 0)",
-          "pcl-3-lr0.3x": "PCL 3 peers (temporal mean of peer 0), 0.3x learning rate",
-          "osakd-k8-kl": "OSAKD 8-NN KL", "one-m2": "ONE m=2", "one-m3": "ONE m=3",
-          "one-m3-copy": "ONE m=3 copied branches", "one-m3-ramp": "ONE m=3 ramp-up",
-          "dml-2": "DML 2 peers (peer 0)", "teacher": "teacher ({teacher_model}, plain)",
-          "kd": "KD from {teacher_model}", "kd-lr0.3x": "KD from {teacher_model}, 0.3x learning rate"}
-# What a reader of a table with these variants needs to know, printed under it.
-NOTES = {
-    "dml-2": "DML (peer 0) is the deployed peer of 2 trained together; every peer's accuracy is in the runs' "
-             "history.json (test_acc_peers).",
-    "kd": "KD distils from the teacher row's run: trained once (seed {teacher_seed}) with the protocol's settings, "
-          "it serves every seed's KD run, so KD's spread over seeds leaves out the teacher's (and with a training "
-          "subset, the teacher learnt seed {teacher_seed}'s images).",
-}
-NOTES["kd-lr0.3x"] = NOTES["kd"]
-NOTES["pcl-3"] = ("PCL reports its deployed model, the temporal mean of peer 0; peer 0 itself is in the runs' "
-                  "history.json (test_acc_live_peer). Where the protocol augments, each peer trains on its own crop and flip of "
-                  "every image (kdwrap's, in place of the loop's); where it does not, every peer sees the images as "
-                  "given, as plain does.")
-NOTES["pcl-3-lr0.3x"] = NOTES["pcl-3"]
+from accuracy_protocols import (  # noqa: E402  (after the checkout joins sys.path)
+    GPU_PLANS, LABELS, NEEDS, NOTES, ONE_SEED, PROTOCOLS, REFERENCE_RAMPUP_SHARE, SMOKE, TEACHER_MODELS, VARIANTS,
+)
+from accuracy_table import format_table, summarise  # noqa: E402
 
-# Per protocol: the data, the model and the optimisation passed to train_cifar.py, and the variants it compares.
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    # The OSAKD paper: batch 64, SGD momentum 0.9, no augmentation, max test accuracy over epochs (100 epochs, 5
-    # runs in the paper). The learning rate, weight decay and epoch count are kdwrap's CPU-budget choices.
-    "osakd-cifar10": {"dataset": "cifar10-pack", "model": "lenet5", "epochs": 20, "batch_size": 64, "lr": 0.01,
-                      "weight_decay": 0.0, "schedule": "constant", "nesterov": False, "augment": False,
-                      "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
-    # The paper's whole protocol: 100 epochs, the paper's reading (best over epochs) and the last. The paper's learning
-    # rate is lost from the text we have: "lr" is the one `--select-lr 0.01 0.003 0.001` chose for plain on 5,000
-    # training images held out (accuracy_osakd-cifar10-paper-lr-selection_*.json), used for every row.
-    "osakd-cifar10-paper": {"dataset": "cifar10-pack", "model": "lenet5", "epochs": 100, "batch_size": 64,
-                            "lr": 0.003, "weight_decay": 0.0, "schedule": "constant", "nesterov": False,
-                            "augment": False,
-                            "variants": ["plain", "osakd-k8", "osakd-k8-alpha0.1", "plain-lr0.1x", "osakd-k16",
-                                         "osakd-k8-bank-epoch"]},
-    "osakd-fmnist": {"dataset": "fashion-mnist", "model": "small_cnn", "epochs": 20, "batch_size": 64, "lr": 0.01,
-                     "weight_decay": 0.0, "schedule": "constant", "nesterov": False, "augment": False,
-                     "variants": ["plain", "osakd-k8", "osakd-k16", "one-m2", "one-m3"]},
-    # The ONE protocol (SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4, pad-4 crop + flip, 3 branches) shrunk to a CPU:
-    # a class-balanced subset trained long enough to fit it, where distillation has something to correct.
-    "one-resnet20-subset": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 20, "batch_size": 128,
-                            "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
-                            "augment": True, "limit_train": 2000, "limit_test": 2000,
-                            "variants": ["plain", "one-m3", "one-m3-copy"]},
-    # The same on half the images for four times the epochs: long enough for the network to fit its training set.
-    "one-resnet20-fit": {"dataset": "cifar10-pack", "model": "cifar_resnet20", "epochs": 80, "batch_size": 128,
-                         "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
-                         "augment": True, "limit_train": 1000, "limit_test": 2000,
-                         "variants": ["plain", "one-m3", "osakd-k8", "one-m3-ramp"]},
-    "one-resnet32": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 30, "batch_size": 128,
-                     "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True, "augment": True,
-                     "variants": ["plain", "one-m3", "one-m3-copy", "osakd-k8"]},
-    # The ONE protocol's ResNet-32 on the whole set in one 10-minute device call on an H200: plain, ONE m=3 and
-    # OSAKD, seeds 0 1 2 (nine runs at once), compiled with CUDA graphs ("cuda_args"; on a CPU the runs stay eager:
-    # inductor took 62 s to compile plain ResNet-32 on the 2-core CPU, so the dry run would only compile). The plan,
-    # from GPU_PLANS' figures (the command prints the expected wall time before it starts):
-    #   steps: 50,000 // 128 = 390 per epoch. CUDA-graph steps on the H200 (speed.py, 2026-12-04): plain 5.57 ms,
-    #   ONE m=3 fused 8.74 ms; OSAKD ~6.6 ms (plain + ~1 ms of k-NN search and bank update, eager: train_cifar.py
-    #   compiles the model, not the loss). Nine processes share the GPU and under CUDA graphs they take turns, so
-    #   their steps add up: 390 x (5.57 + 8.74 + 6.6) ms = 8.2 s per seed, 24.5 s per epoch of all nine, plus ~0.3 s
-    #   of evaluation (10,000 test images, eager) per run: ~27 s per epoch.
-    #   fixed: ~20 s of start-up (imports, CUDA contexts, data onto the GPU) and ~90 s of compiling (nine processes
-    #   at once on 16 cores; ONE m=3 alone took 35 s).
-    #   epochs: the 15-minute plan (benchmarks/README.md) leaves this call --deadline 450 after the speed suite:
-    #   (450 - 110) / (27 x 1.15 margin) = 10.9, so 10 epochs, expected 110 + 10 x 27 = 380 s; a call of its own
-    #   (--deadline 540) has room to spare. Runs cut by the deadline resume with the same command while the machine
-    #   is still warm; more seeds join the table in a later call with --seeds 3 4 5 --merge <this call's JSON>.
-    "one-resnet32-gpu-call": {"dataset": "cifar10-pack", "model": "cifar_resnet32", "epochs": 10, "batch_size": 128,
-                              "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "nesterov": True,
-                              "augment": True, "variants": ["plain", "one-m3", "osakd-k8"],
-                              "cuda_args": ["--compile", "--compile-mode", "reduce-overhead", "--channels-last"]},
-}
-SMOKE = {"epochs": 1, "limit_train": 512, "limit_test": 256}
-# A GPU protocol's expected wall time (see its comment in PROTOCOLS): milliseconds per training step of each variant
-# (runs taking turns on the GPU add theirs up), seconds of start-up and compiling, and of one run's evaluation.
-GPU_PLANS: dict[str, dict[str, Any]] = {
-    "one-resnet32-gpu-call": {"step_ms": {"plain": 5.57, "one-m3": 8.74, "osakd-k8": 6.6}, "startup_s": 20.0,
-                              "compile_s": 90.0, "eval_s": 0.3},
-}
 RESERVE_S = 20.0  # before --deadline: stopping the runs, the tables, the JSON and the plot
 REFRESH_S = 30.0  # while epochs finish, the JSON and plot are rewritten at most this often
 TRAIN_KEYS = ("dataset", "model", "epochs", "batch_size", "lr", "weight_decay", "schedule", "limit_train",
@@ -230,6 +95,9 @@ def parse_args() -> argparse.Namespace:
                    "this run's in the tables, so a table grows by seeds across sessions")
     p.add_argument("--baseline", default="plain", metavar="VARIANT",
                    help="the variant every row is compared with (default plain), e.g. plain-lr0.3x")
+    p.add_argument("--controls", nargs="+", default=[], metavar="VARIANT",
+                   help="the free controls (e.g. plain-ls-lr0.3x plain-ema-lr0.3x): every row is also compared with "
+                   "the stronger of them (the higher mean over seeds, per reading: best and last epoch)")
     p.add_argument("--name", default="", metavar="NAME",
                    help="added to the result files' names (accuracy_<protocol>-NAME_...), so that two tables of one "
                    "protocol and day do not overwrite each other, e.g. --name family-lr0.3x")
@@ -258,6 +126,10 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--baseline {args.baseline!r} is not a variant; valid: {', '.join(VARIANTS)}")
     if args.variants[0] != args.baseline:
         args.variants = [args.baseline] + [v for v in args.variants if v != args.baseline]
+    unknown = [c for c in args.controls if c not in VARIANTS]
+    if unknown:
+        p.error(f"--controls {unknown}: not variants; valid: {', '.join(VARIANTS)}")
+    args.variants += [c for c in args.controls if c not in args.variants]
     return args
 
 
@@ -456,108 +328,6 @@ def count_epochs(run_dir: Path) -> int:
         return 0
 
 
-def reported_models(variant: str, fill: dict[str, str] | None = None) -> list[tuple[str, str]]:
-    """(row label, history key suffix) of the models a variant's runs report: ONE gives branch 0 and ONE-E.
-    ``fill``: the label's placeholders (:func:`placeholders`)."""
-    label = LABELS[variant].format_map(fill or {})
-    if variant.startswith("one"):
-        return [(f"{label} (branch 0)", ""), (f"{label.replace('ONE', 'ONE-E', 1)}", "_ensemble")]
-    return [(label, "")]
-
-
-def summarise(runs: list[dict[str, Any]], variants: list[str],
-              earlier: tuple[list[dict[str, Any]], ...] = (),
-              fill: dict[str, str] | None = None, baseline: str = "plain") -> list[dict[str, Any]]:
-    """One row per reported model, with its seeds' values (those of ``runs`` and of the ``earlier`` rows of other
-    runs of the same setup, see :func:`merge_rows`) and its paired difference to plain (seeds that both have).
-    ``fill``: the labels' placeholders (:func:`placeholders`)."""
-    def history(r: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            h = json.loads((r["out"] / "history.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return h if h.get("epochs") else None
-
-    done = {(r["variant"], r["seed"]): h for r in runs if (h := history(r))}
-    rows = []
-    for variant in variants:
-        hists = {seed: h for (v, seed), h in sorted(done.items()) if v == variant}
-        if not hists:
-            continue
-        for label, suffix in reported_models(variant, fill):
-            key = f"test_acc{suffix}"
-            rows.append({
-                "reported": label, "variant": variant, "seeds": list(hists),
-                "epochs_done": [len(h["epochs"]) for h in hists.values()],
-                "best": [max(e[key] for e in h["epochs"]) for h in hists.values()],
-                "last": [h["epochs"][-1][key] for h in hists.values()],
-                "train_acc_last": [h["epochs"][-1].get("train_acc") for h in hists.values()],
-                "epoch_seconds_median": statistics.median(e["seconds"] for h in hists.values() for e in h["epochs"]),
-                "curves": [[e[key] for e in h["epochs"]] for h in hists.values()],
-            })
-    for old in earlier:
-        rows = merge_rows(rows, old)
-    return add_statistics(rows, baseline)
-
-
-PER_SEED = ("epochs_done", "best", "last", "train_acc_last", "curves")
-
-
-def merge_rows(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with the seeds of ``earlier`` rows (from an earlier JSON of the same protocol) added; a seed in both
-    keeps this run's values. Rows only in ``earlier`` are kept too."""
-    raw = ("reported", "variant", "epoch_seconds_median", "seeds", *PER_SEED)
-    merged = {r["reported"]: {k: (list(r[k]) if isinstance(r[k], list) else r[k]) for k in raw} for r in rows}
-    for old in earlier:
-        row = merged.setdefault(old["reported"], {k: old[k] for k in raw[:3]} | {k: [] for k in raw[3:]})
-        for i, seed in enumerate(old["seeds"]):
-            if seed not in row["seeds"]:
-                row["seeds"].append(seed)
-                for k in PER_SEED:
-                    row[k].append(old[k][i])
-        order = sorted(range(len(row["seeds"])), key=row["seeds"].__getitem__)
-        for k in ("seeds", *PER_SEED):
-            row[k] = [row[k][i] for i in order]
-    return list(merged.values())
-
-
-def add_statistics(rows: list[dict[str, Any]], baseline: str = "plain") -> list[dict[str, Any]]:
-    """Mean ± std over seeds per row, and each row's paired difference to the ``baseline`` variant's (plain by
-    default) over the seeds both have."""
-    base = next((r for r in rows if r["variant"] == baseline), None)
-    for row in rows:
-        row["baseline"] = row is base
-        for kind in ("best", "last"):
-            sp = spread(row[kind])
-            row[f"{kind}_mean"], row[f"{kind}_std"] = sp.mean, sp.std
-            paired = [s for s in row["seeds"] if base is not None and s in base["seeds"]]
-            if row is not base and paired:
-                mine = [row[kind][row["seeds"].index(s)] for s in paired]
-                plain = [base[kind][base["seeds"].index(s)] for s in paired]
-                d = paired_difference(mine, plain)
-                row[f"{kind}_diff"] = {"mean": d.mean, "low": d.low, "high": d.high, "seeds": paired,
-                                       "verdict": d.verdict, "text": str(d)}
-    return rows
-
-
-def format_table(rows: list[dict[str, Any]], kind: str) -> str:
-    """The table for ``kind`` = "best" (max over epochs) or "last" (final epoch)."""
-    base = next((r["reported"] for r in rows if r.get("baseline", r["variant"] == "plain")), "plain")
-    header = ["reported model", f"{kind} epoch: mean ± std", "per seed", f"vs {base} [95 % CI]", "verdict",
-              "train acc (last)", "s / epoch"]
-    body = []
-    for r in rows:
-        diff = r.get(f"{kind}_diff")
-        train = [v for v in r["train_acc_last"] if v is not None]
-        body.append([
-            r["reported"], f"{r[f'{kind}_mean']:.2f} ± {r[f'{kind}_std']:.2f}",
-            " / ".join(f"{v:.2f}" for v in r[kind]), diff["text"] if diff else "(baseline)",
-            diff["verdict"] if diff else "", f"{sum(train) / len(train):.1f}" if train else "n/a",
-            f"{r['epoch_seconds_median']:.1f}",
-        ])
-    return markdown_table(header, body)
-
-
 def main() -> None:
     args = parse_args()
     deadline = Deadline(args.deadline)
@@ -594,7 +364,7 @@ def main() -> None:
         r["cmd"] = run_command(args, setup, r["variant"], r["seed"], r["out"], device, threads,
                                placeholders(args.protocol, setup, out_root, r["seed"]))
     tag, desc = device_description(device)
-    wall = 0.0
+    wall = 0.0  # training's wall time; --report-only measures none (the JSON says null)
     if not args.report_only:
         print(f"{len(runs)} runs of {setup['model']} on {setup['dataset']}, {setup['epochs']} epoch(s), {jobs} at a "
               f"time on {desc}; logs and run folders in {out_root}", flush=True)
@@ -632,7 +402,7 @@ def report(args: argparse.Namespace, setup: dict[str, Any], runs: list[dict[str,
     in_table = runs
     if getattr(args, "finished_only", False):
         in_table = [r for r in runs if count_epochs(r["out"]) >= setup["epochs"]]
-    rows = summarise(in_table, args.variants, tuple(earlier), fill, args.baseline)
+    rows = summarise(in_table, args.variants, tuple(earlier), fill, args.baseline, tuple(getattr(args, "controls", ())))
     if not rows:
         raise SystemExit(f"no finished epoch in {out_root}")
     date = datetime.date.today().isoformat()
@@ -677,8 +447,9 @@ def report(args: argparse.Namespace, setup: dict[str, Any], runs: list[dict[str,
               f"\nchosen learning rate: {chosen:g} (the best validation accuracy over epochs, mean over seeds); "
               "set it as the protocol's lr in PROTOCOLS")
     meta = {"date": date, "chosen_lr": chosen, "device": desc, "protocol": args.protocol, "setup": setup, "seeds": args.seeds,
-            "merged": [portable_path(str(m)) for m in args.merge], "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
-            "wall_seconds": round(wall, 1), "unfinished": unfinished, "not_measured": not_measured,
+            "controls": list(getattr(args, "controls", ())), "merged": [portable_path(str(m)) for m in args.merge], "variants": {v: VARIANTS[v] for v in args.variants}, "smoke": args.smoke, "jobs": jobs,
+            # None: not measured by this command (--report-only trains nothing), never a 0.0 that reads as a time
+            "wall_seconds": round(wall, 1) if not getattr(args, "report_only", False) else None, "unfinished": unfinished, "not_measured": not_measured,
             "deadline_s": args.deadline, "in_progress": in_progress,
             **({"teacher_model": fill["teacher_model"]} if "teacher" in args.variants else {}),
             "command": command_line("benchmarks/accuracy.py", sys.argv[1:]),

@@ -59,8 +59,9 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
      ["kdwrap.methods.pcl.build_pcl", "kdwrap.methods.pcl.PCLModel", "kdwrap.methods.pcl.PCLLoss",
       "kdwrap.augment.random_crop_flip", "kdwrap.methods.temporal_mean.mean_copy"]),
     ("timm's task API (`kdwrap.integrations.timm`)", "A `timm.task` training task for every method, a drop-in for "
-     "timm's `ClassificationTask`; see [integrations.md](integrations.md#timms-task-api).",
-     ["kdwrap.integrations.timm.KDTask"]),
+     "timm's `ClassificationTask`, and what the patch for timm's own train.py calls "
+     "(`kdwrap.integrations.timm_train`); see [integrations.md](integrations.md#timms-task-api).",
+     ["kdwrap.integrations.timm.KDTask", "kdwrap.integrations.timm_train"]),
     ("Models (`kdwrap.models`)", "Reference classifiers; importing the module registers them with timm.",
      ["kdwrap.models"]),
     ("Data (`kdwrap.demo.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",

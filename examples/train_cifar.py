@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 import kdwrap
+from kdwrap.controls import WeightAverage, label_smoothing_loss
 import kdwrap.models  # noqa: F401  (registers cifar_resnet20/32/44/56/110 and small_cnn with timm)
 from kdwrap.methods.osakd import DEFAULT_ALPHA as OSAKD_DEFAULT_ALPHA
 from kdwrap.demo.data import Dataset, channel_stats, load_cifar10_pack, load_fashion_mnist, normalize, random_crop_flip
@@ -57,11 +58,11 @@ DATASETS = ("cifar10-pack", "torchvision-cifar10", "torchvision-cifar100", "fash
 RUN_KEYS = (
     "method", "dataset", "model", "epochs", "batch_size", "lr", "weight_decay", "augment", "seed", "limit_train",
     "limit_test", "branches", "split", "branch_init", "temperature", "rampup_epochs", "k", "alpha", "bank_size",
-    "knn_backend", "distill", "schedule", "nesterov", "peers", "teacher", "holdout",
+    "knn_backend", "distill", "schedule", "nesterov", "peers", "teacher", "holdout", "label_smoothing", "ema_decay",
 )
 # Settings added after runs were recorded, with the value those runs used: their checkpoints lack the key and still
 # resume.
-LATER_KEYS = {"peers": 2, "teacher": None, "holdout": None}
+LATER_KEYS = {"peers": 2, "teacher": None, "holdout": None, "label_smoothing": 0.0, "ema_decay": None}
 # --temperature's default, each method's own (kdwrap's). Methods without a temperature record ONE's 3, the default
 # of every run before the default depended on the method, so that their checkpoints still resume.
 TEMPERATURES = {"one": 3.0, "kd": 4.0, "dml": 1.0, "okddip": 3.0, "byot": 3.0, "pcl": 3.0}
@@ -120,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--distill", default="mse", choices=["mse", "kl"],
                    help="OSAKD: distance of the output to its soft label (default mse, the paper's)")
     g.add_argument("--knn-backend", default="auto", choices=["auto", "torch", "faiss"], help="OSAKD: k-NN backend")
+    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+                   help="plain: cross-entropy with label smoothing EPS (the free control; 0.1 is usual)")
+    g.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                   help="plain: keep an exponential moving average of the weights (PCL's temporal-mean rule; PCL's "
+                        "decay is 0.999), evaluate and deploy it; the live weights' accuracy is logged beside it")
     g.add_argument("--peers", type=int, default=2, help="DML: number of peers (default 2); peer 0 is deployed")
     g.add_argument("--teacher", metavar="RUN", default=None,
                    help="KD: the --out folder (or its last.pt) of a finished train_cifar.py --method plain run; "
@@ -169,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.method == "kd" and args.teacher is None:
         p.error("--method kd needs --teacher RUN: the --out folder of a finished plain run, e.g. of "
                 "train_cifar.py --method plain --model cifar_resnet56 --out runs/teacher")
+    if args.method != "plain" and (args.label_smoothing or args.ema_decay is not None):
+        p.error(f"--label-smoothing and --ema-decay are the free controls of plain training (this run is --method "
+                f"{args.method}): drop them, or use --method plain")
     if args.method != "kd" and args.teacher is not None:
         p.error(f"--teacher is read by --method kd only (this run is --method {args.method}): drop it or use kd")
     return args
@@ -250,7 +259,7 @@ Size = tuple[int, int, int]
 
 
 def _plain(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
-    return net, nn.CrossEntropyLoss()
+    return net, label_smoothing_loss(args.label_smoothing)
 
 
 def _one(args: argparse.Namespace, net: nn.Module, input_size: Size, num_classes: int) -> Wrapped:
@@ -407,6 +416,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)  # after the checks of the model and the teacher: no empty folder on error
     model.to(device, memory_format=memory_format)
     loss_fn.to(device)
+    # The weight-averaging control: evaluated and deployed in place of the live weights.
+    average = WeightAverage(model, args.ema_decay).to(device) if args.ema_decay is not None else None
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=args.nesterov,
                                 weight_decay=args.weight_decay)
     if args.schedule == "cosine":
@@ -440,6 +451,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         loss_fn.load_state_dict(ckpt["loss_fn"])
+        if average is not None:
+            average.load_state_dict(ckpt["average"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"], device)
@@ -467,6 +480,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # timm and pycls report it: free, and enough to tell a network that fits its training set from one that
         # underfits.
         correct = torch.zeros((), dtype=torch.long, device=device)
+        part_sums: dict[str, torch.Tensor] = {}  # the loss's scalar parts, summed on the device over the epoch
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, unit="step",
                    disable=args.no_progress, dynamic_ncols=True)
         for step in bar:
@@ -489,13 +503,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 loss.backward()
                 optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update()
             loss_sum += loss.detach()
+            for name, value in getattr(loss_fn, "parts", {}).items():
+                value = torch.as_tensor(value, dtype=torch.float32, device=device)
+                if value.dim() == 0 and name != "loss":
+                    part_sums[name] = part_sums.get(name, 0.0) + value
             correct += (logits.detach().argmax(1) == yb).sum()
             if not args.no_progress and (step % 50 == 0 or step == steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
 
-        acc, acc_e = evaluate(model, x_test, y_test, prep, autocast, ensemble=args.method == "one")
+        acc, acc_e = evaluate(average if average is not None else model, x_test, y_test, prep, autocast,
+                              ensemble=args.method == "one")
         train_loss = loss_sum.item() / steps_per_epoch
         if not math.isfinite(train_loss):
             raise SystemExit(f"epoch {epoch + 1}: the training loss is {train_loss}; lower --lr or use --amp bf16")
@@ -504,6 +525,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         if acc_e is not None:
             row["test_acc_ensemble"] = acc_e
+        if part_sums:  # e.g. OSAKD's soft-label diagnostics: how far its soft labels are from the hard ones
+            row["parts"] = {name: total.item() / steps_per_epoch for name, total in part_sums.items()}
+        if average is not None:  # test_acc is the deployed average; this, the live weights
+            row["test_acc_live"] = evaluate(model, x_test, y_test, prep, autocast)[0]
         if args.method == "dml":
             # Every peer's: which peer ends best is not known in advance, and export(model, peer=i) deploys any.
             row["test_acc_peers"] = [acc] + [evaluate(p, x_test, y_test, prep, autocast)[0] for p in model.peers[1:]]
@@ -523,13 +548,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "epoch": epoch + 1, "config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "loss_fn": loss_fn.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states(device),
+            "average": average.state_dict() if average is not None else None,
             "history": history, "model_args": {"model": args.model, "in_chans": in_chans,
                                                "num_classes": num_classes, "input_size": list(input_size)},
         }, ckpt_path)
         atomic_save(history, out / "history.json")
 
     # Deploy: the original architecture, the size of the plain model. Its accuracy equals the last "test acc".
-    deployed = export_model(args, model)
+    deployed = average.export() if average is not None else export_model(args, model)
     torch.save(deployed.state_dict(), out / "deployed.pt")
     history["deployed_test_acc"], _ = evaluate(deployed, x_test, y_test, prep, autocast)
     history["deployed"] = {"file": "deployed.pt", "model": args.model, "in_chans": in_chans,

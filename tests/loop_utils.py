@@ -1,5 +1,7 @@
-"""Training-loop helpers shared by the setup tests: a few SGD steps (optionally one rank's half of each batch),
-continuing a checkpointed run in a fresh Python process (bit-exact resume), torch.compile against eager."""
+"""Training-loop helpers shared by the setup tests: a few SGD steps (optionally one rank's half of each batch), two
+runs of other arithmetic (DDP against one process, channels_last against contiguous) compared in lockstep, continuing
+a checkpointed run in a fresh Python process (bit-exact resume), torch.compile against eager."""
+import copy
 import subprocess
 import sys
 import textwrap
@@ -63,6 +65,88 @@ def train_steps(model, loss_fn, forward, batch: Callable, steps: int, rank: int 
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def sgd_step(model, loss_fn, forward, opt, x, y) -> float:
+    """One SGD step of ``loss_fn(forward(x), y)``; returns the loss."""
+    loss = loss_fn(forward(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def snapshot(model, loss_fn, opt) -> dict:
+    """A copy of the whole training state: model, optimizer and loss (keys model/opt/loss)."""
+    return copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "loss": loss_fn.state_dict()})
+
+
+def restore(model, loss_fn, opt, state: dict) -> None:
+    """Load a :func:`snapshot` (a copy of it: loading an optimizer state in process aliases its buffers)."""
+    state = copy.deepcopy(state)
+    model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), loss_fn.load_state_dict(state["loss"])
+
+
+# Why lockstep: two computations whose sums run in another order (DDP's all-reduce of two half-batch gradients against
+# one whole-batch gradient, NHWC against NCHW kernels) agree to ~1e-6 after one step, but compared after n free-running
+# SGD steps at lr 0.1 the rounding differences grow step by step, by how much depending on the CPU's kernels (a
+# percent after three steps on an AVX-512 CPU). Each step of the second run therefore starts from the first's state:
+# every comparison is of one step, at float tolerance, wherever the tests run.
+
+
+def reference_states(model, loss_fn, batch: Callable, steps: int) -> list[dict]:
+    """``steps`` SGD(lr=0.1, momentum=0.9) steps of one process on the whole of each ``batch(step)``; returns the
+    :func:`snapshot` before every step and after the last (``steps + 1`` of them)."""
+    opt = _sgd(model)
+    states = [snapshot(model, loss_fn, opt)]
+    for step in range(steps):
+        sgd_step(model, loss_fn, model, opt, *batch(step))
+        states.append(snapshot(model, loss_fn, opt))
+    return states
+
+
+def lockstep_rank_states(model, loss_fn, forward, batch: Callable, states: list[dict], rank: int) -> list[dict]:
+    """On rank ``rank`` (0 or 1) of a DDP run: for each step, load ``states[step]`` (the one-process run's state
+    before it, see :func:`reference_states`), then one SGD(lr=0.1, momentum=0.9) step through ``forward`` (the DDP
+    wrapper) on this rank's half of ``batch(step)``; returns the :func:`snapshot` after each step."""
+    opt = _sgd(model)
+    after = []
+    for step in range(len(states) - 1):
+        restore(model, loss_fn, opt, states[step])
+        x, y = batch(step)
+        half = slice(rank * len(y) // 2, (rank + 1) * len(y) // 2)
+        sgd_step(model, loss_fn, forward, opt, x[half], y[half])
+        after.append(snapshot(model, loss_fn, opt))
+    return after
+
+
+def train_in_lockstep(lead, follow, steps: int, check: Callable) -> None:
+    """``lead`` and ``follow``, each ``(model, loss_fn, batch)``: ``steps`` SGD(lr=0.1, momentum=0.9) steps of each
+    on its ``batch(step)``, in lockstep: before each step ``follow`` loads ``lead``'s whole state (model, optimizer,
+    loss), and both draw from torch's RNG seeded alike. After each step, ``check(step, lead_loss, follow_loss)``
+    compares the two: one step's difference, at float tolerance."""
+    (model, loss_fn, batch), (f_model, f_loss_fn, f_batch) = lead, follow
+    opt, f_opt = _sgd(model), _sgd(f_model)
+    for step in range(steps):
+        restore(f_model, f_loss_fn, f_opt, snapshot(model, loss_fn, opt))
+        losses = []
+        for m, fn, o, b in ((model, loss_fn, opt, batch), (f_model, f_loss_fn, f_opt, f_batch)):
+            torch.manual_seed(1000 + step)
+            losses.append(sgd_step(m, fn, m, o, *b(step)))
+        check(step, *losses)
+
+
+def assert_states_close(got: dict, want: dict, name: str, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Two state dicts (of a model or of a loss) hold the same keys; floating-point tensors agree at the
+    tolerance, everything else exactly."""
+    assert got.keys() == want.keys(), name
+    for key, value in want.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            torch.testing.assert_close(got[key], value, atol=atol, rtol=rtol, msg=lambda m, k=key: f"{name} {k}: {m}")
+        elif torch.is_tensor(value):
+            assert torch.equal(got[key], value), f"{name} {key}"
+        else:
+            assert got[key] == value, f"{name} {key}"
 
 
 def _sgd_steps(model, loss_fn, opt, batch: Callable, steps: range, save_at: int | None = None,

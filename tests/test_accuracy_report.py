@@ -94,7 +94,8 @@ def test_seeds_of_an_earlier_run_join_the_table_as_if_run_together(tmp_path: Pat
     earlier = json.loads(json.dumps(accuracy.summarise(_runs(tmp_path / "first", first), ["plain", "one-m3"])))
     merged = accuracy.summarise(_runs(tmp_path / "later", later), ["plain", "one-m3"], (earlier,))
     assert [r["reported"] for r in merged] == [r["reported"] for r in together]
-    for a, b in zip(merged, together):
+    assert merged
+    for a, b in zip(merged, together, strict=True):
         assert a["seeds"] == [0, 1, 2] and a["best"] == b["best"] and a["curves"] == b["curves"]
         assert a["last_mean"] == pytest.approx(b["last_mean"]) and a.get("last_diff") == b.get("last_diff")
     # a row only the earlier run has stays, compared with plain on the seeds both have
@@ -161,10 +162,48 @@ def test_finished_only_leaves_partial_runs_out_of_the_table(tmp_path: Path, caps
     results = tmp_path / "results"
     args = argparse.Namespace(merge=[], variants=["plain", "one-m3"], baseline="plain", select_lr=None,
                               finished_only=True, protocol="osakd-cifar10", seeds=[0, 1], smoke=False, name="t",
-                              results=str(results), deadline=None)
+                              results=str(results), deadline=None, report_only=True)
     accuracy.report(args, setup, runs, {}, tmp_path / "runs", "cpu", 1, 0.0)
     out = capsys.readouterr().out
     assert "NOT FINISHED left out of the tables: one-m3-seed1" in out
     data = json.loads(next(results.glob("*.json")).read_text())
     one = next(r for r in data["results"] if r["variant"] == "one-m3")
     assert one["seeds"] == [0] and 70.0 not in one["best"]
+    assert data["meta"]["wall_seconds"] is None  # --report-only trained nothing: no time, rather than 0.0
+
+
+def test_every_row_is_compared_with_the_stronger_free_control(tmp_path: Path) -> None:
+    # plain 60/61; label smoothing 61/62 (the stronger at the last epoch); the average 60.5/61.5; ONE 63/63.5
+    curves = {("plain-lr0.3x", 0): [60.0], ("plain-lr0.3x", 1): [61.0], ("plain-ls-lr0.3x", 0): [61.0],
+              ("plain-ls-lr0.3x", 1): [62.0], ("plain-ema-lr0.3x", 0): [60.5], ("plain-ema-lr0.3x", 1): [61.5],
+              ("one-m3-lr0.3x", 0): [63.0], ("one-m3-lr0.3x", 1): [63.5]}
+    variants = ["plain-lr0.3x", "one-m3-lr0.3x", "plain-ls-lr0.3x", "plain-ema-lr0.3x"]
+    rows = {r["reported"]: r for r in accuracy.summarise(
+        _runs(tmp_path, curves), variants, baseline="plain-lr0.3x", controls=("plain-ls-lr0.3x", "plain-ema-lr0.3x"))}
+    one = rows["ONE m=3, 0.3x learning rate (branch 0)"]
+    assert one["last_diff"]["mean"] == pytest.approx(2.75)
+    control = one["last_diff_control"]
+    assert control["control"] == "plain, label smoothing 0.1, 0.3x learning rate"
+    assert control["mean"] == pytest.approx(1.75) and control["seeds"] == [0, 1]
+    # the weaker control is compared with the stronger; the stronger has no comparison with itself
+    assert rows["plain, weight average (deployed), 0.3x learning rate"]["last_diff_control"]["mean"] == pytest.approx(-0.5)
+    assert "last_diff_control" not in rows["plain, label smoothing 0.1, 0.3x learning rate"]
+    table = accuracy.format_table(list(rows.values()), "last")
+    assert "vs the stronger control [95 % CI]" in table.splitlines()[0]
+    assert "(the stronger control)" in next(l for l in table.splitlines() if l.startswith("| plain, label smoothing"))
+
+
+def test_pcl_reports_its_live_peer_beside_the_deployed_temporal_mean(tmp_path: Path) -> None:
+    runs = _runs(tmp_path, {("plain", 0): [60.0, 61.0], ("pcl-3", 0): [62.0, 63.0]})
+    history = json.loads((runs[1]["out"] / "history.json").read_text())
+    for e in history["epochs"]:
+        e["test_acc_live_peer"] = e["test_acc"] - 1.5
+    (runs[1]["out"] / "history.json").write_text(json.dumps(history))
+    rows = {r["reported"]: r for r in accuracy.summarise(runs, ["plain", "pcl-3"])}
+    assert rows["PCL 3 peers (temporal mean of peer 0)"]["last"] == [63.0]
+    assert rows["PCL 3 peers (live peer 0, not deployed)"]["last"] == [61.5]
+    # runs recorded before the live peer was logged give the deployed row alone
+    (tmp_path / "old").mkdir()
+    old = _runs(tmp_path / "old", {("plain", 0): [60.0], ("pcl-3", 0): [62.0]})
+    assert [r["reported"] for r in accuracy.summarise(old, ["plain", "pcl-3"])] == [
+        "plain", "PCL 3 peers (temporal mean of peer 0)"]

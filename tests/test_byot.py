@@ -69,7 +69,7 @@ def test_loss_and_gradients_match_the_reference(alpha, lam):
         mine = dict(model.body.named_parameters())
         for k, p in net.named_parameters():
             torch.testing.assert_close(mine[k].grad, p.grad, atol=1e-6, rtol=1e-5, msg=k)
-        for p, q in zip(model.heads.parameters(), heads.parameters()):
+        for p, q in zip(model.heads.parameters(), heads.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
         torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert set(loss_fn.parts) == {"loss", "ce", "kd", "feature"} and loss_fn.parts["ce"].shape == (3,)

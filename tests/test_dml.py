@@ -55,7 +55,7 @@ def test_loss_and_gradients_match_reference_over_steps(peers, temperature):
         ref = reference_loss(zs, y, temperature)
         assert abs(loss.item() - ref.item()) < 1e-6, step
         ref.backward()
-        for got, want in zip(_grads(model.peers), _grads(ref_peers)):
+        for got, want in zip(_grads(model.peers), _grads(ref_peers), strict=True):
             torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=1e-5)
         assert set(loss_fn.parts) == {"loss", "ce", "kl"} and loss_fn.parts["kl"].shape == (peers,)
         opt.step()
@@ -77,7 +77,7 @@ def test_the_mutual_target_carries_no_gradient_to_the_other_peer():
     (F.cross_entropy(z1, y) + F.kl_div(F.log_softmax(z1, 1), F.softmax(z0.detach(), 1), reduction="batchmean")
      ).backward()
     assert all(p.grad is None for p in model.peers[0].parameters())
-    for a, b in zip(got[len(list(model.peers[0].parameters())):], _grads([model.peers[1]])):
+    for a, b in zip(got[len(list(model.peers[0].parameters())):], _grads([model.peers[1]]), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -215,7 +215,7 @@ def test_hf_classifier_with_output_logits_matches_the_reference_and_exports_as_i
     assert abs(loss.item() - ref.item()) < 1e-6
     ref.backward()
     assert all(p.grad is not None for p in model.parameters())  # every peer learns
-    for got, want in zip(_grads(model.peers), _grads(ref_peers)):
+    for got, want in zip(_grads(model.peers), _grads(ref_peers), strict=True):
         torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=1e-5)
 
     model.eval()

@@ -114,6 +114,40 @@ def test_train_cifar_dml_and_kd_from_a_teacher_run(tmp_path, monkeypatch):
         load_teacher(str(tmp_path / "teacher" / "last.pt"), 3, 10)
 
 
+def test_train_cifar_free_controls_and_the_losss_parts_per_epoch(tmp_path, capsys):
+    """--ema-decay deploys the weight average and logs the live weights beside it; --label-smoothing trains plain
+    with smoothed labels; OSAKD's scalar parts (its soft-label diagnostics) are logged per epoch; both controls are
+    refused for another method."""
+    pytest.importorskip("PIL", reason="pillow is an optional extra: pip install 'kdwrap[demo]'")
+    _fake_pack(tmp_path / "pack.npz")
+    common = ["--data", "pack.npz", "--model", "lenet5", "--epochs", "2", "--batch-size", "2", "--device", "cpu",
+              "--no-progress", "--lr", "0.05"]
+    _run(tmp_path, "train_cifar.py", *common, "--ema-decay", "0.5", "--out", "ema")
+    history = _resume_is_a_no_op(tmp_path, "ema", *common, "--ema-decay", "0.5")
+    assert all("test_acc_live" in e for e in history["epochs"])
+    assert history["config"]["ema_decay"] == 0.5 and history["deployed_test_acc"] == history["last_test_acc"]
+    ckpt = torch.load(tmp_path / "ema" / "last.pt", weights_only=True)
+    deployed = torch.load(tmp_path / "ema" / "deployed.pt")
+    live = ckpt["model"]
+    for key, value in deployed.items():  # the deployed weights are the average's, not the live network's
+        assert torch.equal(value, ckpt["average"][f"average.{key}"]), key
+    assert any(not torch.equal(deployed[k], live[k]) for k in live)
+
+    _run(tmp_path, "train_cifar.py", *common, "--label-smoothing", "0.1", "--out", "ls")
+    assert json.loads((tmp_path / "ls" / "history.json").read_text())["config"]["label_smoothing"] == 0.1
+
+    _run(tmp_path, "train_cifar.py", *common, "--method", "osakd", "--bank-size", "0", "--out", "osakd")
+    parts = json.loads((tmp_path / "osakd" / "history.json").read_text())["epochs"][-1]["parts"]
+    assert {"ce", "distill", "soft_true_mass", "soft_one_hot"} <= set(parts)
+    assert 0.0 <= parts["soft_one_hot"] <= 1.0 and 0.0 <= parts["soft_true_mass"] <= 1.0
+
+    parse_args = _example("train_cifar.py").parse_args
+    for control in (["--label-smoothing", "0.1"], ["--ema-decay", "0.999"]):
+        with pytest.raises(SystemExit):
+            parse_args([*common, "--method", "one", *control, "--out", "x"])
+    assert "free controls of plain training" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", kdwrap.METHODS)
 def test_deploy_rebuilds_and_exports_a_run_of_every_method(tmp_path, monkeypatch, capsys, method):
     """deploy.py reads the method from a train_cifar.py checkpoint and deploys it through kdwrap.export: the same

@@ -241,7 +241,7 @@ def _assert_equivalent(
     refs = [b(f_ref) for b in ref]
     assert len(outs) == len(refs) == len(model.branches)
     scale = max(r.abs().max().item() for r in refs)
-    for o, r in zip(outs, refs):
+    for o, r in zip(outs, refs, strict=True):
         assert o.shape == r.shape and o.dtype == r.dtype
         torch.testing.assert_close(o, r, rtol=rtol, atol=rtol * scale)
     grads = [torch.randn_like(r) for r in refs]
@@ -515,12 +515,13 @@ def test_autocast_bf16(conv_mode: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outs = fused(f)
         refs = [b(f) for b in ref]
-    for o, r in zip(outs, refs):
+    assert len(outs) == len(refs) == len(model.branches) == 3
+    for o, r in zip(outs, refs, strict=True):
         assert o.dtype == r.dtype == torch.bfloat16
         torch.testing.assert_close(o.float(), r.float(), rtol=0.05, atol=0.05 * r.abs().max().item())
     sum(o.float().square().sum() for o in outs).backward()
     sum(r.float().square().sum() for r in refs).backward()
-    for (name, p), q in zip(ref.named_parameters(), model.branches.parameters()):
+    for (name, p), q in zip(ref.named_parameters(), model.branches.parameters(), strict=True):
         scale = p.grad.abs().max().item() + 1e-6
         torch.testing.assert_close(q.grad, p.grad, rtol=0.1, atol=0.1 * scale, msg=lambda m: f"{name}: {m}")
     for k, v in _state(ref).items():
@@ -553,11 +554,12 @@ def test_compile_fullgraph_without_graph_breaks(which: str, conv_mode: str) -> N
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
     outs = compiled(f)
     refs = [b(f) for b in ref]
-    for o, r in zip(outs, refs):
+    assert len(outs) == len(refs) == len(model.branches) == 3
+    for o, r in zip(outs, refs, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
     sum(o.square().sum() for o in outs).backward()
     sum(r.square().sum() for r in refs).backward()
-    for p, q in zip(ref.parameters(), model.branches.parameters()):
+    for p, q in zip(ref.parameters(), model.branches.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item() + 1e-7)
     for k, v in _state(ref).items():  # BN buffers copied back inside the compiled graph
         torch.testing.assert_close(_state(model.branches)[k], v, rtol=1e-5, atol=1e-6)
@@ -572,7 +574,9 @@ def test_compile_inductor() -> None:
     ref = copy.deepcopy(model.branches)
     compiled = torch.compile(fuse_branches(model.branches, True), fullgraph=True)
     outs = compiled(f)
-    for o, r in zip(outs, [b(f) for b in ref]):
+    refs = [b(f) for b in ref]
+    assert len(outs) == len(refs) == len(model.branches) == 3
+    for o, r in zip(outs, refs, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
     for k, v in _state(ref).items():
         torch.testing.assert_close(_state(model.branches)[k], v, rtol=1e-5, atol=1e-6)
@@ -596,7 +600,9 @@ def test_reads_parameters_at_call_time() -> None:
         model.train(training)
         f = model.trunk(x)
         ref = copy.deepcopy(model.branches).train(training)
-        for o, r in zip(fused(f), [b(f) for b in ref]):
+        outs, refs = fused(f), [b(f) for b in ref]
+        assert len(outs) == len(refs) == 3
+        for o, r in zip(outs, refs, strict=True):
             assert o.dtype == torch.float64
             torch.testing.assert_close(o, r)
     # SyncBatchNorm conversion swaps the BN modules: the same fused graph picks them up (single process: no sync).
@@ -612,11 +618,15 @@ def test_deepcopy_and_pickle_rebind_to_the_copied_branches() -> None:
     holder = {"branches": model.branches, "fused": fused}
     clone = copy.deepcopy(holder)
     assert isinstance(clone["fused"], FusedBranches)
-    assert all(a is b for a, b in zip(clone["fused"].branches, clone["branches"]))
+    assert len(clone["fused"].branches) == 3
+    assert all(a is b for a, b in zip(clone["fused"].branches, clone["branches"], strict=True))
     restored = pickle.loads(pickle.dumps(holder))
-    assert all(a is b for a, b in zip(restored["fused"].branches, restored["branches"]))
+    assert len(restored["fused"].branches) == 3
+    assert all(a is b for a, b in zip(restored["fused"].branches, restored["branches"], strict=True))
     f = model.trunk(torch.randn(4, 3, 16, 16)).detach()
-    for o, r in zip(restored["fused"](f), [b(f) for b in copy.deepcopy(model.branches).train()]):
+    outs, refs = restored["fused"](f), [b(f) for b in copy.deepcopy(model.branches).train()]
+    assert len(outs) == len(refs) == 3
+    for o, r in zip(outs, refs, strict=True):
         torch.testing.assert_close(o, r)
 
 

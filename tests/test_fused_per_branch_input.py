@@ -30,18 +30,19 @@ def test_each_branch_on_its_own_input_equals_the_branches_called_one_by_one(trai
     refs = [b(f) for b, f in zip(ref, theirs)]
     flat = [t for o in outs for t in (o if with_features else (o,))]
     flat_ref = [t for r in refs for t in (r if with_features else (r,))]
-    assert all(isinstance(o, tuple) == with_features for o in outs) and len(flat) == len(flat_ref)
-    for o, r in zip(flat, flat_ref):
+    assert len(outs) == len(refs) == 3 and len(flat) == len(flat_ref) == 3 * (1 + with_features)
+    assert all(isinstance(o, tuple) == with_features for o in outs)
+    for o, r in zip(flat, flat_ref, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5)
     grads = [torch.randn_like(r) for r in flat_ref]
     torch.autograd.backward(flat, grads)
     torch.autograd.backward(flat_ref, grads)
-    for a, b in zip(mine, theirs):  # each input's gradient comes from its own branch alone
+    for a, b in zip(mine, theirs, strict=True):  # each input's gradient comes from its own branch alone
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
     named = dict(branches.named_parameters())
     for name, p in ref.named_parameters():
         torch.testing.assert_close(named[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    for (name, a), b in zip(branches.state_dict().items(), ref.state_dict().values()):
+    for (name, a), b in zip(branches.state_dict().items(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     fused.check(fused.inputs(fs))
 

@@ -48,11 +48,11 @@ def test_fused_training_steps_equal_sequential(name):
             loss.backward()
             losses.append(loss)
         torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
-        for (n, p), q in zip(seq.named_parameters(), fused.parameters()):
+        for (n, p), q in zip(seq.named_parameters(), fused.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda e, n=n: f"{n}: {e}")
         for opt in opts:
             opt.step()
-        for (n, a), b in zip(seq.state_dict().items(), fused.state_dict().values()):
+        for (n, a), b in zip(seq.state_dict().items(), fused.state_dict().values(), strict=True):
             if torch.is_tensor(a):
                 # BN running stats included
                 torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda e, n=n: f"{n}: {e}")
@@ -60,6 +60,7 @@ def test_fused_training_steps_equal_sequential(name):
         # parameter differences into percent-level trunk gradient differences within a step (seen on an AVX-512
         # CPU). The next step starts both from the sequential state; the fused graph must read it live.
         fused.load_state_dict(seq.state_dict())
+        fused_loss.load_state_dict(seq_loss.state_dict())
         opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))  # a copy: loading aliases the buffers
     seq.eval(), fused.eval()
     with torch.no_grad():
@@ -151,9 +152,9 @@ def test_auto_times_both_executions_once_per_input_signature_and_the_step_is_unc
     (sig, ms), = auto.execution_timings.items()
     assert sig == "cpu 8x32x16x16 float32" and set(ms) == {"sequential", "fused"} and min(ms.values()) > 0
     # The timing left no trace: gradients not accumulated, BN statistics (and their counters) as after one step.
-    for (n, p), q in zip(seq.named_parameters(), auto.parameters()):
+    for (n, p), q in zip(seq.named_parameters(), auto.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda e, n=n: f"{n}: {e}")
-    for (n, a), b in zip(seq.state_dict().items(), auto.state_dict().values()):
+    for (n, a), b in zip(seq.state_dict().items(), auto.state_dict().values(), strict=True):
         if torch.is_tensor(a):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda e, n=n: f"{n}: {e}")
     auto_loss(auto(x), y)

@@ -124,7 +124,7 @@ def test_gradient_accumulation_equals_the_plain_loop_recipe(tmp_path):
             ref_opt.step()
             ref_opt.zero_grad()
     assert loss_fn.step == ref_loss.step == 4
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
 
 

@@ -79,7 +79,7 @@ def test_fit_resumes_the_loss_state_from_a_checkpoint_and_exports(method, tmp_pa
     assert_same_state(probe.state, saved)
     # ...and the resumed fit ends where the uninterrupted one does (CPU, same batches): bit for bit
     assert_same_state(resumed.loss_fn.state_dict(), uninterrupted.loss_fn.state_dict())
-    for p, q in zip(resumed.parameters(), uninterrupted.parameters()):
+    for p, q in zip(resumed.parameters(), uninterrupted.parameters(), strict=True):
         assert torch.equal(p, q)
 
     x = torch.randn(4, 3, 32, 32)

@@ -226,7 +226,7 @@ def test_hf_classifiers_with_output_logits_match_the_reference_and_export_as_is(
     ref = reference_loss(before(x).logits, z_t, y, 4.0, 0.9)
     assert abs(loss.item() - ref.item()) < 1e-6
     ref.backward()
-    for (name, got), want in zip(student.named_parameters(), before.parameters()):
+    for (name, got), want in zip(student.named_parameters(), before.parameters(), strict=True):
         assert got.grad is not None, name
         torch.testing.assert_close(got.grad, want.grad.float(), atol=1e-6, rtol=1e-5)
     assert all(p.grad is None for p in teacher.parameters())

@@ -192,7 +192,7 @@ def test_random_crop_flip_is_a_shift_of_the_padded_sample_maybe_mirrored():
         assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops), b
     assert not torch.equal(out, x)
     unpadded = random_crop_flip(x, padding=0)
-    assert all(torch.equal(u, v) or torch.equal(u, v.flip(-1)) for u, v in zip(unpadded, x))
+    assert all(torch.equal(u, v) or torch.equal(u, v.flip(-1)) for u, v in zip(unpadded, x, strict=True))
 
 
 def _eval_bn(model):
@@ -382,3 +382,17 @@ def test_bad_views_are_clear_errors(augment, x, match):
     model, _ = kdwrap.pcl(TinyNet(), branches=2, augment=augment)
     with pytest.raises(ValueError, match=match):
         model(x)
+
+
+@pytest.mark.parametrize("input_size", [(3, 16, 16), None], ids=["rank-known", "rank-unknown"])
+def test_a_batch_without_the_views_axis_is_a_clear_error_even_when_its_channels_equal_the_peers(input_size):
+    """A (B, C, H, W) batch with C == m passes the views-axis check by shape; with the sample's rank known (from
+    input_size or an earlier batch) kdwrap refuses it before the network runs, else it names the cause of the
+    network's error."""
+    model, _ = kdwrap.pcl(TinyNet(), branches=3, augment="views", input_size=input_size)
+    if input_size is None:
+        with pytest.raises(ValueError, match=r"the network failed on the peers' views.*stack the views"):
+            model(torch.randn(4, 3, 16, 16))
+        model(torch.randn(4, 3, 3, 16, 16))  # a correct batch: the sample's rank is now known
+    with pytest.raises(ValueError, match=r"4 axes where a batch of views of 3-axis samples has 5"):
+        model(torch.randn(4, 3, 16, 16))

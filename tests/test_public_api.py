@@ -65,3 +65,18 @@ def test_builders_take_options_by_keyword_only():
     model, _ = build_one(TinyNet(), branches=2)
     assert model.num_branches == 2
     assert model(torch.randn(2, 3, 16, 16)).shape[0] == 2
+
+
+def test_version_is_the_packages_and_the_command_line_prints_it(capsys) -> None:
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from kdwrap.__main__ import main
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert kdwrap.__version__ == pyproject["project"]["version"]
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert re.fullmatch(rf"kdwrap {re.escape(kdwrap.__version__)}\s*", capsys.readouterr().out)

@@ -5,18 +5,24 @@ import math
 
 import pytest
 
-from kdwrap.demo.seed_statistics import T_975, paired_difference, plot_curves, spread, t_975, verdict
+from kdwrap.demo.seed_statistics import paired_difference, plot_curves, spread, t_975, verdict
 
 
-def test_t_table_matches_scipy() -> None:
+def test_t_quantile_equals_scipy_to_the_printed_digits_and_beyond() -> None:
     stats = pytest.importorskip("scipy.stats", reason="the check against scipy needs it: pip install scipy")
-    for df, value in T_975.items():
-        assert value == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
-    # Between table rows the next smaller df is used: a wider interval, never a narrower one.
-    assert t_975(11) == T_975[10] >= stats.t.ppf(0.975, 11)
-    assert t_975(100) == 1.96
+    for df in [*range(1, 61), 99, 100, 500, 1000, 1001, 5000, 10**6]:
+        assert t_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-9), df
     with pytest.raises(ValueError, match="degrees of freedom"):
         t_975(0)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_975(2.5)
+
+
+def test_t_quantile_without_scipy_matches_the_printed_tables() -> None:
+    # The usual 3-decimal table: every entry, rounded, as printed in statistics textbooks.
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 20: 2.086, 30: 2.042, 120: 1.980}
+    for df, printed in table.items():
+        assert round(t_975(df), 3) == printed, df
 
 
 def test_spread_is_mean_and_sample_std() -> None:

@@ -6,6 +6,9 @@ tensors; nothing is downloaded. Images are ``N x C x H x W``; labels are int64.
 * ``digits`` - scikit-learn's bundled 8x8 digits (1,797 images), float in [0, 1].
 * ``fashion-mnist`` - the official idx files of Debian's ``dataset-fashion-mnist`` package, float in [0, 1].
 * ``cifar10-pack`` - the CIFAR-10 JPEG pack (``cifar10-jpeg.npz``), uint8 (decoded once, then cached).
+
+A folder of the user's own images is read by :mod:`kdwrap.demo.image_folder`; the tensor helpers (``to_float``,
+``channel_stats``, ``normalize``, ``batches``) live in :mod:`kdwrap.demo.tensors` and are named here too.
 """
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from ..augment import random_crop_flip  # the crop-and-flip PCL's peers' views use too
+# The tensor helpers live in their own module; named here too, where the examples and benchmarks import them.
+from .tensors import batches, channel_stats, normalize, to_float
 
 __all__ = [
     "Dataset",
@@ -365,52 +370,3 @@ def load_dataset(name: str, path: str | os.PathLike[str] | None = None, **kwargs
             raise ValueError("the digits dataset is bundled with scikit-learn and takes no path")
         kwargs["root" if key == "fashion-mnist" else "path"] = path
     return DATASETS[key](**kwargs)
-
-
-# --- tensor helpers -------------------------------------------------------------------------------------------------
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1]; float images are returned as float32 unchanged."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
-def channel_stats(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of ``N x C x H x W`` images (uint8 scaled to [0, 1]), computed in chunks."""
-    if x.dim() != 4:
-        raise ValueError(f"expected N x C x H x W images, got shape {tuple(x.shape)}")
-    s = torch.zeros(x.shape[1], dtype=torch.float64)
-    s2 = torch.zeros_like(s)
-    for i in range(0, len(x), chunk):
-        xb = to_float(x[i:i + chunk]).double()
-        s += xb.sum(dim=(0, 2, 3))
-        s2 += (xb * xb).sum(dim=(0, 2, 3))
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = s / count
-    std = (s2 / count - mean * mean).clamp_min(1e-12).sqrt()
-    return mean.float(), std.float()
-
-
-def normalize(
-    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
-) -> torch.Tensor:
-    """``(to_float(x) - mean) / std`` per channel, on ``x``'s device."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (to_float(x) - mean_t) / std_t
-
-
-def batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of in-memory tensors (no DataLoader workers: these datasets fit in memory)."""
-    n = len(y)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for i in range(0, stop, batch_size):
-        idx = order[i:i + batch_size]
-        yield x[idx], y[idx]

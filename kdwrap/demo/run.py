@@ -3,17 +3,16 @@ model with :func:`kdwrap.export`, and compare the deployed models on the test se
 paired difference to plain with its 95 % interval, and whether that difference is beyond noise.
 
 The default data is the CIFAR-10 JPEG pack the repository ships (``data/cifar10-jpeg.npz``); the trainings run as
-parallel processes, one per core.
+parallel processes, one per core. The demo is ``kdwrap compare`` on that pack with three of its recipes: its
+trainings are compare's jobs (:func:`kdwrap.demo.compare.make_jobs`, :mod:`kdwrap.demo.training`,
+:mod:`kdwrap.demo.job_pool`); this module keeps the demo's defaults, its fallback to digits and its own table.
 """
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,8 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import api
-from .data import Dataset, batches, channel_stats, load_dataset, normalize, random_crop_flip
 from ..methods.osakd import DEFAULT_ALPHA
+from .compare import SOURCE_DEFAULTS, make_jobs, pick_device
+from .data import Dataset, load_dataset
+from .job_pool import run_jobs
+from .networks import create_model
 from .seed_statistics import paired_difference, plot_curves, spread
 
 __all__ = ["DEMO_DEFAULTS", "METHODS", "DemoRow", "DemoResult", "resolve_dataset", "create_model", "format_table",
@@ -33,19 +35,16 @@ __all__ = ["DEMO_DEFAULTS", "METHODS", "DemoRow", "DemoResult", "resolve_dataset
 # Per dataset: a recipe that fits the whole demo (3 methods x 3 seeds) in a few minutes on a 2-core CPU. CIFAR-10:
 # the OSAKD paper's LeNet-5 on a class-balanced 10,000-image subset with no augmentation, trained until it fits its
 # training set, the regime where distillation has something to correct.
-DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cifar10-pack": dict(model="lenet5", epochs=20, batch_size=64, lr=0.02, limit_train=10000, augment=False),
-    "fashion-mnist": dict(model="small_cnn", epochs=10, batch_size=64, lr=0.02, limit_train=10000, augment=False),
-    "digits": dict(model="small_cnn", epochs=20, batch_size=64, lr=0.05, limit_train=None, augment=False),
-}
-# The methods the demo compares, in table order; each builds (model, loss_fn) from a fresh network.
+# The same recipes as kdwrap compare's for these datasets (the demo is a comparison on the shipped pack).
+DEMO_DEFAULTS: dict[str, dict[str, Any]] = {k: SOURCE_DEFAULTS[k] for k in ("cifar10-pack", "fashion-mnist", "digits")}
+# The methods the demo compares, in table order; each builds (model, loss_fn) from a fresh network. The trainings
+# themselves use kdwrap compare's recipes of the same names (_RECIPE), which build exactly these.
 METHODS: dict[str, Callable[..., tuple[nn.Module, Callable]]] = {
     "plain": lambda net, **kw: (net, F.cross_entropy),
     "ONE": lambda net, branches, **kw: api.one(net, branches=branches),
     "OSAKD": lambda net, k, alpha, bank_size, **kw: api.osakd(net, k=k, alpha=alpha, bank_size=bank_size),
 }
-# The order the trainings start in: the costliest first packs them best onto the workers.
-START_ORDER = ("ONE", "OSAKD", "plain")
+_RECIPE = {"plain": "plain", "ONE": "one", "OSAKD": "osakd"}
 CURVES_FILE = "curves.png"
 
 
@@ -99,168 +98,6 @@ def _load(name: str, path: str | None, log: Callable[[str], None]) -> tuple[str,
         warnings.warn(msg, stacklevel=3)
         log("WARNING: " + msg)
         return "digits", load_dataset("digits")
-
-
-def create_model(
-    name: str, in_chans: int, num_classes: int, input_size: tuple[int, int, int] | None = None
-) -> nn.Module:
-    """A timm model by name (kdwrap's ``lenet5``, ``small_cnn`` and ``cifar_resnet*`` included), untrained."""
-    import timm
-
-    from .. import models as _models  # noqa: F401  (registers kdwrap's models with timm)
-
-    if not timm.is_model(name):
-        raise ValueError(
-            f"unknown model {name!r}: expected a timm model name (see timm.list_models()) or one of kdwrap's "
-            f"{', '.join(_models.TIMM_MODELS)}"
-        )
-    net = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
-    cfg = getattr(net, "pretrained_cfg", None)
-    if input_size is not None and isinstance(cfg, dict):
-        # kdwrap reads input_size to trace the model; make it the demo's image size, not the model's usual one.
-        net.pretrained_cfg = {**cfg, "input_size": tuple(input_size)}
-    return net
-
-
-def _state_bytes(model: nn.Module, path: Path | None = None) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    if path is not None:
-        path.write_bytes(buf.getvalue())
-    return buf.getbuffer().nbytes
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: Callable[[torch.Tensor], torch.Tensor],
-              batch_size: int = 1000) -> float:
-    model.eval()
-    correct = 0
-    for xb, yb in batches(x, y, batch_size):
-        correct += int((model(prep(xb)).argmax(1) == yb).sum())
-    return 100.0 * correct / max(1, len(y))
-
-
-def _train(model: nn.Module, loss_fn: Callable, ds: Dataset, prep: Callable[[torch.Tensor], torch.Tensor], *,
-           epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool, seed: int,
-           device: torch.device, on_epoch: Callable[[int, float, float], None]) -> float:
-    """SGD (momentum 0.9, Nesterov), cosine learning rate per step. ``on_epoch(epoch, train_acc, test_acc)`` after
-    each epoch; returns the training time in seconds (evaluation excluded)."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(ds.y_train) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
-    # Same data order and augmentation for every method: each method gets fresh generators with the same seed.
-    order_gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    seconds = 0.0
-    for epoch in range(epochs):
-        model.train()
-        start = time.perf_counter()
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        for xb, yb in batches(ds.x_train, ds.y_train, batch_size, shuffle=True, generator=order_gen):
-            xb = prep(xb)
-            if augment:
-                xb = random_crop_flip(xb, padding=4, generator=aug_gen)
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            correct += (logits.detach().argmax(1) == yb).sum()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - start
-        on_epoch(epoch + 1, 100.0 * correct.item() / len(ds.y_train), _accuracy(model, ds.x_test, ds.y_test, prep))
-    return seconds
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _train_job(job: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-    """One (method, seed) training: load the data, train, export, evaluate. Runs in a worker process or in-process."""
-    dev = torch.device(job["device"])
-    if dev.type == "cpu" and job["threads"] > 0:
-        torch.set_num_threads(job["threads"])
-    if dev.type == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    _, ds = _load(job["dataset"], job["data"], lambda s: None)
-    ds = ds.subset_train(job["limit_train"], seed=0)  # one subset for every seed: seeds vary the training only
-    mean, std = (t.to(dev) for t in channel_stats(ds.x_train))
-    ds = Dataset(ds.x_train.to(dev), ds.y_train.to(dev), ds.x_test.to(dev), ds.y_test.to(dev), ds.classes)
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, mean, std)
-
-    torch.manual_seed(job["seed"])  # every method starts from the same weights for a seed
-    net = create_model(job["model"], ds.input_size[0], ds.num_classes, ds.input_size).to(dev)
-    model, loss_fn = METHODS[job["method"]](net, **job["options"])
-    model.to(dev)
-    curve: list[float] = []
-    train_accs: list[float] = []
-
-    def on_epoch(epoch: int, train_acc: float, test_acc: float) -> None:
-        curve.append(test_acc)
-        train_accs.append(train_acc)
-        if progress is not None:
-            progress.put(1)
-
-    seconds = _train(model, loss_fn, ds, prep, on_epoch=on_epoch, seed=job["seed"], device=dev,
-                     **{k: job[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "augment")})
-    deployed = {job["method"]: model if job["method"] == "plain" else api.export(model)}
-    if job["method"] == "ONE":
-        deployed["ONE-E"] = api.export(model, ensemble=True)
-    out = {"method": job["method"], "seed": job["seed"], "seconds": seconds, "curve": curve,
-           "train_acc": train_accs[-1], "models": {}}
-    save = Path(job["save_dir"]) if job["save_dir"] and job["seed"] == job["first_seed"] else None
-    for name, m in deployed.items():
-        m = m.to(dev)
-        file = save / f"{name.lower().replace('-', '_')}.pt" if save else None
-        out["models"][name] = {"accuracy": _accuracy(m, ds.x_test, ds.y_test, prep),
-                               "params": sum(p.numel() for p in m.parameters()), "bytes": _state_bytes(m, file)}
-    return out
-
-
-class _BarFeed:
-    """The in-process stand-in of the workers' queue: ``put(n)`` advances the bar."""
-
-    def __init__(self, bar: Any) -> None:
-        self.put = bar.update
-
-
-def _run_jobs(jobs: list[dict[str, Any]], workers: int, total_epochs: int, progress: bool) -> list[dict[str, Any]]:
-    """Every job, ``workers`` processes at a time (in-process for one worker); a bar counts finished epochs."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_epochs, unit="epoch", desc=f"{len(jobs)} trainings", dynamic_ncols=True,
-               disable=None if progress else True)  # None: off when stderr is not a terminal
-    if workers <= 1:
-        results = [_train_job(j, _BarFeed(bar)) for j in jobs]
-        bar.close()
-        return results
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")  # no fork of a process that may hold OpenMP or CUDA state
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        queue = manager.Queue()
-        futures = [pool.submit(_train_job, j, queue) for j in jobs]
-        results = []
-        pending = set(futures)
-        while pending:
-            while not queue.empty():
-                bar.update(queue.get())
-            done = {f for f in pending if f.done()}
-            for f in done:
-                results.append(f.result())  # re-raises a worker's error here
-            pending -= done
-            time.sleep(0.2)
-        while not queue.empty():
-            bar.update(queue.get())
-    bar.close()
-    return results
 
 
 def _chosen_methods(names: Sequence[str]) -> list[str]:
@@ -365,7 +202,7 @@ def run_demo(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch size must be >= 1, got {epochs} and {batch_size}")
     create_model(model, ds.input_size[0], ds.num_classes, ds.input_size)  # an unknown name fails here, at once
-    dev = _pick_device(device)
+    dev = pick_device(device)
     workers = jobs or (min(len(seeds) * len(methods), os.cpu_count() or 1) if dev.type == "cpu" else 1)
     n_train = min(limit or len(ds.y_train), len(ds.y_train))
     settings = dict(dataset=name, model=model, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -380,16 +217,18 @@ def run_demo(
     out_dir = Path(save_dir) if save_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    job_list = [dict(method=m, seed=s, dataset=name, data=data if name != "digits" else None, model=model,
-                     epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, augment=d["augment"],
-                     limit_train=limit, device=str(dev), threads=threads, first_seed=seeds[0],
-                     save_dir=str(out_dir) if out_dir else None,
-                     options=dict(branches=branches, k=k, alpha=alpha, bank_size=bank_size))
-                for m in START_ORDER if m in methods for s in seeds]
+    save_as = str(out_dir / "{stem}.pt") if out_dir else None
+    job_list = make_jobs(
+        [_RECIPE[m] for m in methods], seeds, source={"kind": name, "path": data if name != "digits" else None,
+                                                      "img_size": None},
+        model=model, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, augment=d["augment"],
+        limit_train=limit, device=str(dev), threads=threads, save_as=lambda s: save_as if s == seeds[0] else None,
+        curve_every_row=False,
+        options={"one": dict(branches=branches), "osakd": dict(k=k, alpha=alpha, bank_size=bank_size)})
     start = time.perf_counter()
     saved = torch.get_num_threads()  # the in-process path sets the thread count; give the caller theirs back
     try:
-        results = _run_jobs(job_list, workers, len(job_list) * epochs, progress)
+        results = run_jobs(job_list, workers, len(job_list) * epochs, progress)
     finally:
         torch.set_num_threads(saved)
     wall = time.perf_counter() - start

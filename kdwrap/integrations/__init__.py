@@ -9,6 +9,8 @@ depending on torch, torchvision and timm only:
   deployable model when ``fit`` ends (``pip install kdwrap[lightning]``).
 - ``kdwrap.integrations.timm``: :class:`KDTask`, a task of timm's task API (``timm.task``, what timm's train.py
   drives) that trains any kdwrap method; timm >= 1.0.27, no extra.
+- ``kdwrap.integrations.timm_train``: what ``examples/timm_train_py.patch`` adds to timm's own train.py (the
+  ``--kdwrap`` flags, their checks, the task, the logs).
 
 Accelerate needs no adapter: ``accelerator.prepare`` takes the kdwrap model as it takes any model (see
 docs/integrations.md).

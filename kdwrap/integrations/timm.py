@@ -32,7 +32,7 @@ from ..api import wrap
 from ..base import KDModel, check_target, select_logits
 from ..errors import CheckpointError
 
-__all__ = ["KDTask", "DEPLOYED_PIECES"]
+__all__ = ["KDTask", "DEPLOYED_PIECES", "CLASSIFIERS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +47,21 @@ DEPLOYED_PIECES: dict[str, Callable[[KDModel], list[nn.Module]]] = {
     "kd": lambda m: [m.student],
     "dml": lambda m: [m.peers[m.peer]],
     "pcl": lambda m: [m.mean_trunk, m.mean_branches[m.branch]],
+}
+
+# Per method: the classifier parameters of its wrapper, given ``own(module)``, the parameters of the user's
+# classifier inside a module that holds a copy of it (a branch, a peer). Adaptive gradient clipping (train.py's
+# --clip-mode agc) leaves them out, as timm leaves out a plain model's classifier: every branch's, peer's and
+# exit's classifier and PCL's ensemble classifier. ONE's gate and OKDDip's attention weigh branches and peers, they
+# output no class logits, so they are clipped with the rest.
+CLASSIFIERS: dict[str, Callable[[KDModel, Callable[[nn.Module], list[nn.Parameter]]], list[nn.Parameter]]] = {
+    "one": lambda m, own: [p for b in m.branches for p in own(b)],
+    "okddip": lambda m, own: [p for b in m.branches for p in own(b)],
+    "pcl": lambda m, own: [p for b in m.branches for p in own(b)] + list(m.ensemble.parameters()),
+    "byot": lambda m, own: own(m.body) + [p for head in m.heads for p in head.fc.parameters()],
+    "osakd": lambda m, own: own(m.model),
+    "kd": lambda m, own: own(m.student),
+    "dml": lambda m, own: [p for peer in m.peers for p in own(peer)],
 }
 
 
@@ -74,12 +89,16 @@ class KDTask(TrainingTask):
     bank), so that ``resume_task_checkpoint`` continues the run where it stopped. ``torch.save`` writes tensors
     the two share once. A checkpoint without that state is refused.
 
-    Gradient accumulation: build ONE and OKDDip with ``accumulation_steps`` equal to the loop's, so that their
-    ramp-up clock counts optimizer steps. The optimizer: the wrapper carries the user's model's
-    ``no_weight_decay()`` list, under its own names for those parameters, for ``timm.optim.create_optimizer_v2``.
+    Gradient accumulation: build ONE, OKDDip and PCL with ``accumulation_steps`` equal to the loop's, so that their
+    ramp-up clock (and PCL's temporal means) count optimizer steps. The optimizer: the wrapper carries the user's
+    model's ``no_weight_decay()`` list, under its own names for those parameters, for
+    ``timm.optim.create_optimizer_v2``. Clipping: :meth:`get_clip_parameters` leaves every classifier out for
+    adaptive gradient clipping (:data:`CLASSIFIERS`). Logging: :meth:`train_averages` gives the means of the
+    deployed model's cross-entropy and the loss's scalar parts over the training steps.
 
     A method added with ``kdwrap.register_method`` needs an entry in :data:`DEPLOYED_PIECES` (which of its
-    wrapper's modules hold the deployed model's tensors).
+    wrapper's modules hold the deployed model's tensors), and one in :data:`CLASSIFIERS` for adaptive gradient
+    clipping.
 
     Args:
         model: the user's classifier (a timm model or any ``nn.Module``), on its device, not yet wrapped in DDP or
@@ -105,6 +124,7 @@ class KDTask(TrainingTask):
     ) -> None:
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.label_smoothing = _label_smoothing(_resolve_criterion(criterion, criterion_kwargs))
+        self.classifier_names = _classifier_names(model)  # looked up in every copy of the model (branch, peer)
         wrapper, self.loss_fn = wrap(model, method=method, **options)
         if wrapper.method not in DEPLOYED_PIECES:
             raise NotImplementedError(
@@ -117,6 +137,9 @@ class KDTask(TrainingTask):
         # Eval views (the deployed model sharing a wrapper's tensors) per EMA flag, with the wrapper each views.
         # Outside the module tree: their tensors are the wrapper's, moved and saved with it.
         self.__dict__["_views"] = {}
+        # Running sums of the logged scalars per window ("log": since the last log line, "epoch"), kept on the
+        # device so that a step waits for no host copy.
+        self.__dict__["_sums"] = {}
         _forward_no_weight_decay(wrapper, self.get_eval_model())
         if self.verbose:
             loss_name = type(self.loss_fn).__name__
@@ -132,8 +155,42 @@ class KDTask(TrainingTask):
         out = self.trainable_module(input)
         wrapper = self.loss_fn.model
         logits = select_logits(out, getattr(wrapper, "output", None), wrapper.method)
-        loss = self.loss_fn(out, self._smoothed(target, logits))
+        target = self._smoothed(target, logits)
+        loss = self.loss_fn(out, target)
+        if wrapper.training:
+            self._add_to_averages(logits, target)
         return {**self.loss_fn.parts, "loss": loss, "output": logits}
+
+    # ------------------------------------------------------------------------------------------------- logging
+    def _add_to_averages(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        with torch.no_grad():
+            logp = F.log_softmax(logits.float(), dim=-1)
+            if target.is_floating_point() and target.shape == logp.shape:
+                deployed_ce = -(target * logp).sum(-1).mean()
+            else:
+                deployed_ce = F.nll_loss(logp, target.reshape(-1).long())
+            scalars = {"deployed_ce": deployed_ce}
+            scalars.update((k, v) for k, v in self.loss_fn.parts.items()
+                           if k != "loss" and isinstance(v, torch.Tensor) and v.dim() == 0)
+            values = torch.stack([v.float() for v in scalars.values()])
+            for window in ("log", "epoch"):
+                names, total, count = self._sums.get(window, (None, None, 0))
+                if names != list(scalars):
+                    names, total, count = list(scalars), torch.zeros_like(values), 0
+                self._sums[window] = (names, total + values, count + 1)
+
+    def train_averages(self, window: str = "epoch") -> dict[str, torch.Tensor]:
+        """Means of the training steps since the last call for ``window`` (``"log"`` or ``"epoch"``), then starts
+        that window again: ``deployed_ce``, the cross-entropy of ``output`` (the deployed model's logits; for PCL
+        the live peer whose temporal mean is deployed) with the targets the loss takes (Mixup's, label-smoothed),
+        and the loss's scalar parts but the total (``ce_ensemble``, ``ramp_weight``, ...). 0-dim tensors on the
+        device; empty when no step ran."""
+        if window not in ("log", "epoch"):
+            raise ValueError(f"KDTask.train_averages: window is 'log' or 'epoch', got {window!r}")
+        names, total, count = self._sums.pop(window, (None, None, 0))
+        if not count:
+            return {}
+        return dict(zip(names, (total / count).unbind()))
 
     def _smoothed(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``target`` with the criterion's label smoothing applied, as dense probabilities."""
@@ -147,7 +204,10 @@ class KDTask(TrainingTask):
     # --------------------------------------------------------------------------------------- distributed, compile
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs: Any) -> "KDTask":
         """Wrap the kdwrap wrapper in ``DistributedDataParallel`` (the loss stays outside: OSAKD's bank gathers
-        every rank's entries itself). Returns ``self``."""
+        every rank's entries itself). ``device_ids`` are dropped for a wrapper on the CPU, which DDP takes only
+        without them (train.py passes ``[device]`` on every device). Returns ``self``."""
+        if device_ids is not None and all(p.device.type == "cpu" for p in self.trainable_module.parameters()):
+            device_ids = None
         self.trainable_module = nn.parallel.DistributedDataParallel(
             self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
@@ -159,6 +219,35 @@ class KDTask(TrainingTask):
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
         self.eval_model = torch.compile(eval_model, backend=backend, mode=mode, **compile_kwargs)
         return self.eval_model
+
+    def get_clip_parameters(self, exclude_head: bool = False) -> list[nn.Parameter]:
+        """The parameters to clip: all of the wrapper's; ``exclude_head=True`` (train.py with ``--clip-mode agc``)
+        all but the classifiers (:data:`CLASSIFIERS`): every branch's, peer's and exit's classifier and PCL's
+        ensemble classifier, as timm leaves a plain model's classifier out of adaptive gradient clipping."""
+        wrapper = self._wrapper()
+        parameters = list(wrapper.parameters())
+        if not exclude_head:
+            return parameters
+        if wrapper.method not in CLASSIFIERS:
+            raise NotImplementedError(
+                f"KDTask: adaptive gradient clipping (--clip-mode agc) leaves the classifiers out, and "
+                f"kdwrap.integrations.timm.CLASSIFIERS does not say which of kdwrap {wrapper.method!r}'s parameters "
+                f"they are; add CLASSIFIERS[{wrapper.method!r}], or clip with --clip-mode norm or value"
+            )
+        heads = {id(p) for p in CLASSIFIERS[wrapper.method](wrapper, self._own_classifier)}
+        return [p for p in parameters if id(p) not in heads]
+
+    def _own_classifier(self, host: nn.Module) -> list[nn.Parameter]:
+        """The parameters of the user's classifier in ``host``, a module holding a copy of it (a branch, a peer)."""
+        held = dict(host.named_parameters())
+        missing = [name for name in self.classifier_names if name not in held]
+        if missing:
+            raise ValueError(
+                f"KDTask: adaptive gradient clipping (--clip-mode agc) leaves the classifiers out, but a "
+                f"{type(host).__name__} of the kdwrap {self.method} wrapper has no {', '.join(missing)}, where your "
+                f"model has its classifier; clip with --clip-mode norm or value"
+            )
+        return [held[name] for name in self.classifier_names]
 
     # ------------------------------------------------------------------------------------------------------- EMA
     def setup_ema(
@@ -280,6 +369,19 @@ def _share_tensors(view: nn.Module, wrapper: KDModel) -> None:
             module = view.get_submodule(owner)
             slots = module._parameters if name in module._parameters else module._buffers
             slots[name] = tensor
+
+
+def _classifier_names(net: nn.Module) -> list[str]:
+    """The names of ``net``'s classifier parameters: those of the module(s) its ``get_classifier()`` returns (timm
+    models), else its last two parameters, the rule timm's ``get_clip_parameters`` applies to a plain model."""
+    get = getattr(net, "get_classifier", None)
+    heads = get() if callable(get) else None
+    heads = heads if isinstance(heads, (tuple, list)) else [heads]
+    ids = {id(h) for h in heads if isinstance(h, nn.Module)}
+    names = [f"{path}.{name}" if path else name
+             for path, module in net.named_modules() if id(module) in ids
+             for name, _ in module.named_parameters()]
+    return names or [name for name, _ in net.named_parameters()][-2:]
 
 
 def _forward_no_weight_decay(wrapper: KDModel, net: nn.Module) -> None:

@@ -21,7 +21,8 @@ from ..base import EVAL_CAPTURE, KDLoss, KDModel, check_output_option, check_tar
 from ..knn import BACKENDS, DISTANCES, faiss_available, knn_soft_labels, resolve_backend
 from ..memory_bank import MemoryBank
 
-__all__ = ["DEFAULT_ALPHA", "DISTILL", "OSAKDModel", "OSAKDLoss", "build_osakd"]
+__all__ = ["DEFAULT_ALPHA", "DISTILL", "OSAKDModel", "OSAKDLoss", "build_osakd", "distill_gradient_ratio",
+           "soft_label_diagnostics"]
 
 DISTILL = ("mse", "kl")
 # The weight of CE, the paper's. A lower alpha looked like a gain on CIFAR-10, but plain training at the same
@@ -112,7 +113,9 @@ class OSAKDLoss(KDLoss):
 
     ``target``: int class indices ``(B,)`` in ``[0, C)``, or float soft targets ``(B, C)`` (mixup/cutmix): the CE
     term uses them as probabilities and the k-NN labels of the batch (and the bank) are their argmax.
-    ``parts``: detached ``"loss"``, ``"ce"``, ``"distill"``, ``"bank_fill"`` (eval: no ``"distill"``).
+    ``parts``: detached ``"loss"``, ``"ce"``, ``"distill"``, ``"bank_fill"``, the soft labels' distance from the
+    hard ones, ``"soft_true_mass"`` and ``"soft_one_hot"`` (:func:`soft_label_diagnostics`), and how strongly they
+    act, ``"distill_grad_ratio"`` (:func:`distill_gradient_ratio`); eval: ``"loss"``, ``"ce"`` and ``"bank_fill"``.
     ``soft_labels``: the ``B x C`` soft labels ``s`` of the last training step (detached), for inspection.
 
     Args:
@@ -270,8 +273,45 @@ class OSAKDLoss(KDLoss):
             "ce": ce.detach(),
             "distill": distill.detach(),
             "bank_fill": torch.tensor(len(self.bank)),
+            **soft_label_diagnostics(s, labels),
+            "distill_grad_ratio": distill_gradient_ratio(p.detach(), s, ce_target, self.alpha, self.distill),
         }
         return total
+
+
+def soft_label_diagnostics(soft_labels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the soft labels are from the hard ones, as 0-dim tensors (no host sync):
+
+    - ``soft_true_mass``: the mean mass on the true class (1.0: every soft label equals its one-hot label);
+    - ``soft_one_hot``: the share of soft labels with all their mass on one class (all k neighbours agree), whichever
+      class that is.
+
+    Where both are near 1, the distillation term's gradient is near zero: OSAKD then trains as plain cross-entropy
+    (docs/osakd.md, "When the soft labels act").
+    """
+    s = soft_labels.detach()
+    true_mass = s.gather(1, labels.view(-1, 1)).mean()
+    one_hot = (s.amax(1) >= 1.0 - 1e-6).float().mean()
+    return {"soft_true_mass": true_mass, "soft_one_hot": one_hot}
+
+
+def distill_gradient_ratio(
+    p: torch.Tensor, soft_labels: torch.Tensor, target: torch.Tensor, alpha: float, distill: str
+) -> torch.Tensor:
+    """``||(1 - alpha) dD/dz|| / ||alpha dCE/dz||``: how strongly the distillation term pulls on the logits ``z``
+    against cross-entropy, each weighted as in the loss (Frobenius norms over the batch), in closed form (no
+    autograd). Near 0 the soft labels barely act: OSAKD then trains almost as plain cross-entropy.
+
+    ``dCE/dz = (p - t) / B`` (``t`` the one-hot or soft target); ``dKL(s || p)/dz = (p - s) / B``;
+    ``dMSE(p, s)/dz_j = 2 p_j ((p_j - s_j) - sum_c (p_c - s_c) p_c) / B``.
+    """
+    b, c = p.shape
+    t = F.one_hot(target, c).to(p.dtype) if target.dim() == 1 else target.to(p.dtype)
+    ce = alpha * (p - t)
+    r = p - soft_labels
+    d = r if distill == "kl" else 2 * p * (r - (r * p).sum(1, keepdim=True))
+    # the common 1 / B cancels; a batch whose CE gradient vanishes gives inf, never a division error
+    return ((1.0 - alpha) * d).norm() / ce.norm()
 
 
 def _check_int(name: str, value: Any, low: int, fix: str) -> int:

@@ -187,15 +187,29 @@ class PCLModel(PlannedExecution, BranchedModel):
             # family's warning from the loss (and a backward that changes nothing), not an autograd error.
             return KeepReachable.apply(out, self.ensemble.weight) if torch.is_grad_enabled() else out
         self._update_means()
-        views = peer_views(self.augment, x, self.num_branches)
-        self._note_input(x if views is None or self.augment != "views" else x[:, 0])
+        known = self.input_size if self.input_size is not None else getattr(self, "first_input_size", None)
+        views = peer_views(self.augment, x, self.num_branches, None if known is None else len(known))
         if views is not None and (args or kwargs):
             raise ValueError(
                 "kdwrap pcl: the peers' own views take the image batch alone, and this forward got other inputs "
                 f"({len(args)} positional, {sorted(kwargs)}); pass augment=None so that every peer sees them as given"
             )
         read = ENSEMBLE_INPUTS[self.ensemble_input]
-        outs = [read(out) for out in self._run_branches(self._trunk_outputs(self.trunk, x, args, kwargs, views), extra)]
+        try:
+            trunk_outputs = self._trunk_outputs(self.trunk, x, args, kwargs, views)
+        except RuntimeError as e:
+            if self.augment != "views":
+                raise
+            # No input_size and no earlier batch: the batch's rank could not be checked before the network ran.
+            raise ValueError(
+                f"kdwrap pcl: the network failed on the peers' views of a batch of shape {tuple(x.shape)}; "
+                f"augment='views' takes batches (B, {self.num_branches}, ...) holding peer i's view of each sample at "
+                "[:, i] (a (B, C, H, W) batch whose C equals the number of peers looks like one); stack the views in "
+                f"your dataset, or use augment='crop_flip'. The network's error: {e}"
+            ) from e
+        # after the trunk ran: a batch the network refused does not set the sample's shape the checks above read
+        self._note_input(x if views is None or self.augment != "views" else x[:, 0])
+        outs = [read(out) for out in self._run_branches(trunk_outputs, extra)]
         logits = [z for z, _ in outs]
         if not isinstance(logits[0], torch.Tensor) or logits[0].dim() != 2:
             raise TypeError(
@@ -212,7 +226,7 @@ class PCLModel(PlannedExecution, BranchedModel):
     def _trunk_outputs(self, trunk: nn.Module, x: Any, args: tuple, kwargs: dict,
                        views: torch.Tensor | None) -> Any:
         """What the peers' tails read: the trunk's output on the batch, shared, when the peers see it as given;
-        else the list of the trunk's outputs on each peer's view, run by itself, as the paper's code does. One run
+        else the list of the trunk's outputs on each peer's view, run by itself, as the unofficial reproduction does. One run
         per view keeps every value crossing the cut that view's alone, whichever axis holds the batch (TNT folds it
         into its pixel tokens, CrossViT splits it over two branches), and the trunk's BatchNorm normalises one view
         at a time."""
@@ -293,8 +307,9 @@ class PCLLoss(RampedLoss):
 
     Args:
         temperature: ``T`` (the paper's 3).
-        rampup_steps: optimizer steps of ONE's sigmoid ramp-up of ``w`` (0: full weight from the start; the
-            reference reproductions ramp over the first 80 of 300 epochs).
+        rampup_steps: optimizer steps of ONE's sigmoid ramp-up of ``w`` (0, the default: full weight from the start).
+            The unofficial reproduction's formula, ``lambd * exp(-5 (1 - epoch / lambd)^2)`` with ``lambd = 1``
+            until epoch 80, gives weight 1 at epoch 1 and about 0 from epoch 2 to 80, not a ramp (docs/methods.md).
         accumulation_steps: loss calls per optimizer step under gradient accumulation (for the ramp clock).
         check_finite: stop with a ``FloatingPointError`` at the first NaN/Inf in the logits (one host sync).
     """

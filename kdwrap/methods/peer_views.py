@@ -16,7 +16,7 @@ from ..augment import random_crop_flip
 __all__ = ["VIEW_MODES", "check_augment", "peer_views", "describe_views"]
 
 
-def _crop_flip_views(x: torch.Tensor, m: int, augment: Any) -> torch.Tensor:
+def _crop_flip_views(x: torch.Tensor, m: int, augment: Any, sample_rank: int | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(
@@ -27,7 +27,7 @@ def _crop_flip_views(x: torch.Tensor, m: int, augment: Any) -> torch.Tensor:
     return random_crop_flip(x.repeat(m, 1, 1, 1))
 
 
-def _own_views(x: torch.Tensor, m: int, augment: Callable) -> torch.Tensor:
+def _own_views(x: torch.Tensor, m: int, augment: Callable, sample_rank: int | None = None) -> torch.Tensor:
     views = [augment(x) for _ in range(m)]
     for i, v in enumerate(views):
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
@@ -39,9 +39,14 @@ def _own_views(x: torch.Tensor, m: int, augment: Callable) -> torch.Tensor:
     return torch.cat(views)
 
 
-def _given_views(x: torch.Tensor, m: int, augment: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != m:
+def _given_views(x: torch.Tensor, m: int, augment: Any, sample_rank: int | None = None) -> torch.Tensor:
+    # sample_rank: the rank of one ordinary sample (3 for C x H x W), where known; a (B, C, H, W) batch whose C
+    # happens to equal m has the right axis 1 but one axis too few, and would reach the network as a raw error.
+    wrong_rank = isinstance(x, torch.Tensor) and sample_rank is not None and x.dim() != sample_rank + 2
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != m or wrong_rank:
         what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if wrong_rank:
+            what = f"{what}, {x.dim()} axes where a batch of views of {sample_rank}-axis samples has {sample_rank + 2}"
         raise ValueError(
             f"kdwrap pcl: augment='views' takes training batches of shape (B, {m}, ...) (peer i's view of each "
             f"sample at [:, i]), got {what}; stack the {m} views in your dataset, or use augment='crop_flip'"
@@ -49,7 +54,7 @@ def _given_views(x: torch.Tensor, m: int, augment: Any) -> torch.Tensor:
     return x.transpose(0, 1).flatten(0, 1)
 
 
-def _no_views(x: Any, m: int, augment: Any) -> None:
+def _no_views(x: Any, m: int, augment: Any, sample_rank: int | None = None) -> None:
     return None
 
 
@@ -73,10 +78,12 @@ def check_augment(augment: Any) -> Any:
     )
 
 
-def peer_views(augment: Any, x: Any, m: int) -> torch.Tensor | None:
-    """The ``m`` peers' views of ``x`` as one ``m*B`` batch, peer-major, or ``None`` when they all see ``x``."""
+def peer_views(augment: Any, x: Any, m: int, sample_rank: int | None = None) -> torch.Tensor | None:
+    """The ``m`` peers' views of ``x`` as one ``m*B`` batch, peer-major, or ``None`` when they all see ``x``.
+    ``sample_rank``: the number of axes of one sample (3 for images), where known, so that a batch without the views
+    axis is a clear error."""
     make = _own_views if callable(augment) else VIEW_MODES[augment][0]
-    return make(x, m, augment)
+    return make(x, m, augment, sample_rank)
 
 
 def describe_views(augment: Any) -> str:
