@@ -3,6 +3,9 @@ a task: Mixup/CutMix soft targets, EMA, checkpoints that resume_task_checkpoint 
 equal to one process, torch.compile; its eval model is what kdwrap.export returns, current at every step."""
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 
 import pytest
 import timm
@@ -228,35 +231,54 @@ def _frozen_bn_one_task() -> KDTask:
     return task
 
 
-def _ddp_worker(rank: int, out: str) -> None:
+def _ddp_worker(rank: int, folder: str) -> None:
+    """Each step from the one-process run's state before it (lockstep): one step's float noise is compared, not
+    that of several steps grown through the optimizer, which depends on the CPU's kernels."""
     task = _frozen_bn_one_task()
     opt = _sgd(task)  # before prepare_distributed, as in train.py
     task.prepare_distributed()
     for step in range(2):
+        before = torch.load(Path(folder) / f"before{step}.pt", weights_only=False)
+        task.load_task_state(before["task"])
+        opt.load_state_dict(before["optimizer"])
         x, y = mixed_batch(step)
         half = slice(rank * 4, rank * 4 + 4)
         result = task(x[half], y[half])
         opt.zero_grad()
         result["loss"].backward()
         opt.step()
-    if rank == 0:
-        torch.save(kdwrap.export(task.get_trainable_module()).state_dict(), out)
+        if rank == 0:
+            torch.save(task.get_task_state(), Path(folder) / f"ddp_after{step}.pt")
 
 
 def test_prepare_distributed_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
-    out = tmp_path / "rank0.pt"
-    run_two_ranks(_ddp_worker, str(out))
     task = _frozen_bn_one_task()
     opt = _sgd(task)
+    after = []
     for step in range(2):
+        torch.save({"task": task.get_task_state(), "optimizer": opt.state_dict()}, tmp_path / f"before{step}.pt")
         result = task(*mixed_batch(step))
         opt.zero_grad()
         result["loss"].backward()
         opt.step()
-    ddp_state = torch.load(out)
-    for key, value in task.get_eval_model().state_dict().items():
-        if value.is_floating_point():
-            torch.testing.assert_close(ddp_state[key], value, atol=1e-5, rtol=1e-4, msg=key)
+        after.append(copy.deepcopy(task.get_task_state()))
+    run_two_ranks(_ddp_worker, str(tmp_path))
+    for step, reference in enumerate(after):
+        ddp = torch.load(tmp_path / f"ddp_after{step}.pt", weights_only=False)
+        for part in ("model", "loss"):
+            assert ddp[part].keys() == reference[part].keys()
+            for key, value in reference[part].items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    torch.testing.assert_close(ddp[part][key], value, atol=1e-5, rtol=1e-4,
+                                               msg=f"step {step}: {part} {key}")
+                else:
+                    assert ddp[part][key] == value if not isinstance(value, torch.Tensor) else \
+                        torch.equal(ddp[part][key], value), f"step {step}: {part} {key}"
+    # the step moved every branch and the gate (so the comparison above covers them)
+    first = torch.load(tmp_path / "before0.pt", weights_only=False)["task"]["model"]
+    moved = {k.split(".")[0] + "." + k.split(".")[1] for k, v in after[-1]["model"].items()
+             if v.is_floating_point() and not torch.equal(v, first[k]) and k.startswith("branches.")}
+    assert moved == {"branches.0", "branches.1"}  # both of the two branches
 
 
 def test_compile_traces_without_graph_break_and_gives_the_eager_loss():

@@ -134,15 +134,18 @@ def test_auto_stays_sequential_on_the_cpu_and_the_summary_says_so():
     assert "execution: auto: sequential on this machine" in kdwrap.summary(model) or torch.cuda.is_available()
 
 
-def test_auto_times_both_executions_where_it_measures_and_trains_as_sequential(monkeypatch):
+def test_auto_times_both_executions_where_it_measures_and_trains_as_the_faster(monkeypatch):
     """With the CPU among the devices auto measures on: one timing per input signature, taken on the peers' own
-    views at the first training step, and the losses of sequential execution whichever execution won."""
+    views at the first training step, then the losses of the execution that timed faster, step for step. (Compared
+    with the other execution over three free-running steps, they would differ by float noise that grows with each
+    step, by how much depending on the CPU.)"""
     monkeypatch.setattr(planner, "MEASURE_DEVICES", ("cpu",))
     auto, auto_losses, _, _ = _train("auto", TinyNet, "crop_flip")
-    _, seq_losses, _, _ = _train("sequential", TinyNet, "crop_flip")
     (signature, ms), = auto.execution_timings.items()
     assert signature == "cpu 8x16x8x8 float32" and set(ms) == {"sequential", "fused"}
-    torch.testing.assert_close(torch.stack(auto_losses), torch.stack(seq_losses), rtol=1e-5, atol=1e-6)
+    faster = min(ms, key=ms.__getitem__)
+    _, faster_losses, _, _ = _train(faster, TinyNet, "crop_flip")
+    torch.testing.assert_close(torch.stack(auto_losses), torch.stack(faster_losses), rtol=1e-6, atol=1e-7)
 
 
 class LayerNormTail(TinyNet):
