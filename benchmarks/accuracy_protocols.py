@@ -29,6 +29,8 @@ VARIANTS: dict[str, list[str]] = {
     "osakd-k8-bank-epoch": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--bank-size", "{epoch_samples}"],
     # OSAKD at that learning rate, the paper's alpha: does distillation add to a better-tuned step size?
     "osakd-k8-lr0.3x": ["--method", "osakd", "--k", "8", "--alpha", "0.9", "--lr", "{lr_times_0_3}"],
+    "osakd-k8-inbatch-lr0.3x": ["--method", "osakd", "--k", "8", "--bank-size", "0", "--alpha", "0.9", "--lr",
+                                "{lr_times_0_3}"],
     "one-m3-lr0.3x": ["--method", "one", "--branches", "3", "--lr", "{lr_times_0_3}"],
     "dml-2-lr0.3x": ["--method", "dml", "--peers", "2", "--lr", "{lr_times_0_3}"],
     "okddip-4-lr0.3x": ["--method", "okddip", "--branches", "4", "--lr", "{lr_times_0_3}"],
@@ -70,6 +72,7 @@ LABELS = {"plain": "plain", "osakd-k8": "OSAKD 8-NN", "osakd-k16": "OSAKD 16-NN"
           "osakd-k8-alpha0.3": "OSAKD 8-NN alpha 0.3", "osakd-k8-alpha0.1": "OSAKD 8-NN alpha 0.1",
           "plain-lr0.3x": "plain, 0.3x learning rate", "plain-lr0.1x": "plain, 0.1x learning rate",
           "osakd-k8-bank-epoch": "OSAKD 8-NN, bank of one epoch", "osakd-k8-lr0.3x": "OSAKD 8-NN, 0.3x learning rate",
+          "osakd-k8-inbatch-lr0.3x": "OSAKD 8-NN in-batch, 0.3x learning rate",
           "one-m3-lr0.3x": "ONE m=3, 0.3x learning rate", "dml-2-lr0.3x": "DML 2 peers (peer 0), 0.3x learning rate",
           "okddip-4-lr0.3x": "OKDDip 3 peers + leader (leader), 0.3x learning rate",
           "byot-lr0.3x": "BYOT (deepest exit), 0.3x learning rate",

@@ -7,37 +7,24 @@
     python benchmarks/speed.py --device cpu               # ResNet-32 b32 32 px, resnet50 b8 64 px (a few minutes)
     python benchmarks/speed.py --device cpu --models cifar_resnet32 resnet18:16:64   # NAME[:BATCH[:PX]]
 
-Variants per model: plain; ONE with 2, 3 and 4 branches (default split), each with its branches run one after the
-other ("sequential"), as one fused graph ("fused"; skipped with the reason for a tail that cannot be fused) and as
-"auto" picks (its timings and choice are kept in the JSON, the "runs" column says which ran); --executions picks;
-OSAKD (k=8, default alpha) in-batch and with memory banks of 4,096, 16,384 (the default) and 65,536 entries, pre-filled
-so that every timed step searches a full bank; KD from a teacher of the same architecture (an untrained copy: a
-step's cost does not depend on the teacher's weights), DML with 2 peers, OKDDip with 4 branches (3 peers and the
-leader, execution "auto"), BYOT (exits at the default stage ends), and PCL with 3 peers on their own views in each
-execution, as ONE. --variants REGEX keeps only the matching
-rows (and plain), e.g. --variants '^(KD|DML)' (a bare KD also matches OSAKD).
+Variants per model (--variants REGEX keeps the matching rows and plain; --executions picks the executions): plain;
+ONE with 2, 3 and 4 branches, sequential, fused (skipped with the reason where a tail cannot be fused) and "auto"
+(its timings and choice in the JSON); OSAKD (k=8) in-batch and with full banks of 4,096, 16,384 (the default) and
+65,536 entries; KD from an untrained same-architecture teacher; DML with 2 peers; OKDDip with 4 branches; BYOT; PCL
+with 3 peers, on their own views and on the batch as given ("no views"), in each execution.
 
 A step is zero_grad, forward, loss, backward and an SGD (Nesterov, weight decay) update on a fixed random batch,
 under bf16 autocast with channels_last on GPU (fp32, contiguous on CPU). After --warmup steps each, the variants take
-turns one step at a time for --repeats rounds, so a change of load or clocks hits them alike; the median step is
-reported (CUDA events on GPU, perf_counter on CPU), with the fastest step: on a CPU shared with other jobs the
-median can be inflated by them, the minimum much less.
+turns one step at a time for --repeats rounds, so a change of load hits them alike; the median step is reported
+(CUDA events on GPU, perf_counter on CPU), with the fastest: on a shared CPU the median is inflated, the minimum much
+less. Peak memory (GPU only): resident tensors plus one step's transient peak (torch.cuda.max_memory_allocated).
+FLOPs: torch.utils.flop_counter of one training forward, and of forward plus loss (OSAKD's k-NN distances).
+--profile writes torch.profiler's operator table of 20 steps of plain, ONE m=3 and OSAKD to <json stem>_profile.txt.
 
-Peak memory (GPU only; n/a on CPU): the variant's resident tensors (parameters, gradients, optimizer state, the
-OSAKD bank) plus the transient peak of one step above what was allocated before it, from
-torch.cuda.max_memory_allocated: what a process training that variant alone would peak at, excluding the allocator's
-cache. FLOPs: torch.utils.flop_counter of one training-mode forward (matmuls and convolutions), and of forward plus
-loss (which adds OSAKD's k-NN distance computation).
-
---profile writes, for plain, ONE m=3 in each execution and OSAKD (in-batch and the default bank), torch.profiler's
-operator table of 20 training steps (top 25 by device time on GPU, self CPU time on CPU) to
-<json stem>_profile.txt: where a variant's time goes.
-
-Prints a table and writes benchmarks/results/speed_<device>_<date>.json and .png. The JSON is on disk from the
-start and rewritten after every round of timed steps: "results" holds the rows measured so far (with the steps they
-have), "not_measured" every planned row without a measurement and why (pending, deadline, skipped). --deadline
-SECONDS (from the process's start) stops building variants and timing rounds in time to write the table and plot;
-SIGTERM (timeout) writes them too. --report FILE prints the table and draws the plot of such a file, finished or not.
+Prints a table and writes benchmarks/results/speed_<device>_<date>.json and .png, on disk from the start and
+rewritten after every round ("results": rows so far; "not_measured": every planned row not measured, and why).
+--deadline SECONDS stops in time to write the table and plot; SIGTERM writes them too; --report FILE prints the table
+of such a file.
 """
 from __future__ import annotations
 
@@ -78,13 +65,16 @@ CONFIGS = {
 def variant_specs(executions: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(row name, method, kwargs): plain; ONE with 2, 3, 4 branches in each execution; OSAKD in-batch (the paper's
     mode), with its default bank (16,384 entries) and with a small and a large one; KD from a same-model teacher;
-    DML with 2 peers; OKDDip with 4 branches and BYOT; PCL with 3 peers (each on its own view) in each execution."""
+    DML with 2 peers; OKDDip with 4 branches and BYOT; PCL with 3 peers, each on its own view and, as the accuracy
+    protocol without augmentation trains it, on the batch as given, in each execution."""
     one = [(f"ONE m={m} {e}", "one", {"branches": m, "execution": e}) for m in (2, 3, 4) for e in executions]
     osakd = [("OSAKD in-batch", "osakd", {"bank_size": 0})]
     osakd += [(f"OSAKD bank {n:,}", "osakd", {"bank_size": n}) for n in (4096, 16384, 65536)]
     others = [("KD same-model teacher", "kd", {}), ("DML 2 peers", "dml", {"peers": 2}),
               ("OKDDip m=4", "okddip", {"branches": 4}), ("BYOT", "byot", {})]
     pcl = [(f"PCL m=3 {e}", "pcl", {"branches": 3, "execution": e}) for e in executions]
+    # As the family's accuracy protocol trains it (no augmentation there): every peer on the batch as given.
+    pcl += [(f"PCL m=3 no views {e}", "pcl", {"branches": 3, "execution": e, "augment": None}) for e in executions]
     return [("plain", "plain", {}), *one, *osakd, *others, *pcl]
 
 

@@ -42,6 +42,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
       "kdwrap.fused.ModuleRule", "kdwrap.fused.planner.EXECUTIONS", "kdwrap.fused.planner.FUSE_MAX_GFLOP"]),
     ("OSAKD", "Online Self-Acquired Knowledge Distillation; see [osakd.md](osakd.md).",
      ["kdwrap.methods.osakd.build_osakd", "kdwrap.methods.osakd.OSAKDModel", "kdwrap.methods.osakd.OSAKDLoss",
+      "kdwrap.methods.osakd.soft_label_diagnostics", "kdwrap.methods.osakd.distill_gradient_ratio",
       "kdwrap.memory_bank.MemoryBank", "kdwrap.knn.knn_soft_labels", "kdwrap.knn.knn_search"]),
     ("KD", "Knowledge distillation from a frozen teacher; see [methods.md](methods.md#kd-knowledge-distillation-from-a-"
      "frozen-teacher).",
@@ -66,6 +67,10 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
      ["kdwrap.models"]),
     ("Data (`kdwrap.demo.data`)", "Offline datasets as in-memory tensors, and tensor helpers for training on the device.",
      ["kdwrap.demo.data"]),
+    ("The free controls (`kdwrap.controls`)", "Label smoothing and a weight average: what every gain is compared "
+     "with; see [results.md](results.md).", ["kdwrap.controls"]),
+    ("Comparing methods on your data (`kdwrap.demo.compare`)", "`python -m kdwrap compare`; see "
+     "[compare.md](compare.md).", ["kdwrap.demo.compare.run_compare"]),
     ("Comparing over seeds (`kdwrap.demo.seed_statistics`)", "The statistics the demo and `benchmarks/accuracy.py` "
      "report; see [results.md](results.md).", ["kdwrap.demo.seed_statistics"]),
     ("Internals: reading and cutting a model (`kdwrap.graph`)", "Not part of the public surface: these may change "

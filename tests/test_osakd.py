@@ -99,7 +99,8 @@ def test_loss_matches_reference_over_steps(distill):
         torch.testing.assert_close(loss_fn.soft_labels.double(), s)
         fills.append(int(loss_fn.parts["bank_fill"]))
     assert fills == [4, 8, 10, 10, 10]
-    assert set(loss_fn.parts) == {"loss", "ce", "distill", "bank_fill"}
+    assert set(loss_fn.parts) == {"loss", "ce", "distill", "bank_fill", "soft_true_mass", "soft_one_hot",
+                                  "distill_grad_ratio"}
     assert all(not v.requires_grad for v in loss_fn.parts.values())
 
 
