@@ -65,6 +65,9 @@ def summarise(runs: list[dict[str, Any]], variants: list[str],
                 "epoch_seconds_median": statistics.median(e["seconds"] for h in hists.values() for e in h["epochs"]),
                 "curves": [[e[key] for e in h["epochs"]] for h in hists.values()],
             })
+            if suffix == "" and any("parts" in e for h in hists.values() for e in h["epochs"]):
+                # the loss's scalar parts per epoch and seed (OSAKD's soft-label diagnostics among them)
+                rows[-1]["parts"] = [[e.get("parts") for e in h["epochs"]] for h in hists.values()]
     for old in earlier:
         rows = merge_rows(rows, old)
     return add_statistics(rows, baseline, controls)
