@@ -81,6 +81,9 @@ def merge_rows(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> lis
     keeps this run's values. Rows only in ``earlier`` are kept too."""
     raw = ("reported", "variant", "epoch_seconds_median", "seeds", *PER_SEED)
     merged = {r["reported"]: {k: (list(r[k]) if isinstance(r[k], list) else r[k]) for k in raw} for r in rows}
+    for r in rows:  # the loss's parts stay with this run's seeds, named, as earlier files may not have them
+        if "parts" in r:
+            merged[r["reported"]]["parts"] = dict(zip(r["seeds"], r["parts"]))
     for old in earlier:
         row = merged.setdefault(old["reported"], {k: old[k] for k in raw[:3]} | {k: [] for k in raw[3:]})
         for i, seed in enumerate(old["seeds"]):
