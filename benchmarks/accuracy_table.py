@@ -109,6 +109,8 @@ def add_statistics(rows: list[dict[str, Any]], baseline: str = "plain",
         for kind in ("best", "last"):
             sp = spread(row[kind])
             row[f"{kind}_mean"], row[f"{kind}_std"] = sp.mean, sp.std
+    stronger = {kind: max(control_rows, key=lambda c: c[f"{kind}_mean"]) if control_rows else None
+                for kind in ("best", "last")}
     for row in rows:
         row["baseline"] = row is base
         for kind in ("best", "last"):
@@ -116,12 +118,11 @@ def add_statistics(rows: list[dict[str, Any]], baseline: str = "plain",
                 diff = paired_to(row, base, kind)
                 if diff is not None:
                     row[f"{kind}_diff"] = diff
-            if control_rows:
-                best = max(control_rows, key=lambda c: c[f"{kind}_mean"])
-                if row is not best:
-                    diff = paired_to(row, best, kind)
-                    if diff is not None:
-                        row[f"{kind}_diff_control"] = {**diff, "control": best["reported"]}
+            best = stronger[kind]
+            if best is not None and row is not best:
+                diff = paired_to(row, best, kind)
+                if diff is not None:
+                    row[f"{kind}_diff_control"] = {**diff, "control": best["reported"]}
     return rows
 
 

@@ -48,6 +48,10 @@ class WeightAverage(nn.Module):
         self.decay = float(decay)
         self.average = mean_copy(net)
         self._names = parameter_names(net)
+        # the buffers that are not parameters (BatchNorm statistics), by name: named once, resolved at each update
+        # (``.to()`` replaces buffer objects)
+        params = set(self._names)
+        self._buffer_names = [name for name, _ in net.named_buffers() if name not in params]
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         # the live net is not a submodule: the average's state_dict holds the average alone
         self.__dict__["_live"] = net
@@ -57,10 +61,8 @@ class WeightAverage(nn.Module):
         """Fold the live weights into the average (after ``optimizer.step()``)."""
         net = self.__dict__["_live"]
         update_means([(net, self.average, self._names)], self.updates, self.decay)
-        params = set(self._names)
-        for name, buf in net.named_buffers():
-            if name not in params:
-                self.average.get_buffer(name).copy_(buf)
+        for name in self._buffer_names:
+            self.average.get_buffer(name).copy_(net.get_buffer(name))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.average(*args, **kwargs)
