@@ -72,7 +72,7 @@ def count_step(model_name: str, px: int, batch: int, branches: int | None, execu
     else:
         model, loss_fn = kdwrap.one(net, branches=branches, execution=execution, input_size=(3, px, px))
         if execution == "fused":  # the GPU layout: one grouped convolution per layer
-            model._fused = {mode: fuse_branches(model.branches, mode, conv_mode="grouped") for mode in (True, False)}
+            model.branch_execution.fused = {mode: fuse_branches(model.branches, mode, conv_mode="grouped") for mode in (True, False)}
     model.train()
     x, y = torch.randn(batch, 3, px, px), torch.randint(0, 10, (batch,))
     loss_fn(model(x), y).backward()  # first step: lazy initialisation stays out of the count

@@ -164,7 +164,7 @@ def fused_step(model: Any, loss_fn: Any, x: Any, y: Any) -> dict[str, Any]:
     fused ("fused": "no" and the reason). A separate field: the row's status is about the default execution."""
     if not hasattr(model, "fusion_error"):
         return {}
-    if not model._fused:
+    if not model.branch_execution.fused:
         return {"fused": "no", "fusion_error": (model.fusion_error or "")[:300]}
     setting, model.execution = model.execution, "fused"
     try:

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["rebuild_original"]
+__all__ = ["rebuild_original", "deployable_copy"]
 
 
 def rebuild_original(original: nn.Module, pieces: Sequence[nn.Module]) -> nn.Module:
@@ -29,3 +29,12 @@ def rebuild_original(original: nn.Module, pieces: Sequence[nn.Module]) -> nn.Mod
         net.load_state_dict(state, strict=False)
     device = next((p.device for piece in pieces for p in piece.parameters()), None)
     return net.to(device) if device is not None else net
+
+
+def deployable_copy(net: nn.Module) -> nn.Module:
+    """A deep copy of ``net`` without its gradients: what export returns of a network a wrapper holds whole (KD's
+    student, OSAKD's model, DML's peer), in the wrapper's train/eval mode, sharing nothing with it."""
+    net = copy.deepcopy(net)
+    for p in net.parameters():
+        p.grad = None
+    return net

@@ -6,7 +6,7 @@ import difflib
 import inspect
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,8 @@ from torch import nn
 from .errors import OptionError
 
 __all__ = [
-    "EVAL_CAPTURE", "KDModel", "KDLoss", "KeepReachable", "check_output_option", "check_target", "route_options",
-    "select_logits", "unwrap",
+    "EVAL_CAPTURE", "KDModel", "KDLoss", "KeepReachable", "check_logits", "check_output_option", "check_target",
+    "count_parameters", "route_options", "select_logits", "unwrap",
 ]
 
 # What a wrapper's eval-mode forward leaves as its capture: the loss then returns plain cross-entropy.
@@ -27,7 +27,9 @@ class KDModel(nn.Module):
     """Base class of the wrapped models returned by :func:`kdwrap.wrap`.
 
     ``forward`` returns a plain logits tensor (what the deployed model returns); whatever else the loss needs is
-    kept in ``self._capture`` until the paired :class:`KDLoss` takes it.
+    its *capture*, handed over by a public protocol: the forward leaves it with :meth:`put_capture` (in eval mode
+    :data:`EVAL_CAPTURE`), and the paired :class:`KDLoss` takes it exactly once with :meth:`take_capture`.
+    :attr:`pending_capture` shows it without taking it. :attr:`user_network` is the network the user wrapped.
 
     Train/eval mode, the same for every method: a wrapper starts in the mode of the network it wraps, and
     ``train()`` / ``eval()`` set the whole wrapper, that network included. A training-mode forward runs what the
@@ -53,10 +55,23 @@ class KDModel(nn.Module):
         training-mode wrapper around a network whose BatchNorm and dropout stay in eval mode."""
         self.train(net.training)
 
-    def _put_capture(self, value: Any) -> None:
+    def put_capture(self, value: Any) -> None:
+        """Leave what the loss needs of this forward (replacing an earlier capture that no loss took)."""
         self._capture = value
 
-    def _take_capture(self) -> Any:
+    @property
+    def pending_capture(self) -> Any:
+        """The capture the next loss call will take (``None`` when there is none), without taking it."""
+        return self._capture
+
+    @property
+    def user_network(self) -> nn.Module:
+        """The network the user wrapped, as given (its tensors are the wrapper's own): what ``export()`` rebuilds
+        and what integrations name in their records."""
+        raise NotImplementedError  # pragma: no cover - every method defines it
+
+    def take_capture(self) -> Any:
+        """The capture of the preceding forward, taken once; a clear error when there is none."""
         value = self._capture
         if value is None:
             raise RuntimeError(
@@ -103,11 +118,9 @@ class KDLoss(nn.Module):
         """Check the logits (``B x C``) and the labels, then take the preceding forward's capture. Returns
         ``(cross-entropy target, capture)``; the capture is ``None`` after an eval-mode forward."""
         method = self.model.method
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            what = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"kdwrap {method}: expected the model's logits of shape (B, C), got {what}")
+        check_logits(logits, method, "loss_fn got", "; pass it the model's output: loss_fn(model(x), y)", ValueError)
         target, _ = check_target(target, *logits.shape, method)  # before taking the capture: a retry still works
-        capture = self.model._take_capture()
+        capture = self.model.take_capture()
         return target, (None if capture is EVAL_CAPTURE else capture)
 
     def _eval_cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -170,6 +183,23 @@ class KeepReachable(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # None is a zero gradient that costs no kernel; the edges stay in the graph, which is all DDP looks at.
         return (grad, *([None] * ctx.num_others))
+
+
+def check_logits(
+    z: Any, method: str, source: str = "the tail returned", hint: str | None = None,
+    error: type[Exception] = TypeError, dims: int | None = 2,
+) -> torch.Tensor:
+    """``z`` if it is a logits tensor (of ``dims`` dimensions, ``B x C``; of any shape for ``dims=None``), else
+    ``error`` saying what ``source`` (``"the tail returned"``, ``"loss_fn got"``, ``"peer 0 returned"``) gave, then
+    ``hint`` (default: name the logits with ``output=``). The one check of the logits that a loss gets and a model,
+    a peer or a tail returns."""
+    if isinstance(z, torch.Tensor) and (dims is None or z.dim() == dims):
+        return z
+    what = f"a tensor of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else f"a {type(z).__name__}"
+    wanted = "a logits tensor" if dims is None else "logits of shape (B, C)"
+    if hint is None:
+        hint = f"; name the logits with kdwrap.{method}(net, output=<index or key>)"
+    raise error(f"kdwrap {method}: {source} {what}, not {wanted}{hint}")
 
 
 def check_target(target: Any, b: int, c: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +275,18 @@ def select_logits(
             "tensor"
         )
     return logits
+
+
+def count_parameters(modules: Iterable[nn.Module]) -> int:
+    """The parameters of ``modules``, each tensor counted once however many of the modules share it."""
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -32,6 +32,19 @@ class TinyNet(nn.Module):
         return self.fc(self.pool(self.stage2(self.stage1(self.stem(x)))).flatten(1))
 
 
+class ConvHeadNet(TinyNet):
+    """TinyNet with SqueezeNet's head: a 1x1 convolution makes the logits, then ReLU and global pooling."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__(num_classes)
+        del self.fc, self.pool
+        self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Conv2d(32, num_classes, 1), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.stage2(self.stage1(self.stem(x)))).flatten(1)
+
+
 @pytest.fixture
 def tiny_net() -> TinyNet:
     return TinyNet()

@@ -1,6 +1,6 @@
 """The recipes of docs/integrations.md, run by the integration tests.
 
-They use ```py, not ```python, fences: tests/test_doc_snippets.py runs every ``python`` block and cannot skip a
+They use ```py, not ```python, fences: tests/docs/test_doc_snippets.py runs every ``python`` block and cannot skip a
 page whose libraries are optional extras, so each recipe runs in its library's test file, under importorskip."""
 import re
 from pathlib import Path

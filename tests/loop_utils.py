@@ -14,7 +14,7 @@ from torch import nn
 SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {module_dir!r}]
     import kdwrap
     from conftest import TinyNet
     from {module} import _batch
@@ -39,8 +39,8 @@ def resume_in_fresh_process(path: Path, build: str, module: str, start: int, sto
     """Build the wrapper with the expression ``build``, load checkpoint ``path`` (keys model/opt/loss), run steps
     ``start..stop-1`` on ``module._batch(step)`` with SGD(lr=0.1, momentum=0.9); return (losses, loss_fn.step)."""
     script = SCRIPT.format(
-        tests=str(Path(__file__).parent), module=module, threads=torch.get_num_threads(), build=build, path=str(path),
-        start=start, stop=stop,
+        tests=str(Path(__file__).parent), module=module, module_dir=str(Path(sys.modules[module].__file__).parent),
+        threads=torch.get_num_threads(), build=build, path=str(path), start=start, stop=stop,
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return eval(out.stdout.strip().splitlines()[-1])
@@ -203,7 +203,7 @@ def assert_compiles_without_graph_break(make: Callable, batch: Callable) -> None
     x, y = batch(0)
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
-    model._take_capture()
+    model.take_capture()
     compiled = torch.compile(model)
     loss = loss_fn(compiled(x), y)
     loss.backward()

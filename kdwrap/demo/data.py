@@ -323,7 +323,7 @@ def load_cifar10_pack(
                 raise ValueError(f"{path}: {split} has {len(arrays['x_' + split])} images but "
                                  f"{len(arrays['y_' + split])} labels")
         if cache:
-            _save_cache(cached, arrays)
+            save_cache(cached, arrays)
     return Dataset(
         torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"]),
         torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"]),
@@ -331,7 +331,7 @@ def load_cifar10_pack(
     )
 
 
-def _save_cache(target: Path, arrays: dict[str, np.ndarray]) -> None:
+def save_cache(target: Path, arrays: dict[str, np.ndarray]) -> None:
     # Written to a temporary file and renamed, so a concurrent reader never sees half a file; a read-only or full
     # cache folder only costs the next call another decode.
     try:

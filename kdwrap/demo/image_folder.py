@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Dataset, _save_cache, cache_dir
+from .data import Dataset, save_cache, cache_dir
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "is_image_folder", "load_image_folder"]
 
@@ -131,5 +131,5 @@ def load_image_folder(path: str | os.PathLike[str], img_size: int | None = None,
     arrays = {"x_train": x[:n_train], "y_train": np.asarray([y for _, y in files["train"]], np.int64),
               "x_test": x[n_train:], "y_test": np.asarray([y for _, y in files["val"]], np.int64)}
     if cache:
-        _save_cache(cached, arrays)
+        save_cache(cached, arrays)
     return Dataset(*(torch.from_numpy(arrays[k]) for k in ("x_train", "y_train", "x_test", "y_test")), classes)

@@ -1,6 +1,6 @@
-"""The graph transformation: one pass over a branch's fx graph that gives every value a layout (see the package
-docstring) and emits the fused graph, asking the rule registries (:mod:`.modules`, :mod:`.ops`) what each module
-and op becomes. The builder itself only does the value plumbing: layouts, conversions, per-branch replication, the
+"""The graph transformation: one pass over a branch's fx graph that gives every value a layout (see docs/fused.md)
+and emits the fused graph, asking the rule registries (:mod:`.modules`, :mod:`.ops`) what each module and op
+becomes. The builder itself only does the value plumbing: layouts, conversions, per-branch replication, the
 parameter pack and errors that name the node.
 """
 from __future__ import annotations
@@ -12,18 +12,22 @@ from torch import Tensor, fx, nn
 
 from ..errors import FusionError
 from ._catalog import (
-    _RANDOM_FACTORIES, _describe, _get_path, _is_inplace_call, _is_random_call, _is_shape_query, _near,
+    RANDOM_FACTORIES, describe_node, get_by_path, is_inplace_call, is_random_call, is_shape_query, nearby_module,
 )
-from ._layers import _bn_epilogue, _split_fused, _split_stacked, _zip_branches
-from ._layout import _F, _K, _L, _S, Val, _list_to_fused, _new_fused, _pack, _stacked_to_fused, _to_fused
+from ._layers import split_fused, split_stacked, write_back_bn_stats, zip_branches
+from ._layout import (
+    FUSED, LIST, SHARED, STACKED, Val, list_to_fused, new_fused, pack_parameters, shared_to_fused, stacked_to_fused,
+)
 from .modules import find_module_rule
 from .ops import fail_without_rule, find_op_rule
 
 __all__ = ["Builder"]
 
 
-
 class Builder:
+    """Builds the fused graph of ``m`` branches from the tail's graph (:meth:`build`). It is the
+    :class:`._rule_builder.RuleBuilder` that the rules of :mod:`.modules` and :mod:`.ops` are given."""
+
     def __init__(self, branches: Sequence[nn.Module], graph: fx.Graph, training: bool, conv_mode: str,
                  per_branch_input: bool = False) -> None:
         self.branches, self.src, self.training, self.conv_mode = list(branches), graph, training, conv_mode
@@ -31,10 +35,11 @@ class Builder:
         self.m = len(branches)
         self.g = fx.Graph()
         self.env: dict[fx.Node, Val] = {}
-        self.shared_to_fused: dict[fx.Node, fx.Node] = {}
+        self.fused_copies: dict[fx.Node, fx.Node] = {}
         self.module_refs: dict[str, tuple[fx.Node, ...]] = {}
         self.pending: list[fx.Node] = []
-        # The parameter pack (see _pack): one node near the top of the graph, its groups filled in by params().
+        # The parameter pack (see pack_parameters): one node near the top of the graph, its groups filled in by
+        # params().
         # Group key -> (its entries: m tensor refs each, the node picking the group's output); in pack order.
         self.pack: fx.Node | None = None
         self.pack_groups: dict[tuple[Any, ...], tuple[list[tuple[fx.Node, ...]], fx.Node]] = {}
@@ -48,7 +53,7 @@ class Builder:
     # -- errors ------------------------------------------------------------------------------------------------
     def fail(self, reason: str) -> None:
         n = self.node
-        where = f"node '{n.name}' ({_describe(n)}{_near(n)})" if n is not None else "the tail"
+        where = f"node '{n.name}' ({describe_node(n)}{nearby_module(n)})" if n is not None else "the tail"
         raise FusionError(
             f"cannot fuse the {self.m} branches ({'train' if self.training else 'eval'} graph): {where}: {reason}"
         )
@@ -57,14 +62,14 @@ class Builder:
     def val(self, a: Any) -> Val:
         if isinstance(a, fx.Node):
             return self.env[a]
-        return Val(_S, self.shared(a, "an element of this argument"))  # constants, or containers of shared nodes
+        return Val(SHARED, self.shared(a, "an element of this argument"))  # constants, or containers of shared nodes
 
     def shared(self, a: Any, what: str = "this argument") -> Any:
         """``a`` with every node replaced by its (shared) new node; fails on per-branch values."""
 
         def f(n: fx.Node) -> fx.Node:
             v = self.env[n]
-            if v.kind != _S:
+            if v.kind != SHARED:
                 self.fail(f"{what} depends on the branch ({v.kind} value '{n.name}'); no rule for that")
             return v.ref
 
@@ -80,23 +85,23 @@ class Builder:
 
     def fused(self, v: Val) -> fx.Node:
         """The value laid out fused (converting shared, stacked and list values)."""
-        if v.kind == _F:
+        if v.kind == FUSED:
             return v.ref
-        if v.kind == _S:
+        if v.kind == SHARED:
             if not isinstance(v.ref, fx.Node):
                 self.fail(f"constant {v.ref!r} used where a per-branch tensor is needed")
-            if v.ref not in self.shared_to_fused:
-                self.shared_to_fused[v.ref] = self.call(_to_fused, v.ref, self.m)
-            return self.shared_to_fused[v.ref]
-        if v.kind == _K:
-            return self.call(_stacked_to_fused, v.ref)
-        return self.call(_list_to_fused, v.ref)
+            if v.ref not in self.fused_copies:
+                self.fused_copies[v.ref] = self.call(shared_to_fused, v.ref, self.m)
+            return self.fused_copies[v.ref]
+        if v.kind == STACKED:
+            return self.call(stacked_to_fused, v.ref)
+        return self.call(list_to_fused, v.ref)
 
     def as_list(self, v: Val, what: str) -> Any:
         """A per-branch operand (weights, statistics) as a tuple of m refs."""
-        if v.kind == _L:
+        if v.kind == LIST:
             return v.ref
-        if v.kind == _S:
+        if v.kind == SHARED:
             return None if v.ref is None else (v.ref,) * self.m
         self.fail(f"{what} is computed from the branch activations ({v.kind}); weights must be parameters")
 
@@ -115,7 +120,7 @@ class Builder:
         if any(t is not None and (not isinstance(t, Tensor) or t.ndim < 1) for t in tensors):
             return None
         if self.pack is None:
-            self.pack = self.call(_pack, ())
+            self.pack = self.call(pack_parameters, ())
         if target not in self.module_refs:  # looked up once, before the pack, and shared with the rule's node
             with self.g.inserting_before(self.pack):
                 self.modules(target)
@@ -141,7 +146,7 @@ class Builder:
     def replicate_one(self, node: fx.Node, i: int) -> fx.Node:
         def pick(n: fx.Node) -> Any:
             v = self.env[n]
-            return v.ref[i] if v.kind == _L else v.ref
+            return v.ref[i] if v.kind == LIST else v.ref
 
         return self.g.create_node(node.op, node.target, fx.map_arg(node.args, pick), fx.map_arg(node.kwargs, pick))
 
@@ -152,28 +157,28 @@ class Builder:
 
             def pick(n: fx.Node, i: int = i) -> Any:
                 v = self.env[n]
-                if v.kind == _L:
+                if v.kind == LIST:
                     return v.ref[i]
-                if v.kind == _S:
+                if v.kind == SHARED:
                     return v.ref
                 self.fail(f"internal: {v.kind} input in a per-branch computation")
 
             args = fx.map_arg(node.args, pick)
             kwargs = fx.map_arg(node.kwargs, pick)
             outs.append(self.g.create_node(node.op, node.target, args, kwargs))
-        return Val(_L, tuple(outs))
+        return Val(LIST, tuple(outs))
 
     def copy_shared(self, node: fx.Node) -> Val:
         new = self.g.create_node(node.op, node.target, self.shared(node.args), self.shared(node.kwargs))
-        if not _is_shape_query(node) and self.has_act(node):
+        if not is_shape_query(node) and self.has_act(node):
             self.acts.add(new)
-        return Val(_S, new)
+        return Val(SHARED, new)
 
     def has_act(self, node: fx.Node) -> bool:
         found = []
 
         def visit(n: fx.Node) -> fx.Node:
-            found.append(self.env[n].kind == _S and self.env[n].ref in self.acts)
+            found.append(self.env[n].kind == SHARED and self.env[n].ref in self.acts)
             return n
 
         fx.map_arg((node.args, node.kwargs), visit)
@@ -188,10 +193,10 @@ class Builder:
             if node.op == "placeholder":
                 # The data input: one value for every branch, or (per_branch_input) the branches' own inputs
                 # concatenated along axis 1, which is the fused layout by definition. Other inputs are shared.
-                kind = _F if first_input and self.per_branch_input else _S
+                kind = FUSED if first_input and self.per_branch_input else SHARED
                 first_input = False
                 self.env[node] = Val(kind, self.g.node_copy(node))
-                if kind == _S:
+                if kind == SHARED:
                     self.acts.add(self.env[node].ref)
             elif node.op == "get_attr":
                 self.env[node] = self.get_attr(node)
@@ -210,31 +215,31 @@ class Builder:
         if self.pack is not None:
             self.pack.args = (tuple(tuple(entries) for entries, _ in self.pack_groups.values()),)
         if self.pending:
-            self.call(_bn_epilogue, tuple(self.pending))
+            self.call(write_back_bn_stats, tuple(self.pending))
         per_branch = [self.per_branch_outputs(self.env[r]) for r in values]
-        res = per_branch[0] if not isinstance(returned, tuple) else self.call(_zip_branches, tuple(per_branch))
+        res = per_branch[0] if not isinstance(returned, tuple) else self.call(zip_branches, tuple(per_branch))
         self.g.output(res)
         self.g.lint()
         return self.g
 
     def per_branch_outputs(self, v: Val) -> fx.Node:
         """A node holding the list of the ``m`` branches' values of ``v``."""
-        if v.kind == _F:
-            return self.call(_split_fused, v.ref, self.m)
-        if v.kind == _K:
-            return self.call(_split_stacked, v.ref)
-        if v.kind == _L:
+        if v.kind == FUSED:
+            return self.call(split_fused, v.ref, self.m)
+        if v.kind == STACKED:
+            return self.call(split_stacked, v.ref)
+        if v.kind == LIST:
             return self.call(list, v.ref)
         return self.call(list, (v.ref,) * self.m)
 
     # -- get_attr ----------------------------------------------------------------------------------------------
     def get_attr(self, node: fx.Node) -> Val:
-        objs = [_get_path(b, node.target) for b in self.branches]
+        objs = [get_by_path(b, node.target) for b in self.branches]
         if all(o is objs[0] for o in objs) or not isinstance(objs[0], Tensor):
-            return Val(_S, self.g.get_attr(f"branches.0.{node.target}"))
+            return Val(SHARED, self.g.get_attr(f"branches.0.{node.target}"))
         if node.target.rsplit(".", 1)[-1].startswith("_tensor_constant"):  # a constant baked in by tracing
-            return Val(_S, self.g.get_attr(f"branches.0.{node.target}"))
-        return Val(_L, tuple(self.g.get_attr(f"branches.{i}.{node.target}") for i in range(self.m)))
+            return Val(SHARED, self.g.get_attr(f"branches.0.{node.target}"))
+        return Val(LIST, tuple(self.g.get_attr(f"branches.{i}.{node.target}") for i in range(self.m)))
 
     # -- modules -----------------------------------------------------------------------------------------------
     def call_module(self, node: fx.Node) -> Val:
@@ -244,7 +249,7 @@ class Builder:
             self.fail(f"{type(mod).__name__} called with other than one tensor input; no rule for that")
         v = self.val(node.args[0])
         out = self.apply_module(target, mod, v)
-        if out.kind == _S and v.kind == _S and v.ref in self.acts:
+        if out.kind == SHARED and v.kind == SHARED and v.ref in self.acts:
             self.acts.add(out.ref)
         return out
 
@@ -256,8 +261,8 @@ class Builder:
                 "activations, dropout, pooling, flatten; kdwrap.fused.register_module_rule adds one for a module "
                 "of your own)"
             )
-        if v.kind == _L and not rule.per_branch_params:  # computed from parameters only: once per branch
-            return Val(_L, tuple(self.module_forward(f"branches.{i}.{target}", v.ref[i]) for i in range(self.m)))
+        if v.kind == LIST and not rule.per_branch_params:  # computed from parameters only: once per branch
+            return Val(LIST, tuple(self.module_forward(f"branches.{i}.{target}", v.ref[i]) for i in range(self.m)))
         return rule.apply(self, target, mod, v)
 
     # -- functions and methods ---------------------------------------------------------------------------------
@@ -265,32 +270,32 @@ class Builder:
         kinds = self.kinds_in(node.args, node.kwargs)
         is_method = node.op == "call_method"
         target = node.target
-        inplace = _is_inplace_call(node)
+        inplace = is_inplace_call(node)
         first = node.args[0] if node.args else None
-        first_kind = self.env[first].kind if isinstance(first, fx.Node) else _S
-        random = _is_random_call(node)
+        first_kind = self.env[first].kind if isinstance(first, fx.Node) else SHARED
+        random = is_random_call(node)
 
-        if not is_method and target in _RANDOM_FACTORIES:
+        if not is_method and target in RANDOM_FACTORIES:
             self.fail("a random tensor created from scratch cannot be drawn per branch; no rule for that")
-        if kinds <= {_S} and is_method and target == "new_empty":  # uninitialised, to be filled (randomly?) per branch
-            return Val(_F, self.call(_new_fused, self.env[first].ref, self.m, target, *self.shared(node.args[1:]),
-                                      **self.shared(node.kwargs)))
-        if kinds <= {_S}:
+        if kinds <= {SHARED} and is_method and target == "new_empty":  # uninitialised, filled (randomly?) per branch
+            return Val(FUSED, self.call(new_fused, self.env[first].ref, self.m, target, *self.shared(node.args[1:]),
+                                        **self.shared(node.kwargs)))
+        if kinds <= {SHARED}:
             if inplace and isinstance(first, fx.Node):
                 self.fail("in-place op on a value shared by every branch (each branch would apply it again)")
             if random:
                 if not isinstance(first, fx.Node):
                     self.fail("random op with no tensor input")
-                return self.with_first(node, Val(_F, self.fused(self.env[first])), _F)
+                return self.with_first(node, Val(FUSED, self.fused(self.env[first])), FUSED)
             return self.copy_shared(node)
-        if inplace and first_kind == _S:
+        if inplace and first_kind == SHARED:
             self.fail("in-place op on a value shared by every branch, with a per-branch operand")
         rule = find_op_rule(node)
-        if rule is not None and rule.takes_params and first_kind != _L:
+        if rule is not None and rule.takes_params and first_kind != LIST:
             return rule.apply(self, node)
-        if _is_shape_query(node) and first_kind == _L:  # shapes of per-branch parameters agree: branch 0's
-            return Val(_S, self.replicate_one(node, 0))
-        if _F not in kinds and _K not in kinds and not self.has_act(node):
+        if is_shape_query(node) and first_kind == LIST:  # shapes of per-branch parameters agree: branch 0's
+            return Val(SHARED, self.replicate_one(node, 0))
+        if FUSED not in kinds and STACKED not in kinds and not self.has_act(node):
             return self.replicate(node)  # parameters and constants only: compute per branch
         # From here on: a fused or stacked input, or a shared activation meeting per-branch parameters.
         if rule is None:

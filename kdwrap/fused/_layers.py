@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layout import _F, _S, _cat_opt, _fail, _per_branch, _to_fused
+from ._layout import FUSED, SHARED, cat_param, fail, shared_to_fused, split_param
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -27,7 +27,7 @@ def _conv_t(
     w0 = weights if isinstance(weights, Tensor) else weights[0]
     k = w0.ndim - 2
     if x.ndim != k + 2:
-        _fail(f"conv{k}d on a {x.ndim}-D (unbatched) input")
+        fail(f"conv{k}d on a {x.ndim}-D (unbatched) input")
     if same:  # timm Conv2dSame: TF "same" padding computed from the input size (spatial axes only)
         from timm.layers.padding import pad_same
 
@@ -38,17 +38,19 @@ def _conv_t(
     depthwise = w0.shape[1] == 1
     if not dense_shared and not depthwise and (mode == "split" or (mode == "auto" and x.device.type == "cpu")):
         xs = [x] * m if shared else list(x.chunk(m, 1))
-        ws, bs = _per_branch(weights, m), _per_branch(biases, m)
+        ws, bs = split_param(weights, m), split_param(biases, m)
         outs = [fn(xs[i], ws[i], bs[i], stride, padding, dilation, groups) for i in range(m)]
         return torch.cat(outs, 1)
     if shared and not dense_shared:
-        x = _to_fused(x, m)
-    return fn(x, _cat_opt(weights), _cat_opt(biases), stride, padding, dilation, groups if dense_shared else groups * m)
+        x = shared_to_fused(x, m)
+    groups = groups if dense_shared else groups * m
+    return fn(x, cat_param(weights), cat_param(biases), stride, padding, dilation, groups)
 
 
-def _conv(x: Tensor, convs: Sequence[nn.Module], shared: bool, mode: str, same: bool = False,
-          params: Sequence[Tensor | None] | None = None) -> Tensor:
-    """A conv module rule; ``params``: the fused (weight, bias) from :func:`_pack`, else read from the modules."""
+def fused_conv(x: Tensor, convs: Sequence[nn.Module], shared: bool, mode: str, same: bool = False,
+               params: Sequence[Tensor | None] | None = None) -> Tensor:
+    """A conv module rule; ``params``: the fused (weight, bias) from :func:`pack_parameters`, else read from the
+    modules."""
     c = convs[0]
     padding = c.padding
     if c.padding_mode != "zeros":
@@ -58,8 +60,9 @@ def _conv(x: Tensor, convs: Sequence[nn.Module], shared: bool, mode: str, same: 
     return _conv_t(x, shared, mode, len(convs), w, b, c.stride, padding, c.dilation, c.groups, same)
 
 
-def _conv_f(x: Tensor, shared: bool, mode: str, weight: Sequence[Tensor], bias: Sequence[Tensor] | None = None,
-            stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor:
+def fused_functional_conv(x: Tensor, shared: bool, mode: str, weight: Sequence[Tensor],
+                          bias: Sequence[Tensor] | None = None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                          groups: int = 1) -> Tensor:
     return _conv_t(x, shared, mode, len(weight), weight, bias, stride, padding, dilation, groups)
 
 
@@ -69,10 +72,11 @@ def _bn_core(
     training: bool, track: bool, momentum: float | None, eps: float, bn_fn: Callable,
 ) -> tuple[Tensor, Any]:
     """Mirror of ``_BatchNorm.forward`` on concatenated tensors. ``weight``/``bias``: ``m`` tensors or fused;
-    ``running``: the fused (mean, var) from :func:`_pack`, else concatenated here from ``means``/``vars_`` (the
-    branches' buffers, where updated statistics go back to). Returns the output and the pending buffer update
-    ``(sources, destinations, counters)`` to apply with :func:`_bn_epilogue`, or None."""
-    w, b = _cat_opt(weight), _cat_opt(bias)
+    ``running``: the fused (mean, var) from :func:`pack_parameters`, else concatenated here from
+    ``means``/``vars_`` (the branches' buffers, where updated statistics go back to). Returns the output and the
+    pending buffer update ``(sources, destinations, counters)`` to apply with :func:`write_back_bn_stats`, or
+    None."""
+    w, b = cat_param(weight), cat_param(bias)
     has_buf = means is not None and vars_ is not None
     use_batch = training or not has_buf
     if not has_buf or (training and not track):
@@ -95,7 +99,7 @@ def _bn_core(
     return y, ([*rm.chunk(m), *rv.chunk(m)], [*means, *vars_], counters)
 
 
-def _bn_epilogue(pending: Iterable[Any]) -> None:
+def write_back_bn_stats(pending: Iterable[Any]) -> None:
     """Copy updated running statistics back into the branches' buffers; count the batch."""
     srcs: list[Tensor] = []
     dsts: list[Tensor] = []
@@ -132,9 +136,11 @@ def _sync_bn_fn(bn: nn.Module, x: Tensor) -> Callable:
     return fn
 
 
-def _bn(x: Tensor, bns: Sequence[nn.Module], defer: bool, params: Sequence[Tensor | None] | None = None) -> Any:
+def fused_batch_norm(x: Tensor, bns: Sequence[nn.Module], defer: bool,
+                     params: Sequence[Tensor | None] | None = None) -> Any:
     """A BatchNorm module rule (torch BatchNorm*d / SyncBatchNorm, timm BatchNormAct2d's normalisation part).
-    ``params``: the fused (weight, bias, running_mean, running_var) from :func:`_pack`, else read from the modules."""
+    ``params``: the fused (weight, bias, running_mean, running_var) from :func:`pack_parameters`, else read from
+    the modules."""
     bn = bns[0]
     if isinstance(bn, nn.modules.batchnorm._BatchNorm):
         bn._check_input_dim(x)
@@ -153,24 +159,26 @@ def _bn(x: Tensor, bns: Sequence[nn.Module], defer: bool, params: Sequence[Tenso
     if defer:
         return y, pending
     if pending is not None:
-        _bn_epilogue([pending])
+        write_back_bn_stats([pending])
     return y
 
 
-def _bn_f(x: Tensor, m: int, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,
-          training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+def fused_functional_batch_norm(x: Tensor, m: int, running_mean: Any, running_var: Any, weight: Any = None,
+                                bias: Any = None, training: bool = False, momentum: float = 0.1,
+                                eps: float = 1e-5) -> Tensor:
     """``F.batch_norm`` with per-branch (list) statistics and affine parameters; statistics copied back at once."""
     y, pending = _bn_core(
         x, m, weight, bias, None, running_mean, running_var, None, training, True, momentum, eps, F.batch_norm
     )
     if pending is not None:
-        _bn_epilogue([pending])
+        write_back_bn_stats([pending])
     return y
 
 
-def _frozen_bn(x: Tensor, bns: Sequence[nn.Module], params: Sequence[Tensor] | None = None) -> Tensor:
+def fused_frozen_batch_norm(x: Tensor, bns: Sequence[nn.Module], params: Sequence[Tensor] | None = None) -> Tensor:
     """torchvision ``FrozenBatchNorm2d`` / timm ``FrozenBatchNormAct2d`` (normalisation part), same arithmetic.
-    ``params``: the fused (weight, bias, running_mean, running_var) from :func:`_pack`, else read from the modules."""
+    ``params``: the fused (weight, bias, running_mean, running_var) from :func:`pack_parameters`, else read from
+    the modules."""
     if params is None:
         params = [torch.cat([getattr(b, k) for b in bns]) for k in ("weight", "bias", "running_mean", "running_var")]
     w, b_, rm, rv = [t.reshape(1, -1, 1, 1) for t in params]
@@ -179,22 +187,22 @@ def _frozen_bn(x: Tensor, bns: Sequence[nn.Module], params: Sequence[Tensor] | N
 
 
 def _group_norm_t(x: Tensor, m: int, num_groups: int, weights: Any, biases: Any, eps: float) -> Tensor:
-    return F.group_norm(x, num_groups * m, _cat_opt(weights), _cat_opt(biases), eps)
+    return F.group_norm(x, num_groups * m, cat_param(weights), cat_param(biases), eps)
 
 
-def _group_norm(x: Tensor, gns: Sequence[nn.Module], params: Sequence[Tensor | None] | None = None) -> Tensor:
+def fused_group_norm(x: Tensor, gns: Sequence[nn.Module], params: Sequence[Tensor | None] | None = None) -> Tensor:
     g = gns[0]
     w, b = params if params is not None else ([n.weight for n in gns], [n.bias for n in gns])
     return _group_norm_t(x, len(gns), g.num_groups, w, b, g.eps)
 
 
-def _group_norm_f(
+def fused_functional_group_norm(
     x: Tensor, m: int, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5
 ) -> Tensor:
     return _group_norm_t(x, m, num_groups, weight, bias, eps)
 
 
-def _prelu(x: Tensor, mods: Sequence[nn.Module]) -> Tensor:
+def fused_prelu(x: Tensor, mods: Sequence[nn.Module]) -> Tensor:
     m = len(mods)
     width = x.shape[1] // m if x.ndim >= 2 else 1
     w = torch.cat([p.weight.expand(width) if p.weight.numel() == 1 else p.weight for p in mods])
@@ -206,15 +214,15 @@ def _linear_t(x: Tensor, kind: str, m: int, weights: Sequence[Tensor] | Tensor,
     """Linear per branch (on the last axis). A shared input: one matmul with concatenated weights, fused output.
     A fused (B, m*N.., D) or stacked (m, B, .., D) input: a per-branch batched matmul, stacked output (m, B, .., O).
     ``weights``/``biases``: ``m`` tensors or fused."""
-    w, b = _cat_opt(weights), _cat_opt(biases)
-    if kind == _S:
+    w, b = cat_param(weights), cat_param(biases)
+    if kind == SHARED:
         y = F.linear(x, w, b)
         if x.ndim == 2:
             return y
         if x.ndim < 2:
-            _fail(f"Linear on a {x.ndim}-D shared value has no batch axis")
+            fail(f"Linear on a {x.ndim}-D shared value has no batch axis")
         return y.unflatten(-1, (m, -1)).movedim(-2, 1).flatten(1, 2)
-    if kind == _F:
+    if kind == FUSED:
         x = x.unflatten(1, (m, -1)).movedim(1, 0)
     shape = x.shape
     if x.ndim > 3:
@@ -224,23 +232,25 @@ def _linear_t(x: Tensor, kind: str, m: int, weights: Sequence[Tensor] | Tensor,
     return y if len(shape) <= 3 else y.unflatten(1, shape[1:-1])
 
 
-def _linear(x: Tensor, kind: str, mods: Sequence[nn.Module], params: Sequence[Tensor | None] | None = None) -> Tensor:
+def fused_linear(x: Tensor, kind: str, mods: Sequence[nn.Module],
+                 params: Sequence[Tensor | None] | None = None) -> Tensor:
     w, b = params if params is not None else ([l.weight for l in mods], [l.bias for l in mods])
     return _linear_t(x, kind, len(mods), w, b)
 
 
-def _linear_f(x: Tensor, kind: str, weight: Sequence[Tensor], bias: Sequence[Tensor] | None = None) -> Tensor:
+def fused_functional_linear(x: Tensor, kind: str, weight: Sequence[Tensor],
+                            bias: Sequence[Tensor] | None = None) -> Tensor:
     return _linear_t(x, kind, len(weight), weight, bias)
 
 
-def _split_fused(x: Tensor, m: int) -> list[Tensor]:
+def split_fused(x: Tensor, m: int) -> list[Tensor]:
     return list(x.chunk(m, 1))
 
 
-def _split_stacked(y: Tensor) -> list[Tensor]:
+def split_stacked(y: Tensor) -> list[Tensor]:
     return list(y.unbind(0))
 
 
-def _zip_branches(per_value: Sequence[list[Tensor]]) -> list[tuple[Tensor, ...]]:
+def zip_branches(per_value: Sequence[list[Tensor]]) -> list[tuple[Tensor, ...]]:
     """Per returned value the ``m`` branches' tensors -> per branch the tuple of its returned values."""
     return [tuple(values) for values in zip(*per_value)]

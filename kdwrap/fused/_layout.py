@@ -11,8 +11,8 @@ from torch import Tensor
 
 from ..errors import FusionError
 
-# Value kinds (see the package docstring).
-_S, _F, _K, _L = "shared", "fused", "stacked", "list"
+# Value kinds (see docs/fused.md).
+SHARED, FUSED, STACKED, LIST = "shared", "fused", "stacked", "list"
 
 
 class Val:
@@ -29,42 +29,42 @@ class Val:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fail(msg: str) -> None:
+def fail(msg: str) -> None:
     raise FusionError(msg)
 
 
-def _to_fused(x: Tensor, m: int) -> Tensor:
+def shared_to_fused(x: Tensor, m: int) -> Tensor:
     """Shared -> fused: ``m`` copies along axis 1 (``torch.cat`` keeps channels_last)."""
     if not isinstance(x, Tensor) or x.ndim < 2:
-        _fail(f"a shared value of shape {tuple(getattr(x, 'shape', ()))} cannot be laid out per branch along axis 1")
+        fail(f"a shared value of shape {tuple(getattr(x, 'shape', ()))} cannot be laid out per branch along axis 1")
     return torch.cat([x] * m, 1)
 
 
-def _list_to_fused(xs: Sequence[Tensor]) -> Tensor:
+def list_to_fused(xs: Sequence[Tensor]) -> Tensor:
     if xs[0].ndim < 2:
-        _fail(f"per-branch values of shape {tuple(xs[0].shape)} cannot be laid out per branch along axis 1")
+        fail(f"per-branch values of shape {tuple(xs[0].shape)} cannot be laid out per branch along axis 1")
     return torch.cat(list(xs), 1)
 
 
-def _stacked_to_fused(y: Tensor) -> Tensor:
+def stacked_to_fused(y: Tensor) -> Tensor:
     """(m, B, C, ...) -> (B, m*C, ...)."""
     if y.ndim < 3:
-        _fail(f"stacked per-branch values of shape {tuple(y.shape)} have no axis to fuse along")
+        fail(f"stacked per-branch values of shape {tuple(y.shape)} have no axis to fuse along")
     return y.movedim(0, 1).flatten(1, 2)
 
 
-def _branch_shape(x: Tensor, m: int) -> torch.Size:
+def branch_shape(x: Tensor, m: int) -> torch.Size:
     """The per-branch shape of a fused value."""
     return torch.Size((x.shape[0], x.shape[1] // m, *x.shape[2:]))
 
 
-def _branch_size(x: Tensor, m: int, *args: Any, **kwargs: Any) -> Any:
-    shape = _branch_shape(x, m)
+def branch_size(x: Tensor, m: int, *args: Any, **kwargs: Any) -> Any:
+    shape = branch_shape(x, m)
     dim = args[0] if args else kwargs.get("dim")
     return shape if dim is None else shape[dim]
 
 
-def _branch_numel(x: Tensor, m: int) -> int:
+def branch_numel(x: Tensor, m: int) -> int:
     return x.numel() // m
 
 
@@ -83,7 +83,7 @@ def _norm_dims(dim: Any, ndim: int) -> list[int]:
     out = []
     for d in dims:
         if not isinstance(d, int):
-            _fail(f"dim={dim!r} is not a (tuple of) int")
+            fail(f"dim={dim!r} is not a (tuple of) int")
         out.append(d % ndim if ndim else 0)
     return out
 
@@ -93,7 +93,7 @@ def _norm_dims(dim: Any, ndim: int) -> list[int]:
 _FUNCTIONS: dict[str, Callable] = {}
 
 
-def _fn_key(fn: Any) -> str:
+def function_key(fn: Any) -> str:
     if isinstance(fn, str):
         return "." + fn
     key = f"{getattr(fn, '__module__', None) or ''}.{getattr(fn, '__qualname__', None) or getattr(fn, '__name__', '')}"
@@ -110,22 +110,22 @@ def _call(fn: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(x, *args, **kwargs)
 
 
-def _cat_opt(ts: Sequence[Tensor | None] | Tensor | None) -> Tensor | None:
+def cat_param(ts: Sequence[Tensor | None] | Tensor | None) -> Tensor | None:
     """The fused (concatenated along axis 0) form of a per-branch parameter given as ``m`` tensors; a tensor that is
-    already fused (from :func:`_pack`) or None passes through."""
+    already fused (from :func:`pack_parameters`) or None passes through."""
     if ts is None or isinstance(ts, Tensor):
         return ts
     return None if ts[0] is None else torch.cat(list(ts))
 
 
-def _per_branch(t: Sequence[Tensor | None] | Tensor | None, m: int) -> list[Any]:
+def split_param(t: Sequence[Tensor | None] | Tensor | None, m: int) -> list[Any]:
     """The ``m`` per-branch parts of a parameter given as ``m`` tensors or fused (views, no copy)."""
     if t is None:
         return [None] * m
     return list(t.chunk(m)) if isinstance(t, Tensor) else list(t)
 
 
-def _pack(groups: Sequence[Sequence[Sequence[Tensor]]]) -> list[list[Tensor]]:
+def pack_parameters(groups: Sequence[Sequence[Sequence[Tensor]]]) -> list[list[Tensor]]:
     """The fused form of many per-branch parameters at once. Each group holds entries (the ``m`` tensors of one
     parameter, one per branch) that agree in dtype and in every axis after the first; the whole group is one
     ``torch.cat``, split back into one fused tensor per entry (views). In backward the split's gradient is one cat
@@ -146,7 +146,7 @@ def _pack(groups: Sequence[Sequence[Sequence[Tensor]]]) -> list[list[Tensor]]:
     return out
 
 
-def _ew(fn: Any, kinds: tuple[str, ...], m: int, inplace: bool, *args: Any, **kwargs: Any) -> Any:
+def fused_elementwise(fn: Any, kinds: tuple[str, ...], m: int, inplace: bool, *args: Any, **kwargs: Any) -> Any:
     """An elementwise op with several operands, at least one of them per-branch (fused or list); returns fused.
 
     Direct when every fused operand has the same width and no shared tensor reaches axis 1; otherwise in the
@@ -154,34 +154,34 @@ def _ew(fn: Any, kinds: tuple[str, ...], m: int, inplace: bool, *args: Any, **kw
     """
     nd = 0
     for a, k in zip(args, kinds):
-        if k == _L:
+        if k == LIST:
             nd = max(nd, a[0].ndim)
         elif isinstance(a, Tensor):
             nd = max(nd, a.ndim)
     widths = set()
     direct = True
     for a, k in zip(args, kinds):
-        if k == _F:
+        if k == FUSED:
             if a.ndim != nd:
-                _fail(
+                fail(
                     f"{_fn_name(fn)}: a per-branch operand of ndim {a.ndim} is broadcast against ndim {nd}, which "
                     "would move the branch axis"
                 )
             widths.add(a.shape[1])
-        elif k == _L:
+        elif k == LIST:
             direct = False
         elif isinstance(a, Tensor) and a.ndim >= nd - 1 and a.ndim > 0:
             if a.shape[a.ndim - nd + 1] != 1:
                 direct = False
     if nd < 2:
-        _fail(f"{_fn_name(fn)}: per-branch result of ndim {nd} has no axis to fuse along")
+        fail(f"{_fn_name(fn)}: per-branch result of ndim {nd} has no axis to fuse along")
     if direct and len(widths) <= 1:
         return _call(fn, *args, **kwargs)
     new = []
     for a, k in zip(args, kinds):
-        if k == _F:
+        if k == FUSED:
             a = a.unflatten(1, (m, -1))
-        elif k == _L:
+        elif k == LIST:
             s = a[0].ndim
             if s == nd:
                 a = torch.stack(list(a), 1)
@@ -200,30 +200,30 @@ def _fn_name(fn: Any) -> str:
     return getattr(fn, "__name__", repr(fn))
 
 
-def _dim_op(fn: Any, pos: int, kw: str, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+def fused_dim_op(fn: Any, pos: int, kw: str, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     """An op acting along ``dim`` (reductions, softmax, normalize...): fine on fused values for dims >= 2."""
     if len(args) > pos:
         dim = args[pos]
     else:
         dim = kwargs.get(kw, kwargs.get("axis"))
     if dim is None:
-        _fail(f"{_fn_name(fn)} without dim would act across the batch and branch axes")
+        fail(f"{_fn_name(fn)} without dim would act across the batch and branch axes")
     if min(_norm_dims(dim, x.ndim)) < 2:
-        _fail(f"{_fn_name(fn)} along dim={dim!r} acts across the channel axis, which holds the branches")
+        fail(f"{_fn_name(fn)} along dim={dim!r} acts across the channel axis, which holds the branches")
     return _call(fn, x, *args, **kwargs)
 
 
-def _spatial(fn: Any, k: int, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+def fused_spatial(fn: Any, k: int, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     """Pooling / padding modules and functions over the last ``k`` axes: channel-independent on batched input."""
     if k and x.ndim != k + 2:
-        _fail(f"{_fn_name(fn)} on a {x.ndim}-D (unbatched) input would act on the branch axis")
+        fail(f"{_fn_name(fn)} on a {x.ndim}-D (unbatched) input would act on the branch axis")
     return _call(fn, x, *args, **kwargs)
 
 
-def _flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+def fused_flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     s, e = start_dim % x.ndim, end_dim % x.ndim
     if s == 0 and e > 0:
-        _fail(f"flatten({start_dim}, {end_dim}) merges the batch axis with the branch axis")
+        fail(f"flatten({start_dim}, {end_dim}) merges the batch axis with the branch axis")
     return x.flatten(start_dim, end_dim)
 
 
@@ -232,7 +232,7 @@ def _resolve_shape(shape: Sequence[int], numel: int) -> list[int]:
     known, free = 1, -1
     for i, s in enumerate(shape):
         if not isinstance(s, int):
-            _fail(f"reshape to {shape!r}: not a shape")
+            fail(f"reshape to {shape!r}: not a shape")
         if s == -1:
             free = i
         else:
@@ -242,69 +242,69 @@ def _resolve_shape(shape: Sequence[int], numel: int) -> list[int]:
     return shape
 
 
-def _reshape(x: Tensor, m: int, method: str, *shape: Any) -> Tensor:
+def fused_reshape(x: Tensor, m: int, method: str, *shape: Any) -> Tensor:
     """``view``/``reshape`` to a per-branch shape: valid iff it keeps the batch axis (then branch-major holds)."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
         shape = tuple(shape[0])
-    per = _branch_shape(x, m)
+    per = branch_shape(x, m)
     target = _resolve_shape(shape, _prod(per))
     if len(target) < 2 or target[0] != per[0]:
-        _fail(f".{method}{tuple(shape)} of a per-branch {tuple(per)} value does not keep the batch axis first")
+        fail(f".{method}{tuple(shape)} of a per-branch {tuple(per)} value does not keep the batch axis first")
     return getattr(x, method)(target[0], target[1] * m, *target[2:])
 
 
-def _reshape_as(x: Tensor, m: int, method: str, other: Tensor, other_fused: bool) -> Tensor:
-    return _reshape(x, m, method[: -len("_as")], _branch_shape(other, m) if other_fused else other.shape)
+def fused_reshape_as(x: Tensor, m: int, method: str, other: Tensor, other_fused: bool) -> Tensor:
+    return fused_reshape(x, m, method[: -len("_as")], branch_shape(other, m) if other_fused else other.shape)
 
 
-def _unflatten(x: Tensor, m: int, dim: int, sizes: Sequence[int]) -> Tensor:
+def fused_unflatten(x: Tensor, m: int, dim: int, sizes: Sequence[int]) -> Tensor:
     d = dim % x.ndim
     if d == 0:
-        _fail("unflatten of the batch axis")
+        fail("unflatten of the batch axis")
     if d >= 2:
         return x.unflatten(dim, sizes)
-    per = _branch_shape(x, m)
+    per = branch_shape(x, m)
     sizes = _resolve_shape(sizes, per[1])
-    return _reshape(x, m, "reshape", per[0], *sizes, *per[2:])
+    return fused_reshape(x, m, "reshape", per[0], *sizes, *per[2:])
 
 
-def _squeeze(x: Tensor, m: int, *args: Any, **kwargs: Any) -> Tensor:
-    per = _branch_shape(x, m)
+def fused_squeeze(x: Tensor, m: int, *args: Any, **kwargs: Any) -> Tensor:
+    per = branch_shape(x, m)
     dim = args[0] if args else kwargs.get("dim")
     dims = list(range(x.ndim)) if dim is None else _norm_dims(dim, x.ndim)
     for d in dims:
         if d < 2 and per[d] == 1:
-            _fail("squeeze would drop the batch or branch axis")
+            fail("squeeze would drop the batch or branch axis")
     return x.squeeze(*args, **kwargs)
 
 
-def _unsqueeze(x: Tensor, dim: int) -> Tensor:
+def fused_unsqueeze(x: Tensor, dim: int) -> Tensor:
     if dim % (x.ndim + 1) < 2:
-        _fail(f"unsqueeze({dim}) inserts an axis before the branch axis")
+        fail(f"unsqueeze({dim}) inserts an axis before the branch axis")
     return x.unsqueeze(dim)
 
 
-def _transpose(fn: Any, x: Tensor, d0: int, d1: int) -> Tensor:
+def fused_transpose(fn: Any, x: Tensor, d0: int, d1: int) -> Tensor:
     a, b = _norm_dims((d0, d1), x.ndim)
     if a != b and min(a, b) < 2:
-        _fail(f"transpose({d0}, {d1}) moves the batch or branch axis (channels-last layouts are not supported)")
+        fail(f"transpose({d0}, {d1}) moves the batch or branch axis (channels-last layouts are not supported)")
     return _call(fn, x, d0, d1)
 
 
-def _permute(fn: Any, x: Tensor, *dims: Any) -> Tensor:
+def fused_permute(fn: Any, x: Tensor, *dims: Any) -> Tensor:
     perm = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
     p = _norm_dims(perm, x.ndim)
     if p[:2] != [0, 1]:
-        _fail(f"permute{tuple(perm)} moves the batch or branch axis (channels-last layouts are not supported)")
+        fail(f"permute{tuple(perm)} moves the batch or branch axis (channels-last layouts are not supported)")
     return _call(fn, x, *dims)
 
 
-def _getitem(x: Tensor, idx: Any) -> Tensor:
+def fused_getitem(x: Tensor, idx: Any) -> Tensor:
     items = list(idx) if isinstance(idx, tuple) else [idx]
     count = 0
     for i in items:
         if isinstance(i, (Tensor, list)):
-            _fail("advanced (tensor/list) indexing of a per-branch value")
+            fail("advanced (tensor/list) indexing of a per-branch value")
         if i is not None and i is not Ellipsis:
             count += 1
     full: list[Any] = []
@@ -312,22 +312,22 @@ def _getitem(x: Tensor, idx: Any) -> Tensor:
         full.extend([slice(None)] * (x.ndim - count) if i is Ellipsis else [i])
     lead = full[:2]
     if lead and not isinstance(lead[0], slice):
-        _fail(f"indexing {idx!r} removes or adds an axis before the branch axis")
+        fail(f"indexing {idx!r} removes or adds an axis before the branch axis")
     if len(lead) > 1 and lead[1] != slice(None):
-        _fail(f"indexing {idx!r} selects along the channel axis, which holds the branches")
+        fail(f"indexing {idx!r} selects along the channel axis, which holds the branches")
     return x[idx]
 
 
-def _pad(x: Tensor, m: int, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> Tensor:
+def fused_pad(x: Tensor, m: int, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> Tensor:
     k = len(pad) // 2
     if k <= x.ndim - 2:
         return F.pad(x, pad, mode, value)
     if k == x.ndim - 1 and mode == "constant":  # pads the channel axis too (option-A shortcut): per branch
         return F.pad(x.unflatten(1, (m, -1)), pad, mode, value).flatten(1, 2)
-    _fail(f"F.pad({list(pad)}, mode={mode!r}) of a {x.ndim}-D per-branch value pads the batch axis or is not constant")
+    fail(f"F.pad({list(pad)}, mode={mode!r}) of a {x.ndim}-D per-branch value pads the batch axis or is not constant")
 
 
-def _new_fused(x: Tensor, m: int, method: str, *args: Any, **kwargs: Any) -> Tensor:
+def new_fused(x: Tensor, m: int, method: str, *args: Any, **kwargs: Any) -> Tensor:
     """``x.new_empty(size)`` & co: ``m`` per-branch tensors, laid out fused (axis 1 is ``m`` times larger)."""
     if method == "new_full":
         size, rest = args[0], args[1:]
@@ -337,12 +337,12 @@ def _new_fused(x: Tensor, m: int, method: str, *args: Any, **kwargs: Any) -> Ten
         size, rest = args, ()
     size = list(size)
     if len(size) < 2:
-        _fail(f".{method}({size}) creates a per-branch tensor with no axis to fuse along")
+        fail(f".{method}({size}) creates a per-branch tensor with no axis to fuse along")
     size[1] = size[1] * m
     return getattr(x, method)(size, *rest, **kwargs)
 
 
-def _stochastic_depth(x: Tensor, m: int, p: float, mode: str, training: bool = True) -> Tensor:
+def fused_stochastic_depth(x: Tensor, m: int, p: float, mode: str, training: bool = True) -> Tensor:
     """torchvision's ``stochastic_depth`` with one draw per sample (``row``) or per batch, and per branch."""
     if p < 0.0 or p > 1.0:
         raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")

@@ -10,7 +10,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import FusionError
 from ._builder import Builder
-from ._catalog import _get_path
+from ._catalog import get_by_path
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public API
@@ -65,7 +65,7 @@ def _check_same_structure(branches: Sequence[nn.Module], graphs: Sequence[fx.Gra
         objs = []
         for i, b in enumerate(branches):
             try:
-                objs.append(_get_path(b, node.target))
+                objs.append(get_by_path(b, node.target))
             except AttributeError:
                 raise FusionError(f"cannot fuse the branches: branch {i} has no '{node.target}'") from None
         t0 = type(objs[0])
@@ -190,7 +190,7 @@ def fuse_branches(branches: Sequence[nn.Module], training: bool, conv_mode: str 
     (PCL's peers, each on the trunk's output for its own view), given concatenated along axis 1 (the fused layout,
     :meth:`FusedBranches.inputs`), instead of one input shared by all.
 
-    Raises :class:`FusionError` naming the node and op when a rule is missing (see the module docstring); the
+    Raises :class:`FusionError` naming the node and op when a rule is missing (see docs/fused.md); the
     caller then runs the branches one after the other.
     """
     if conv_mode not in ("auto", "grouped", "split"):

@@ -11,21 +11,23 @@ import functools
 import importlib
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch.nn.functional as F
 from torch import nn
 
-from ._catalog import _ACTIVATIONS, _RANDOM_MODULES, _SOFTMAX_MODULES, _SPATIAL_MODULES
-from ._layers import _bn, _conv, _frozen_bn, _group_norm, _linear, _prelu
-from ._layout import _F, _K, _L, _S, Val, _dim_op, _flatten, _fn_key, _spatial, _unflatten
-
-if TYPE_CHECKING:
-    from ._builder import Builder
+from ._catalog import ACTIVATION_MODULES, RANDOM_MODULES, SOFTMAX_MODULES, SPATIAL_MODULES
+from ._layers import (
+    fused_batch_norm, fused_conv, fused_frozen_batch_norm, fused_group_norm, fused_linear, fused_prelu,
+)
+from ._layout import (
+    FUSED, LIST, SHARED, STACKED, Val, function_key, fused_dim_op, fused_flatten, fused_spatial, fused_unflatten,
+)
+from ._rule_builder import RuleBuilder
 
 __all__ = ["ModuleRule", "MODULE_RULES", "RULE_KINDS", "register_module_rule", "find_module_rule"]
 
-RuleFn = Callable[["Builder", str, nn.Module, "Val"], "Val"]
+RuleFn = Callable[[RuleBuilder, str, nn.Module, Val], Val]
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class ModuleRule:
     """How the fused graph computes a module of the tail for all ``m`` branches.
 
     ``apply(builder, target, module, value)`` returns the fused result; ``target`` is the module's path in the tail,
-    ``value`` its input (a kind and a node of the new graph, see the package docstring). ``per_branch_params``: the
+    ``value`` its input (a kind and a node of the new graph, see docs/fused.md). ``per_branch_params``: the
     rule reads every branch's own parameters (convolutions, norms, Linear); otherwise, an input that is a list of
     per-branch values runs the module once per branch before ``apply`` is ever called.
     """
@@ -45,23 +47,23 @@ class ModuleRule:
 MODULE_RULES: dict[type, ModuleRule] = {}
 
 
-def _elementwise(b: Builder, target: str, mod: nn.Module, v: Val) -> Val:
+def _elementwise(b: RuleBuilder, target: str, mod: nn.Module, v: Val) -> Val:
     """Each output element from the same input element (activations): the module runs as is on any layout."""
-    if getattr(mod, "inplace", False) and v.kind == _S:
+    if getattr(mod, "inplace", False) and v.kind == SHARED:
         b.fail(f"in-place {type(mod).__name__} on a value shared by every branch")
     if type(mod) is nn.Identity:
         return v
     return Val(v.kind, b.module_forward(f"branches.0.{target}", v.ref))
 
 
-def _per_channel(b: Builder, target: str, mod: nn.Module, v: Val, k: int = 0) -> Val:
+def _per_channel(b: RuleBuilder, target: str, mod: nn.Module, v: Val, k: int = 0) -> Val:
     """Each channel on its own, axes 0 and 1 kept (pooling, padding, resizing over the last ``k`` axes; 0: any)."""
     if getattr(mod, "return_indices", False):
         b.fail(f"{type(mod).__name__} with return_indices has no fusion rule")
     mod0 = f"branches.0.{target}"
-    if v.kind == _S:
-        return Val(_S, b.module_forward(mod0, v.ref))
-    return Val(_F, b.call(_spatial, b.g.get_attr(mod0), k, b.fused(v)))
+    if v.kind == SHARED:
+        return Val(SHARED, b.module_forward(mod0, v.ref))
+    return Val(FUSED, b.call(fused_spatial, b.g.get_attr(mod0), k, b.fused(v)))
 
 
 # What register_module_rule accepts by name, for modules of one's own.
@@ -107,47 +109,47 @@ def find_module_rule(mod: nn.Module) -> ModuleRule | None:
 # -- kdwrap's rules ---------------------------------------------------------------------------------------------------
 
 
-def _random(b: Builder, target: str, mod: nn.Module, v: Val) -> Val:
+def _random(b: RuleBuilder, target: str, mod: nn.Module, v: Val) -> Val:
     mod0 = f"branches.0.{target}"
-    if v.kind == _S and b.training:  # one draw per branch: apply to m copies
-        return Val(_F, b.module_forward(mod0, b.fused(v)))
-    if getattr(mod, "inplace", False) and v.kind == _S:
+    if v.kind == SHARED and b.training:  # one draw per branch: apply to m copies
+        return Val(FUSED, b.module_forward(mod0, b.fused(v)))
+    if getattr(mod, "inplace", False) and v.kind == SHARED:
         b.fail(f"in-place {type(mod).__name__} on a value shared by every branch")
     return Val(v.kind, b.module_forward(mod0, v.ref))
 
 
-def _shape_rule(fn: Callable[[Builder, nn.Module, Any], Any]) -> RuleFn:
+def _shape_rule(fn: Callable[[RuleBuilder, nn.Module, Any], Any]) -> RuleFn:
     """A shape-only module: computed once on a shared input, else ``fn`` on the fused layout."""
-    def rule(b: Builder, target: str, mod: nn.Module, v: Val) -> Val:
-        if v.kind == _S:
-            return Val(_S, b.module_forward(f"branches.0.{target}", v.ref))
-        return Val(_F, fn(b, mod, b.fused(v)))
+    def rule(b: RuleBuilder, target: str, mod: nn.Module, v: Val) -> Val:
+        if v.kind == SHARED:
+            return Val(SHARED, b.module_forward(f"branches.0.{target}", v.ref))
+        return Val(FUSED, fn(b, mod, b.fused(v)))
 
     return rule
 
 
-def _softmax(b: Builder, mod: nn.Module, x: Any) -> Any:
+def _softmax(b: RuleBuilder, mod: nn.Module, x: Any) -> Any:
     if mod.dim is None:
         b.fail(f"{type(mod).__name__} with dim=None (implicit dim) on a per-branch value")
     fn = {nn.Softmax: F.softmax, nn.LogSoftmax: F.log_softmax, nn.Softmin: F.softmin}[type(mod)]
-    return b.call(_dim_op, _fn_key(fn), 0, "dim", x, mod.dim)
+    return b.call(fused_dim_op, function_key(fn), 0, "dim", x, mod.dim)
 
 
-def _linear_rule(b: Builder, target: str, mod: nn.Module, v: Val) -> Val:
-    if v.kind == _L:
-        v = Val(_F, b.fused(v))
+def _linear_rule(b: RuleBuilder, target: str, mod: nn.Module, v: Val) -> Val:
+    if v.kind == LIST:
+        v = Val(FUSED, b.fused(v))
     params = b.params(target, ("weight", "bias"))
-    out = b.call(_linear, v.ref, v.kind, b.modules(target), params)
-    return Val(_F if v.kind == _S else _K, out)
+    out = b.call(fused_linear, v.ref, v.kind, b.modules(target), params)
+    return Val(FUSED if v.kind == SHARED else STACKED, out)
 
 
-def _conv_rule(b: Builder, target: str, mod: nn.Module, v: Val, same: bool = False) -> Val:
-    x = v.ref if v.kind == _S else b.fused(v)
+def _conv_rule(b: RuleBuilder, target: str, mod: nn.Module, v: Val, same: bool = False) -> Val:
+    x = v.ref if v.kind == SHARED else b.fused(v)
     params = b.params(target, ("weight", "bias"))
-    return Val(_F, b.call(_conv, x, b.modules(target), v.kind == _S, b.conv_mode, same, params))
+    return Val(FUSED, b.call(fused_conv, x, b.modules(target), v.kind == SHARED, b.conv_mode, same, params))
 
 
-def _act_parts(b: Builder, target: str, mod: nn.Module, v: Val) -> Val:
+def _act_parts(b: RuleBuilder, target: str, mod: nn.Module, v: Val) -> Val:
     """timm norm-act modules: the drop and act submodules after the normalisation."""
     for part in ("drop", "act"):
         sub = getattr(mod, part, None)
@@ -156,32 +158,32 @@ def _act_parts(b: Builder, target: str, mod: nn.Module, v: Val) -> Val:
     return v
 
 
-def _bn_rule(b: Builder, target: str, mod: nn.Module, v: Val, act: bool = False) -> Val:
+def _bn_rule(b: RuleBuilder, target: str, mod: nn.Module, v: Val, act: bool = False) -> Val:
     defer = b.uses.get(target, 0) == 1
     stats = ("running_mean", "running_var")
     params = b.params(target, ("weight", "bias", *stats), stats)
-    out = b.call(_bn, b.fused(v), b.modules(target), defer, params)
+    out = b.call(fused_batch_norm, b.fused(v), b.modules(target), defer, params)
     if defer:
         b.pending.append(b.call(operator.getitem, out, 1))
         out = b.call(operator.getitem, out, 0)
-    res = Val(_F, out)
+    res = Val(FUSED, out)
     return _act_parts(b, target, mod, res) if act else res
 
 
-def _frozen_bn_rule(b: Builder, target: str, mod: nn.Module, v: Val, act: bool = False) -> Val:
+def _frozen_bn_rule(b: RuleBuilder, target: str, mod: nn.Module, v: Val, act: bool = False) -> Val:
     names = ("weight", "bias", "running_mean", "running_var")  # all buffers in FrozenBatchNorm2d
     params = b.params(target, names, names)
-    res = Val(_F, b.call(_frozen_bn, b.fused(v), b.modules(target), params))
+    res = Val(FUSED, b.call(fused_frozen_batch_norm, b.fused(v), b.modules(target), params))
     return _act_parts(b, target, mod, res) if act else res
 
 
-def _gn_rule(b: Builder, target: str, mod: nn.Module, v: Val) -> Val:
+def _gn_rule(b: RuleBuilder, target: str, mod: nn.Module, v: Val) -> Val:
     params = b.params(target, ("weight", "bias"))
-    return Val(_F, b.call(_group_norm, b.fused(v), b.modules(target), params))
+    return Val(FUSED, b.call(fused_group_norm, b.fused(v), b.modules(target), params))
 
 
-def _prelu_rule(b: Builder, target: str, mod: nn.Module, v: Val) -> Val:
-    return Val(_F, b.call(_prelu, b.fused(v), b.modules(target)))
+def _prelu_rule(b: RuleBuilder, target: str, mod: nn.Module, v: Val) -> Val:
+    return Val(FUSED, b.call(fused_prelu, b.fused(v), b.modules(target)))
 
 
 def _torch_rules() -> dict[type, ModuleRule]:
@@ -193,13 +195,13 @@ def _torch_rules() -> dict[type, ModuleRule]:
         nn.GroupNorm: params(_gn_rule),
         nn.Linear: params(_linear_rule),
         nn.PReLU: params(_prelu_rule),
-        **{c: ModuleRule(_elementwise) for c in _ACTIVATIONS},
-        **{c: ModuleRule(_random) for c in _RANDOM_MODULES},
-        **{c: ModuleRule(functools.partial(_per_channel, k=k)) for c, k in _SPATIAL_MODULES.items()},
-        nn.Flatten: ModuleRule(_shape_rule(lambda b, mod, x: b.call(_flatten, x, mod.start_dim, mod.end_dim))),
+        **{c: ModuleRule(_elementwise) for c in ACTIVATION_MODULES},
+        **{c: ModuleRule(_random) for c in RANDOM_MODULES},
+        **{c: ModuleRule(functools.partial(_per_channel, k=k)) for c, k in SPATIAL_MODULES.items()},
+        nn.Flatten: ModuleRule(_shape_rule(lambda b, mod, x: b.call(fused_flatten, x, mod.start_dim, mod.end_dim))),
         nn.Unflatten: ModuleRule(_shape_rule(
-            lambda b, mod, x: b.call(_unflatten, x, b.m, mod.dim, tuple(mod.unflattened_size)))),
-        **{c: ModuleRule(_shape_rule(_softmax)) for c in _SOFTMAX_MODULES},
+            lambda b, mod, x: b.call(fused_unflatten, x, b.m, mod.dim, tuple(mod.unflattened_size)))),
+        **{c: ModuleRule(_shape_rule(_softmax)) for c in SOFTMAX_MODULES},
     }
     return rules
 

@@ -2,25 +2,26 @@
 one graph (:func:`.fuse_branches`), and with ``execution="auto"`` the faster of the two, timed on the first batch of
 each input signature, or chosen by a rule where it cannot be timed.
 
-:class:`PlannedExecution` is mixed into the model, which holds what it plans for: ``execution`` (one of
-:data:`EXECUTIONS`), ``branches`` (the ``m`` replicated tails), ``trunk``, ``cut_values`` (how many values cross the
-cut), ``input_size`` and the original model (``_original``), and ``_branch_inputs(f)`` (the trunk output as the
-branches take it). A model whose branches each read their own input (PCL's peers, one view each) sets
-:attr:`~PlannedExecution.per_branch_input`; one with other sets of tails that run as its branches do (PCL's mean
-teachers) names them in :attr:`~PlannedExecution.companions`.
+:class:`BranchExecution` is composed into the model: the model hands it, by argument, everything it plans for (the
+replicated tails, how many values cross the cut, an example input for the shape checks) and asks it to run the tails.
+It reads nothing else of the model. A model whose tails each read their own input (PCL's peers, one view each) says
+so with ``per_branch_input``; other sets of tails that run as the branches do (PCL's mean teachers) are its
+``companions``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 
 from .._timing import median_ms, timing_may_decide
+from ..base import check_logits
 from ..errors import FusionError
-from ..graph import example_input, forward_flops
+from ..graph import forward_flops
 from .branches import FusedBranches, fuse_branches
 
-__all__ = ["EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "PlannedExecution", "check_execution", "check_logits"]
+__all__ = ["BranchExecution", "branch_inputs", "EXECUTIONS", "FUSE_MAX_GFLOP", "MEASURE_DEVICES", "check_execution"]
 
 EXECUTIONS = ("auto", "sequential", "fused")
 # execution="auto" times both executions instead of guessing, as cudnn.benchmark does for convolution algorithms:
@@ -37,125 +38,139 @@ FUSE_MAX_GFLOP = 32.0
 _MEASURE_REPEATS = 3  # timed runs per execution, after one untimed run (cudnn autotuning, allocation)
 
 
-class PlannedExecution:
-    """The branch execution of a ONE, OKDDip or PCL model (see the module's docstring for what the model holds):
-    the fused graphs and why there are none (:attr:`fusion_error`), the plan (:meth:`execution_plan`) and what
-    ``auto`` measured (:attr:`execution_timings`)."""
+class BranchExecution:
+    """The execution of ``m`` replicated tails (``branches``): the fused graphs and why there are none
+    (:attr:`fusion_error`), the rule's plan (:meth:`plan`), what ``auto`` measured (:attr:`timings`), and
+    :meth:`run`. A plain object, not a module: the tails stay where the model registers them.
 
-    # Each branch reads its own input: _run_branches takes a list of m trunk outputs instead of one shared.
-    per_branch_input = False
-    # Attribute names of other ModuleLists of m tails with the branches' graph that run without gradient in the
-    # same training forward (PCL's mean teachers): fused when the branches are, run the way the plan runs them.
-    companions: tuple[str, ...] = ()
+    Args:
+        execution: one of :data:`EXECUTIONS` (checked by :func:`check_execution`).
+        method: the method's name, for errors.
+        branches: the ``m`` tails, a ``ModuleList``.
+        cut_values: how many values cross the cut; fused execution takes one.
+        per_branch_input: each tail reads its own input (a list of ``m``) instead of one shared.
+        companions: other ``ModuleList``\\ s of ``m`` tails with the branches' graph that run without gradient in
+            the same training forward (PCL's mean teachers), by name: fused when the branches are.
+        trunk, example: the trunk and a callable returning a 2-sample example input of the model (or raising when
+            none is known), for the shape-dependent fusion checks and the tail's FLOPs; used here only.
+    """
 
-    def _plan_execution(self, execution: str) -> None:
-        """Take ``execution`` (checked by :func:`check_execution`) and build the fused graphs (train and eval) unless
-        it is ``"sequential"``; on a model whose tail cannot be fused, ``"auto"`` keeps sequential execution and
-        records why, ``"fused"`` fails."""
-        self.execution = execution
-        self._fused: dict[bool, FusedBranches] = {}
-        self._fused_companions: dict[str, FusedBranches] = {}  # training mode only
+    def __init__(
+        self, execution: str, method: str, branches: nn.ModuleList, *, cut_values: int = 1,
+        per_branch_input: bool = False, companions: Mapping[str, nn.ModuleList] | None = None,
+        trunk: nn.Module | None = None, example: Callable[[], Any] | None = None,
+    ) -> None:
+        check_execution(execution, method)
+        self.execution, self.method = execution, method
+        self.branches, self.cut_values, self.per_branch_input = branches, cut_values, per_branch_input
+        self.companions = dict(companions or {})
+        self.fused: dict[bool, FusedBranches] = {}  # training mode -> the fused graph of the branches
+        self.fused_companions: dict[str, FusedBranches] = {}  # training mode only
         self.fusion_error: str | None = None
-        self._tail_gflop_per_sample: float | None = None
-        self._timings: dict[tuple, dict[str, float]] = {}  # input signature -> ms per execution (auto)
-        if self.execution == "sequential":
+        self.tail_gflop_per_sample: float | None = None
+        self.timings: dict[tuple, dict[str, float]] = {}  # input signature -> ms per execution (auto)
+        if execution == "sequential":
             return
-        if self.cut_values > 1:
-            reason = f"the cut is crossed by {self.cut_values} values; fused execution takes one"
-            if self.execution == "fused":
+        if cut_values > 1:
+            reason = f"the cut is crossed by {cut_values} values; fused execution takes one"
+            if execution == "fused":
                 raise FusionError(f"execution='fused' is not possible for this tail: {reason}. Use 'sequential'")
             self.fusion_error = reason
             return
         try:
-            each = self.per_branch_input
-            self._fused = {mode: fuse_branches(self.branches, mode, per_branch_input=each) for mode in (True, False)}
-            self._fused_companions = {
-                name: fuse_branches(getattr(self, name), True, per_branch_input=each) for name in self.companions}
-            self._check_fusion()
+            each = per_branch_input
+            self.fused = {mode: fuse_branches(branches, mode, per_branch_input=each) for mode in (True, False)}
+            self.fused_companions = {
+                name: fuse_branches(tails, True, per_branch_input=each) for name, tails in self.companions.items()}
+            self._check_fusion(trunk, example)
         except Exception as err:  # a FusionError names the op; anything else is a gap in the rules: same fallback
-            if self.execution == "fused":
+            if execution == "fused":
                 raise FusionError(
                     f"execution='fused' is not possible for this tail: {err}. Use execution='sequential' (or "
                     "'auto', which falls back to it)"
                 ) from err
             reason = str(err) if isinstance(err, FusionError) else f"{type(err).__name__}: {err}"
-            self._fused, self._fused_companions, self.fusion_error = {}, {}, reason
+            self.fused, self.fused_companions, self.fusion_error = {}, {}, reason
 
-    def _check_fusion(self) -> None:
+    def _check_fusion(self, trunk: nn.Module | None, example: Callable[[], Any] | None) -> None:
         """Run the shape-dependent fusion checks on a 2-sample example input, and measure one branch's FLOPs per
         sample for the ``auto`` rule. Skipped when no example input fits the model: the first call checks."""
+        if trunk is None or example is None:
+            return
+        pieces = [trunk, self.branches, *self.companions.values()]
         try:
-            x = example_input(self._original, self.input_size, batch=2)
-            modes = [m.training for m in self.modules()]
-            self.eval()
+            x = example()
+            modes = [(m, m.training) for piece in pieces for m in piece.modules()]
+            for piece in pieces:
+                piece.eval()
             try:
                 with torch.no_grad():
-                    f = self.trunk(x)
+                    f = trunk(x)
                     flops, _ = forward_flops(self.branches[0], f)
             finally:
-                for m, mode in zip(self.modules(), modes):
+                for m, mode in modes:
                     m.training = mode
         except Exception:  # the input size is unknown here; an unfusable op still fails at the first call
             return
-        self._tail_gflop_per_sample = flops / 2 / 1e9
-        for fused in [*self._fused.values(), *self._fused_companions.values()]:
-            fused.check(fused.inputs([f] * self.num_branches) if self.per_branch_input else f)
+        self.tail_gflop_per_sample = flops / 2 / 1e9
+        for fused in [*self.fused.values(), *self.fused_companions.values()]:
+            fused.check(fused.inputs([f] * len(self.branches)) if self.per_branch_input else f)
 
-    def execution_plan(self, batch: int | None = None, device: str | torch.device = "cuda") -> str:
+    def plan(self, batch: int | None = None, device: str | torch.device = "cuda") -> str:
         """The rule's plan for a training batch of ``batch`` samples on ``device``: ``"fused"`` (one graph for all
         branches) or ``"sequential"``. ``execution="auto"`` follows it where it cannot time the executions
-        (see :attr:`execution_timings`): fused on CUDA while ``batch`` x one branch's forward GFLOP per sample is
+        (see :meth:`described_timings`): fused on CUDA while ``batch`` x one branch's forward GFLOP per sample is
         at most :data:`FUSE_MAX_GFLOP`."""
-        if not self._fused:
+        if not self.fused:
             return "sequential"
         if self.execution == "fused":
             return "fused"
-        per_sample = self._tail_gflop_per_sample
+        per_sample = self.tail_gflop_per_sample
         small = batch is None or per_sample is None or batch * per_sample <= FUSE_MAX_GFLOP
         return "fused" if torch.device(device).type == "cuda" and small else "sequential"
 
-    @property
-    def execution_timings(self) -> dict[str, dict[str, float]]:
+    def described_timings(self) -> dict[str, dict[str, float]]:
         """What ``execution="auto"`` measured: per input signature (device, shape, dtype, autocast, memory
         format), the median milliseconds of the tail's forward + backward in each execution. The faster is used
         for every training batch of that signature."""
-        return {_describe_signature(k): dict(v) for k, v in self._timings.items()}
+        return {_describe_signature(k): dict(v) for k, v in self.timings.items()}
 
-    def _run_branches(self, f: Any, extra: dict[str, Any], which: str = "branches") -> list[Any]:
-        """Every tail of ``which`` (the branches, or one of the :attr:`companions`) on ``f``: the trunk output, or
-        with :attr:`per_branch_input` the list of each tail's own; fused or one after the other, as planned."""
-        tails = getattr(self, which)
-        fused = (self._fused.get(self.training) if which == "branches"
-                 else self._fused_companions.get(which) if self.training else None)
-        if fused is not None and self._plan_for(f, extra) == "fused":
+    def run(self, f: Any, extra: dict[str, Any], training: bool, which: str = "branches") -> list[Any]:
+        """Every tail of ``which`` (the branches, or one of the ``companions``) on ``f``: the trunk output, or with
+        ``per_branch_input`` the list of each tail's own; fused or one after the other, as planned."""
+        tails = self.branches if which == "branches" else self.companions[which]
+        fused = (self.fused.get(training) if which == "branches"
+                 else self.fused_companions.get(which) if training else None)
+        if fused is not None and self._plan_for(f, extra, training) == "fused":
             return fused(fused.inputs(f) if self.per_branch_input else f, **extra)
         inputs = f if self.per_branch_input else [f] * len(tails)
-        return [b(*self._branch_inputs(fi), **extra) for b, fi in zip(tails, inputs)]
+        return [b(*branch_inputs(fi, self.cut_values), **extra) for b, fi in zip(tails, inputs)]
 
-    def _plan_for(self, f: Any, extra: dict[str, Any]) -> str:
+
+    def _plan_for(self, f: Any, extra: dict[str, Any], training: bool) -> str:
         first = f[0] if self.per_branch_input else f
         if (
-            self.execution != "auto" or not self.training or first.device.type not in MEASURE_DEVICES
+            self.execution != "auto" or not training or first.device.type not in MEASURE_DEVICES
             or torch.compiler.is_compiling()
         ):
-            return self.execution_plan(first.shape[0], first.device)
+            return self.plan(first.shape[0], first.device)
         key = _signature(first)
-        timing = self._timings.get(key)
+        timing = self.timings.get(key)
         if timing is None:
             if not _timing_allowed():
-                return self.execution_plan(first.shape[0], first.device)
-            timing = self._timings[key] = self._time_executions(f, extra)
+                return self.plan(first.shape[0], first.device)
+            timing = self.timings[key] = self.time_executions(f, extra)
         return min(timing, key=timing.__getitem__)
 
-    def _time_executions(self, f: Any, extra: dict[str, Any]) -> dict[str, float]:
+    def time_executions(self, f: Any, extra: dict[str, Any]) -> dict[str, float]:
         """Median milliseconds of the tail's forward + backward in each execution, on this input. Leaves no
         trace: gradients are returned, not accumulated, BatchNorm statistics are restored, the RNG is forked."""
         own = [fi.detach().requires_grad_(fi.requires_grad) for fi in (f if self.per_branch_input else [f])]
-        each = own if self.per_branch_input else own * self.num_branches
+        each = own if self.per_branch_input else own * len(self.branches)
         inputs = [t for t in (*own, *self.branches.parameters()) if t.requires_grad]
         buffers = list(self.branches.buffers())
         saved = [b.detach().clone() for b in buffers]
-        fused = self._fused[True]
+        fused = self.fused[True]
         runs = {
             "sequential": lambda: [b(fi, **extra) for b, fi in zip(self.branches, each)],
             "fused": lambda: fused(fused.inputs(each) if self.per_branch_input else own[0], **extra),
@@ -163,7 +178,7 @@ class PlannedExecution:
 
         def step(run: Callable[[], list[Any]]) -> None:
             outs = run()
-            check_logits(outs[0][0] if isinstance(outs[0], tuple) else outs[0], self.method)
+            check_logits(outs[0][0] if isinstance(outs[0], tuple) else outs[0], self.method, dims=None)
             total = torch.stack([z.float().sum() for o in outs for z in (o if isinstance(o, tuple) else (o,))]).sum()
             if inputs:
                 torch.autograd.grad(total, inputs, allow_unused=True)
@@ -181,18 +196,19 @@ class PlannedExecution:
                 for b, v in zip(buffers, saved):
                     b.copy_(v)
 
-    def _describe_execution(self) -> str:
+    def describe(self) -> str:
+        """``summary()``'s account of the execution: the setting, the rule's limit and what auto measured."""
         if self.execution == "sequential":
             return "sequential (branches one after the other), as requested"
-        if not self._fused:
+        if not self.fused:
             return f"sequential: the tail cannot be fused ({self.fusion_error})"
         if self.execution == "fused":
             return "fused (all branches as one graph of m-times wider, grouped layers)"
-        if not torch.cuda.is_available() and not self.execution_timings:
+        if not torch.cuda.is_available() and not self.timings:
             # auto only ever fuses on CUDA: a plan for a device this machine lacks would only mislead.
             return ("auto: sequential on this machine (no CUDA device; on the CPU fusion saves no measurable time); "
                     "on CUDA, auto times fused against sequential at the first training step")
-        per_sample = self._tail_gflop_per_sample
+        per_sample = self.tail_gflop_per_sample
         limit = (
             f"batch <= {int(FUSE_MAX_GFLOP // per_sample):,}" if per_sample else "any batch (tail FLOPs unknown)"
         )
@@ -202,13 +218,18 @@ class PlannedExecution:
             "    where it cannot time (other devices, torch.compile, deterministic algorithms, no autograd): fused on "
             f"CUDA for {limit} (one branch <= {FUSE_MAX_GFLOP:g} GFLOP per step), else sequential",
         ]
-        for sig, ms in self.execution_timings.items():
+        for sig, ms in self.described_timings().items():
             best = min(ms, key=ms.__getitem__)
             lines.append(
                 f"    {sig}: {best} (tail forward + backward: "
                 + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()) + ")"
             )
         return "\n".join(lines)
+
+
+def branch_inputs(f: Any, cut_values: int) -> tuple:
+    """The trunk's output as a tail's positional inputs: the ``cut_values`` values crossing the cut, or the one."""
+    return tuple(f) if cut_values > 1 else (f,)
 
 
 def _timing_allowed() -> bool:
@@ -241,12 +262,3 @@ def check_execution(execution: Any, method: str) -> None:
     if execution not in EXECUTIONS:
         raise ValueError(
             f"kdwrap {method}: unknown execution {execution!r}; valid: {', '.join(map(repr, EXECUTIONS))}")
-
-
-def check_logits(z: Any, method: str = "one") -> None:
-    """A tail must return a logits tensor: a clear error when it returns a container."""
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(
-            f"kdwrap {method}: the tail returned a {type(z).__name__}, not a logits tensor; name the logits "
-            f"with kdwrap.{method}(net, output=<index or key>)"
-        )

@@ -1,5 +1,5 @@
 """Reading and cutting a model: kdwrap's internals for the methods that change a network's layout (ONE, OKDDip,
-BYOT). Not part of kdwrap's public surface; its names may change between versions.
+PCL, BYOT). Not part of kdwrap's public surface; its names may change between versions.
 
 Modules, each importing only those above it:
 
@@ -11,26 +11,29 @@ Modules, each importing only those above it:
 * :mod:`.channels`: the channel count and axis of the values crossing a cut.
 * :mod:`.stages`: the one rule that finds a model's stages: the default split and BYOT's exits.
 * :mod:`.split`: the split itself, :func:`split_model`.
-* :mod:`.cost`: parameters and forward FLOPs.
-* :mod:`.split_summary`: the cuts near the split and their FLOP shares, for ``summary()``.
+* :mod:`.cost`: forward FLOPs.
+* :mod:`.split_summary`: the cuts near a split (read from its :class:`SplitRecord`) and their FLOP shares, for
+  ``summary()``.
 """
 from .split_summary import Candidate, candidates, describe_split, flop_input_size, not_measured_line
 from .channels import producer_channels, run_trunk
-from .cost import count_parameters, forward_flops
+from .cost import forward_flops
 from .cut import Piece, check_split_name
 from .inputs import example_input, trial_mode
 from .outputs import (
     classifier_input, classifier_name, found_classifier, graph_with_outputs, select_output, stage_end, stage_input,
+    with_classifier_input,
 )
-from .split import SplitResult, split_model
+from .split import SplitRecord, SplitResult, split_model
 from .stages import SplitChoice, auto_split, stage_starts
 from .tracing import trace
 
 # What the methods use (and the documented internals: auto_split, SplitChoice, candidates, Candidate).
 __all__ = [
-    "split_model", "SplitResult", "auto_split", "SplitChoice", "stage_starts",
+    "split_model", "SplitRecord", "SplitResult", "auto_split", "SplitChoice", "stage_starts",
     "candidates", "Candidate", "describe_split", "flop_input_size", "not_measured_line",
     "trace", "select_output", "check_split_name", "Piece",
-    "classifier_name", "found_classifier", "classifier_input", "graph_with_outputs", "stage_input", "stage_end",
-    "example_input", "trial_mode", "producer_channels", "run_trunk", "count_parameters", "forward_flops",
+    "classifier_name", "found_classifier", "classifier_input", "graph_with_outputs", "with_classifier_input",
+    "stage_input", "stage_end",
+    "example_input", "trial_mode", "producer_channels", "run_trunk", "forward_flops",
 ]

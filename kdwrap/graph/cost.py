@@ -1,24 +1,14 @@
-"""What a model costs: its parameters (each tensor once) and its forward FLOPs."""
+"""What a model's forward costs: its FLOPs (its parameters are counted by :func:`kdwrap.base.count_parameters`,
+which the methods that never trace use too)."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_parameters", "forward_flops"]
-
-
-def count_parameters(modules: Iterable[nn.Module]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for m in modules:
-        for p in m.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
+__all__ = ["forward_flops"]
 
 
 def forward_flops(module: nn.Module, *args: Any) -> tuple[int, Any]:

@@ -17,7 +17,7 @@ from ..errors import SplitError
 from .tracing import Traced, in_module, module_order
 
 __all__ = ["check_split_name", "Cut", "cut_graph", "Piece", "ParameterUse", "parameters_read", "shared_parameters",
-           "check_no_shared_parameters"]
+           "check_no_shared_parameters", "tail_names_of_shared"]
 
 
 def _valid_splits(traced: Traced, net: nn.Module) -> list[str]:
@@ -181,6 +181,24 @@ class ParameterUse:
     def unties(self, i: int) -> bool:
         """A cut at node ``i`` falls between two reads of one parameter, which replication would untie."""
         return any(start < i <= end for start, end in self.spans)
+
+
+def tail_names_of_shared(net: nn.Module, traced: Traced, i: int) -> list[str]:
+    """The modules, named as the tail of a cut at node ``i`` names them, whose parameters are read on both sides
+    of the cut: what :func:`shared_parameters` finds between the two pieces, without building them."""
+    nodes = list(traced.graph.nodes)
+    before = set().union(*(parameters_read(net, n) for n in nodes[:i]))
+    names: dict[int, str] = {}
+    for node in nodes[i:]:
+        if node.op == "call_module":
+            for local, p in net.get_submodule(node.target).named_parameters():
+                names.setdefault(id(p), f"{node.target}.{local}")
+        for a in node.all_input_nodes:
+            if a.op == "get_attr":
+                value = functools.reduce(getattr, a.target.split("."), net)
+                if isinstance(value, nn.Parameter):
+                    names.setdefault(id(value), a.target)
+    return sorted({name.rsplit(".", 1)[0] for p, name in names.items() if p in before})
 
 
 def check_no_shared_parameters(trunk: nn.Module, tail: nn.Module, split: str) -> None:

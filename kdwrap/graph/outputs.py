@@ -9,12 +9,12 @@ from typing import Any, Sequence
 from torch import fx, nn
 
 from ..errors import SplitError
-from .cut import cut_graph, parameters_read
+from .cut import Piece, cut_graph, parameters_read
 from .tracing import Traced
 
 __all__ = [
-    "select_output", "classifier_name", "found_classifier", "classifier_input", "graph_with_outputs", "stage_input",
-    "stage_end",
+    "select_output", "classifier_name", "found_classifier", "classifier_input", "graph_with_outputs",
+    "with_classifier_input", "stage_input", "stage_end",
 ]
 
 
@@ -136,6 +136,15 @@ def graph_with_outputs(graph: fx.Graph, extra: Sequence[fx.Node]) -> fx.Graph:
     new.output((out, *[env[n] for n in extra]))
     new.lint()
     return new
+
+
+def with_classifier_input(piece: Piece, classifier: str) -> Piece:
+    """``piece`` (same submodules, so the same tensors and ``state_dict`` keys) returning ``(logits, h)``, ``h``
+    the input of module ``classifier``."""
+    graphs = [graph_with_outputs(g, [classifier_input(g, classifier)]) for g in (piece.train_graph, piece.eval_graph)]
+    out = Piece(piece, *graphs, class_name="Branch")
+    out.train(piece.training)
+    return out
 
 
 def stage_input(traced: Traced, start: str) -> fx.Node:

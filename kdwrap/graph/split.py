@@ -16,13 +16,26 @@ from ..errors import SplitError
 from .channels import main_value, run_trunk, trunk_channels
 from .concrete_tracer import check_batch_free
 from .cut import (
-    ParameterUse, Piece, check_no_shared_parameters, check_split_name, cut_graph, shared_parameters,
+    ParameterUse, Piece, check_no_shared_parameters, check_split_name, cut_graph, tail_names_of_shared,
 )
 from .outputs import select_output
 from .stages import SplitChoice, Stages, given_split
 from .tracing import Traced, module_order, trace
 
-__all__ = ["SplitResult", "split_model"]
+__all__ = ["SplitRecord", "SplitResult", "split_model"]
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """What a split was made from, handed to whoever reads it again later (``summary()``'s candidate cuts and their
+    FLOP shares, export): the network as given, why the split is where it is, and the tracer's options."""
+
+    net: nn.Module
+    choice: SplitChoice
+    leaf_modules: tuple[type, ...] = ()
+    autowrap_functions: tuple[Callable, ...] = ()
+    input_size: tuple[int, ...] | None = None
+    output: int | str | None = None
 
 
 @dataclass
@@ -38,7 +51,11 @@ class SplitResult:
     tail_inputs: list[str]  # those of them the tail reads too (passed by name)
     crossing: list[str] = field(default_factory=list)  # the values crossing the cut (graph node names)
     main_value: int = 0  # which of them the gate pools (the largest tensor with a batch axis)
-    choice: SplitChoice | None = None  # why the split is where it is
+    record: SplitRecord | None = None  # what the split was made from, and why it is where it is
+
+    @property
+    def choice(self) -> SplitChoice | None:
+        return None if self.record is None else self.record.choice
 
 
 def split_model(
@@ -69,18 +86,16 @@ def split_model(
         raise TypeError(f"split must be a dotted module name (str), got {type(split).__name__}")
     check_split_name(net, split, eval_t)
     choice = choice or given_split(net, eval_t, split)
+    if choice.automatic:  # the automatic split would untie weights (timm CoaT's position encodings): move on
+        shared = tail_names_of_shared(net, eval_t, module_order(eval_t)[split])
+        later = _after_shared_parameters(net, eval_t, split) if shared else None
+        if later is not None:
+            choice.rule += (f", moved to the first module after the last use of weights the trunk shares "
+                            f"({', '.join(shared[:4])})")
+            choice.split = split = later
     cut_train, cut_eval = cut_graph(train_t, split), cut_graph(eval_t, split)
     trunk = Piece(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
     tail = Piece(net, cut_train.tail, cut_eval.tail, class_name="Tail")
-    shared = sorted({n.rsplit(".", 1)[0] for n in shared_parameters(trunk, tail)})
-    later = _after_shared_parameters(net, eval_t, split) if choice.automatic and shared else None
-    if later is not None:  # the automatic split would untie weights (timm CoaT's position encodings): move on
-        choice.rule += (f", moved to the first module after the last use of weights the trunk shares "
-                        f"({', '.join(shared[:4])})")
-        choice.split = split = later
-        cut_train, cut_eval = cut_graph(train_t, split), cut_graph(eval_t, split)
-        trunk = Piece(net, cut_train.trunk, cut_eval.trunk, class_name="Trunk")
-        tail = Piece(net, cut_train.tail, cut_eval.tail, class_name="Tail")
     for piece in (trunk, tail):
         piece.train(net.training)
     if not any(True for _ in tail.parameters()):
@@ -112,8 +127,10 @@ def split_model(
         dim = gate_channels_dim
     input_names = [n.name for n in cut_eval.trunk.nodes if n.op == "placeholder"]
     tail_inputs = sorted(set(cut_train.tail_inputs) | set(cut_eval.tail_inputs), key=input_names.index)
+    record = SplitRecord(net, choice, tuple(leaf_modules), tuple(autowrap_functions),
+                         None if input_size is None else tuple(input_size), output)
     return SplitResult(split, trunk, tail, int(gate_channels), dim, input_names, tail_inputs,
-                       [n.name for n in crossing], main, choice)
+                       [n.name for n in crossing], main, record)
 
 
 def _after_shared_parameters(net: nn.Module, traced: Traced, split: str) -> str | None:

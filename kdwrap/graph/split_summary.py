@@ -1,5 +1,5 @@
-"""The cuts near a wrapper's split, for ``summary()``: the cuts its rule considered (:mod:`.stages`) that are valid,
-and each one's share of the forward FLOPs.
+"""The cuts near a split, for ``summary()``, read from the split's :class:`~.split.SplitRecord`: the cuts its rule
+considered (:mod:`.stages`) that are valid, and each one's share of the forward FLOPs.
 
 The shares come from one run of the model's eval-mode graph under ``torch.utils.flop_counter.FlopCounterMode``,
 node by node: a cut's tail is every node from the cut's first node on, so its FLOPs are a suffix sum.
@@ -18,6 +18,7 @@ from ..errors import SplitError
 from .cut import ParameterUse, check_split_name
 from .inputs import declared_input_size, example_input, trial_mode
 from .outputs import select_output
+from .split import SplitRecord
 from .tracing import Traced, module_order, trace
 
 __all__ = ["Candidate", "candidates", "describe_split", "flop_input_size", "not_measured_line"]
@@ -85,39 +86,53 @@ def _tail_shares(net: nn.Module, traced: Traced, cuts: dict[str, int], x: torch.
     return {name: from_here[i] / total for name, i in cuts.items()}
 
 
-def flop_input_size(model: Any, input_size: Sequence[int] | None = None) -> tuple[int, ...] | None:
-    """The input at which ``summary()`` measures FLOPs: ``input_size``, else the wrapper's ``input_size``, else the
-    first batch it saw, else the model's declared size; ``None`` when none is known."""
-    for size in (input_size, model.input_size, model.first_input_size):
+def flop_input_size(
+    record: SplitRecord, input_size: Sequence[int] | None = None, seen: Sequence[int] | None = None
+) -> tuple[int, ...] | None:
+    """The input at which ``summary()`` measures FLOPs: ``input_size``, else the one the split was made with, else
+    ``seen`` (the first batch's), else the model's declared size; ``None`` when none is known."""
+    for size in (input_size, record.input_size, seen):
         if size is not None:
             return tuple(size)
-    return declared_input_size(model._original)
+    return declared_input_size(record.net)
 
 
-def candidates(model: Any, input_size: Sequence[int] | None = None, limit: int = SHOWN) -> list[Candidate]:
-    """The split of a ONE / OKDDip wrapper and the valid cuts nearest it among those its rule considered (at most
-    ``limit`` in all, nearest first, the chosen one first), with each tail's share of the forward FLOPs at
-    :func:`flop_input_size`."""
-    choice, net = model.split_choice, model._original
-    traced = trace(net, False, *model._trace_options, model.input_size)
-    select_output(traced, net, model.output, training=False)
+def candidates(
+    split: Any, input_size: Sequence[int] | None = None, seen: Sequence[int] | None = None, limit: int = SHOWN,
+) -> list[Candidate]:
+    """The split and the valid cuts nearest it among those its rule considered (at most ``limit`` in all, nearest
+    first, the chosen one first), with each tail's share of the forward FLOPs at :func:`flop_input_size`.
+
+    ``split`` is a :class:`~.split.SplitRecord`, or a wrapper that holds one as ``split_record`` (ONE, OKDDip,
+    PCL), whose first batch's size then stands in for ``seen``."""
+    record = getattr(split, "split_record", split)
+    if not isinstance(record, SplitRecord):
+        raise TypeError(f"candidates() takes a SplitRecord or a ONE/OKDDip/PCL wrapper, got {type(split).__name__}")
+    if seen is None and record is not split:
+        seen = getattr(split, "first_input_size", None)
+    choice, net = record.choice, record.net
+    traced = trace(net, False, record.leaf_modules, record.autowrap_functions, record.input_size)
+    select_output(traced, net, record.output, training=False)
     cuts = _valid_cuts(net, traced, [choice.split, *choice.considered])
     pos = {n: i for i, n in enumerate(sorted(cuts, key=cuts.__getitem__))}
     here = pos[choice.split]
     nearest = sorted(pos, key=lambda n: (abs(pos[n] - here), pos[n] > here))[:limit]  # the earlier one first
-    size = flop_input_size(model, input_size)
+    size = flop_input_size(record, input_size, seen)
     shares = {} if size is None else _tail_shares(net, traced, {n: cuts[n] for n in nearest}, example_input(net, size))
     return [Candidate(n, shares.get(n), n == choice.split) for n in nearest]
 
 
-def describe_split(model: Any, input_size: Sequence[int] | None = None) -> list[str]:
-    """``summary()``'s lines on the split: the rule that chose it, and the nearest candidates' FLOP shares."""
-    choice = model.split_choice
+def describe_split(
+    record: SplitRecord, input_size: Sequence[int] | None = None, seen: Sequence[int] | None = None
+) -> list[str]:
+    """``summary()``'s lines on the split of ``record``: the rule that chose it, and the nearest candidates' FLOP
+    shares (at ``input_size``, else where :func:`flop_input_size` finds one; ``seen`` is the first batch's size)."""
+    choice = record.choice
     why = f"chosen as {choice.rule}; pass split=... to change it" if choice.automatic else choice.rule
     lines = [f"  split: {choice.split!r}, {why}"]
-    size = flop_input_size(model, input_size)
+    size = flop_input_size(record, input_size, seen)
     try:
-        found = candidates(model, input_size)
+        found = candidates(record, input_size, seen)
     except Exception as err:  # the candidates are informative only; say why they are missing
         return lines + [f"  candidates: not measured ({type(err).__name__}: {err})"]
     shown = " | ".join(

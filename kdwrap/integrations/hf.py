@@ -35,7 +35,7 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
     )
 
 from ..api import export
-from ..base import KDLoss, KDModel, select_logits, unwrap
+from ..base import KDLoss, select_logits, unwrap
 from ..errors import CheckpointError
 
 __all__ = ["KDTrainer", "LOSS_STATE_FILE", "RUN_FILE", "DEPLOYED_FILE"]
@@ -123,8 +123,7 @@ class KDTrainer(Trainer):
         # With remove_unused_columns (the default) the Trainer keeps only the columns the model's forward names;
         # the wrapper's forward names none of the batch's, so keep the images, the labels, and the net's keywords.
         if self._signature_columns is None:
-            net = _user_net(self.kd_loss.model)
-            names = list(inspect.signature(net.forward).parameters) if net is not None else []
+            names = list(inspect.signature(self.kd_loss.model.user_network.forward).parameters)
             self._signature_columns = [self.input_key, "label", "label_ids", *self.label_names, *names]
 
     def compute_loss(
@@ -221,21 +220,9 @@ class KDTrainer(Trainer):
         return deployed
 
 
-def _user_net(model: KDModel) -> nn.Module | None:
-    """The user's own (deployed) net inside a kdwrap model: ONE, OKDDip and BYOT keep the original outside their
-    module tree, OSAKD keeps it as ``.model``, KD as ``.student``, DML as one of ``.peers``."""
-    peers = getattr(model, "peers", None)
-    for net in (model.__dict__.get("_original"), getattr(model, "model", None), getattr(model, "student", None),
-                peers[model.peer] if isinstance(peers, nn.ModuleList) else None):
-        if isinstance(net, nn.Module):
-            return net
-    return None
-
-
 def _describe(kd_loss: KDLoss) -> dict[str, str]:
     """What a checkpoint of this wrapper holds, as :data:`RUN_FILE` records it."""
-    net = _user_net(kd_loss.model)
-    return {"method": kd_loss.model.method, "network": type(net).__name__ if net is not None else "unknown",
+    return {"method": kd_loss.model.method, "network": type(kd_loss.model.user_network).__name__,
             "loss": type(kd_loss).__name__}
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from .._deploy import rebuild_original
 from ..base import KDModel
-from ..graph import split_model
+from ..fused.planner import BranchExecution, branch_inputs, check_execution
+from ..graph import SplitChoice, example_input, split_model
 from .branch_init import reinitialise_like
 
 __all__ = ["BranchedModel"]
@@ -34,7 +35,8 @@ class BranchedModel(KDModel):
         gate_channels, gate_channels_dim: override the inferred channel count (and its axis) of the trunk output.
 
     Attributes:
-        split_choice: why the split is where it is (:class:`kdwrap.graph.SplitChoice`), for ``summary()``.
+        split_record: what the split was made from (:class:`kdwrap.graph.SplitRecord`): the net as given, why the
+            split is where it is (``split_choice``), the tracer's options.
         first_input_size: (C, H, W) of the first batch ``forward`` saw (``None`` before it, and under
             ``torch.compile``): ``summary()`` measures FLOPs there when no input size was given.
     """
@@ -67,8 +69,9 @@ class BranchedModel(KDModel):
             gate_channels=gate_channels, gate_channels_dim=gate_channels_dim, output=output,
         )
         self.split, self.input_size, self.output = cut.split, input_size, output
-        # Why this split and what the summary re-traces with to list the other cuts (kdwrap.graph.split_summary).
-        self.split_choice, self._trace_options = cut.choice, (tuple(leaf_modules), tuple(autowrap_functions))
+        # What the split was made from: the summary re-reads it to list the other cuts, export rebuilds its net.
+        # A plain attribute (the net is outside the module tree: its tensors are the trunk's and branch 0's).
+        self.split_record = cut.record
         # (C, H, W) of the first batch forward saw: summary's FLOPs at a real input size when none was given.
         self.first_input_size: tuple[int, ...] | None = None
         self._input_names, self._tail_inputs = cut.input_names, cut.tail_inputs
@@ -82,11 +85,18 @@ class BranchedModel(KDModel):
         if reinit_branches:
             reinitialise_like(net, copies)
         self.branches = nn.ModuleList([cut.tail, *copies])
-        # The original model, outside the module tree (its tensors are the trunk's and branch 0's): export()
-        # deep-copies it to return an instance of the user's own class.
-        self.__dict__["_original"] = net
         # A hook taking the module (not a bound method): deep copies (EMA, ONE-E export) check their own layout.
         self.register_load_state_dict_pre_hook(BranchedModel._check_checkpoint)
+
+    @property
+    def user_network(self) -> nn.Module:
+        """The network the user wrapped (outside the module tree; its tensors are the trunk's and branch 0's)."""
+        return self.split_record.net
+
+    @property
+    def split_choice(self) -> SplitChoice:
+        """Why the split is where it is (:class:`kdwrap.graph.SplitChoice`), for ``summary()``."""
+        return self.split_record.choice
 
     @property
     def num_branches(self) -> int:
@@ -103,7 +113,46 @@ class BranchedModel(KDModel):
 
     def _branch_inputs(self, f: Any) -> tuple:
         """The trunk's output as the branches' positional inputs."""
-        return tuple(f) if self.cut_values > 1 else (f,)
+        return branch_inputs(f, self.cut_values)
+
+    def plan_execution(self, execution: str, per_branch_input: bool = False, companions: Sequence[str] = ()) -> None:
+        """Compose the branches' execution (:class:`kdwrap.fused.planner.BranchExecution`), once the tails are
+        final: ``companions`` names other ModuleLists of tails that run as the branches do (PCL's mean teachers)."""
+        self.branch_execution = BranchExecution(
+            execution, self.method, self.branches, cut_values=self.cut_values, per_branch_input=per_branch_input,
+            companions={name: getattr(self, name) for name in companions}, trunk=self.trunk,
+            example=lambda: example_input(self.user_network, self.input_size, batch=2),
+        )
+
+    @property
+    def execution(self) -> str:
+        """How the branches run in a training forward: ``"auto"``, ``"sequential"`` or ``"fused"``."""
+        return self.branch_execution.execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        check_execution(value, self.method)
+        self.branch_execution.execution = value
+
+    @property
+    def fusion_error(self) -> str | None:
+        """Why the branches cannot be fused (``None`` when they can, or when fusion was not asked for)."""
+        return self.branch_execution.fusion_error
+
+    def execution_plan(self, batch: int | None = None, device: str | torch.device = "cuda") -> str:
+        """The rule's plan for a training batch of ``batch`` samples on ``device``: ``"fused"`` or
+        ``"sequential"`` (:meth:`kdwrap.fused.planner.BranchExecution.plan`)."""
+        return self.branch_execution.plan(batch, device)
+
+    @property
+    def execution_timings(self) -> dict[str, dict[str, float]]:
+        """What ``execution="auto"`` measured: per input signature, the median milliseconds of the tail's forward
+        + backward in each execution; the faster runs every training batch of that signature."""
+        return self.branch_execution.described_timings()
+
+    def _run_branches(self, f: Any, extra: dict[str, Any], which: str = "branches") -> list[Any]:
+        """Every tail of ``which`` (the branches or a companion) on ``f``, as the execution plans it."""
+        return self.branch_execution.run(f, extra, self.training, which)
 
     def _main(self, f: Any) -> torch.Tensor:
         """The trunk output the gate pools: the trunk's output, or the main one of the values crossing the cut."""
@@ -128,7 +177,7 @@ class BranchedModel(KDModel):
         """The user's class holding the trunk and branch ``branch``, in this wrapper's train/eval mode."""
         if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
             raise ValueError(f"branch must be an int in [0, {self.num_branches}), got {branch!r}")
-        net = rebuild_original(self._original, [self.trunk, self.branches[branch]])
+        net = rebuild_original(self.user_network, [self.trunk, self.branches[branch]])
         return net.train(self.training)
 
     def _check_checkpoint(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

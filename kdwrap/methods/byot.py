@@ -21,16 +21,17 @@ import torch
 from torch import fx, nn
 
 from .._deploy import rebuild_original
-from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, count_parameters, route_options
 from ..errors import SplitError
 from ..graph import (
-    Piece, check_split_name, classifier_input, classifier_name, count_parameters, example_input, graph_with_outputs,
+    Piece, check_split_name, classifier_input, classifier_name, example_input, graph_with_outputs,
     producer_channels, select_output, stage_end, stage_input, stage_starts, trace, trial_mode,
 )
-from .losses import check_fraction, check_temperature, cross_entropy_rows
+from .losses import check_fraction, check_temperature, cross_entropy_rows, softened_kl
 from .pooling import global_pool
+from .registry import entry_point
 
-__all__ = ["EXIT_HEADS", "ConvExitHead", "TokenExitHead", "BYOTModel", "BYOTLoss", "MultiExit", "build_byot"]
+__all__ = ["byot", "EXIT_HEADS", "ConvExitHead", "TokenExitHead", "BYOTModel", "BYOTLoss", "MultiExit", "build_byot"]
 
 
 class ConvExitHead(nn.Module):
@@ -167,6 +168,11 @@ class BYOTModel(KDModel):
         """Exits, the network's own classifier included."""
         return len(self.heads) + 1
 
+    @property
+    def user_network(self) -> nn.Module:
+        """The network the user wrapped (outside the module tree; its tensors are the body's)."""
+        return self.__dict__["_original"]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run the network and its exits, capture their logits and features, return the network's
         logits. Eval: the network only (the deployed model's computation)."""
@@ -174,11 +180,11 @@ class BYOTModel(KDModel):
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise TypeError("kdwrap byot: the network returned no (B, C) logits tensor; name them with output=...")
         if not self.training:
-            self._put_capture(EVAL_CAPTURE)
+            self.put_capture(EVAL_CAPTURE)
             return logits
         exits = [head(v) for head, v in zip(self.heads, ends)]
         z_aux, f_aux = [z for z, _ in exits], [f for _, f in exits]
-        self._put_capture((z_aux, f_aux, global_pool(h, -1), logits))
+        self.put_capture((z_aux, f_aux, global_pool(h, -1), logits))
         return KeepReachable.apply(logits, *z_aux, *f_aux)
 
     def export(self, exits: bool = False) -> nn.Module:
@@ -186,12 +192,12 @@ class BYOTModel(KDModel):
         logits, shallowest first and the network's own last (anytime inference)."""
         if exits:
             return MultiExit(self).train(self.training)
-        return rebuild_original(self._original, [self.body]).train(self.training)
+        return rebuild_original(self.user_network, [self.body]).train(self.training)
 
     def summary(self, **kwargs: Any) -> str:
         """Stages read, heads, parameter counts (options such as ``input_size`` are accepted and ignored)."""
         body = count_parameters([self.body])
-        lines = [f"kdwrap BYOT: {type(self._original).__name__}, {self.num_exits} exits: at the input of "
+        lines = [f"kdwrap BYOT: {type(self.user_network).__name__}, {self.num_exits} exits: at the input of "
                  f"{', '.join(repr(s) for s in self.stages)}, and the network's own '{self.classifier}'"]
         for s, head in zip(self.stages, self.heads):
             lines.append(f"  exit at the input of '{s}': {type(head).__name__}, {count_parameters([head]):,} parameters")
@@ -261,8 +267,7 @@ class BYOTLoss(KDLoss):
             z = torch.stack([*z_aux, logits]).float()  # n x B x C, the network's own logits last
             self._stop_if_not_finite(z, "exit logits")
             ce = cross_entropy_rows(z.log_softmax(-1), target)
-            teacher = (z[-1].detach() / T).softmax(-1)
-            kd = (T * T) * -(teacher * (z[:-1] / T).log_softmax(-1)).sum(-1).mean(-1)
+            kd = softened_kl(z[:-1], z[-1].detach(), T, cross_entropy=True)
             f = torch.stack(f_aux).float()  # (n-1) x B x d
             deep = f_deep.detach().float()
             mask = ((f > 0) | (deep > 0)).to(f.dtype)
@@ -288,3 +293,15 @@ def build_byot(net: nn.Module, **options: Any) -> tuple[BYOTModel, BYOTLoss]:
     model_options, loss_options = route_options("byot", options, BYOTModel, BYOTLoss)
     model = BYOTModel(net, **model_options)
     return model, BYOTLoss(model, **loss_options)
+
+
+@entry_point("byot")
+def byot(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for BYOT (Be Your Own Teacher): exits at the ends of its stages learn from its own classifier.
+    Returns ``(model, loss_fn)``; ``model(x)`` returns the network's own logits.
+
+    Options (``stages``, ``classifier``, ``alpha``, ``temperature``, ``feature_weight``, ...): see
+    :class:`kdwrap.methods.byot.BYOTModel` and :class:`kdwrap.methods.byot.BYOTLoss`; an unknown one raises
+    :class:`OptionError` listing the valid ones.
+    """
+    return build_byot(net, **kwargs)

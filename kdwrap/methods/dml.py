@@ -18,12 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, check_output_option, route_options, select_logits
-from ..graph import count_parameters
+from .._deploy import deployable_copy
+from ..base import (
+    EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, check_logits, check_output_option, count_parameters, route_options,
+    select_logits,
+)
 from .branch_init import reinitialise_like
 from .losses import check_temperature, softened_kl
+from .registry import entry_point
 
-__all__ = ["DMLModel", "DMLLoss", "build_dml"]
+__all__ = ["dml", "DMLModel", "DMLLoss", "build_dml"]
 
 
 
@@ -107,13 +111,22 @@ class DMLModel(KDModel):
     def num_peers(self) -> int:
         return len(self.peers)
 
+    @property
+    def user_network(self) -> nn.Module:
+        """The peer that is deployed (``self.peer``): the user's own network."""
+        return self.peers[self.peer]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every peer, capture their logits for the loss, return peer ``peer``'s logits. Eval: run
         only that peer (the deployed model's computation)."""
         if not self.training:
-            self._put_capture(EVAL_CAPTURE)
+            self.put_capture(EVAL_CAPTURE)
             return self._logits(self.peer, x, *args, **kwargs)
-        logits = [_check_logits(self._logits(i, x, *args, **kwargs), i) for i in range(self.num_peers)]
+        logits = [
+            check_logits(self._logits(i, x, *args, **kwargs), "dml", f"peer {i} returned",
+                         "; DML needs classifiers that return them")
+            for i in range(self.num_peers)
+        ]
         classes = [z.shape[-1] for z in logits]
         if len(set(classes)) > 1:
             raise ValueError(
@@ -121,7 +134,7 @@ class DMLModel(KDModel):
                 + ", ".join(f"peer {i}: {c}" for i, c in enumerate(classes))
                 + "); every peer must be built for the same classes (same num_classes)"
             )
-        self._put_capture(logits)
+        self.put_capture(logits)
         others = [z for i, z in enumerate(logits) if i != self.peer]
         return KeepReachable.apply(logits[self.peer], *others)
 
@@ -134,10 +147,7 @@ class DMLModel(KDModel):
         peer = self.peer if peer is None else peer
         if isinstance(peer, bool) or not isinstance(peer, numbers.Integral) or not 0 <= peer < self.num_peers:
             raise ValueError(f"kdwrap dml: peer must be an int in [0, {self.num_peers}), got {peer!r}")
-        net = copy.deepcopy(self.peers[peer])
-        for p in net.parameters():
-            p.grad = None
-        return net
+        return deployable_copy(self.peers[peer])
 
     def summary(self, **kwargs: Any) -> str:
         """A description of the wrapper (options such as ``input_size`` are accepted and ignored: DML adds no
@@ -161,15 +171,6 @@ class DMLModel(KDModel):
     def extra_repr(self) -> str:
         output = "" if self.output is None else f", output={self.output!r}"
         return f"peers={self.num_peers}, peer={self.peer}{output}"
-
-
-def _check_logits(z: Any, i: int) -> torch.Tensor:
-    if not isinstance(z, torch.Tensor) or z.dim() != 2:
-        what = f"a tensor of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
-        raise TypeError(
-            f"kdwrap dml: peer {i} returned {what}; DML needs classifiers that return logits of shape (B, C)"
-        )
-    return z
 
 
 class DMLLoss(KDLoss):
@@ -239,3 +240,17 @@ def build_dml(net: nn.Module | Sequence[nn.Module], **options: Any) -> tuple[DML
     loss_fn = DMLLoss(model, **loss_options)
     model.loss_options = loss_fn.config()
     return model, loss_fn
+
+
+@entry_point("dml")
+def dml(
+    net: nn.Module | Sequence[nn.Module], peers: int | None = None, **kwargs: Any
+) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for DML (Deep Mutual Learning). Returns ``(model, loss_fn)``.
+
+    ``net`` is one network, copied into ``peers`` independently initialised peers (default 2), or a list of
+    networks (the peers, possibly of different architectures). Options (``reinit_peers``, ``peer``, ``output``,
+    ``temperature``, ...): see :class:`kdwrap.methods.dml.DMLModel` and :class:`kdwrap.methods.dml.DMLLoss`; an
+    unknown one raises :class:`OptionError` listing the valid ones.
+    """
+    return build_dml(net, peers=peers, **kwargs)

@@ -10,29 +10,26 @@ on the cross-entropy term instead, and OSAKD's ``alpha`` in kdwrap weighs cross-
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import EVAL_CAPTURE, KDLoss, KDModel, check_output_option, route_options, select_logits
-from ..graph import count_parameters
+from .._deploy import deployable_copy
+from ..base import (
+    EVAL_CAPTURE, KDLoss, KDModel, check_logits, check_output_option, count_parameters, route_options, select_logits,
+)
 from .losses import check_fraction, check_temperature, softened_kl
+from .registry import check_net, entry_point
 
-__all__ = ["HintonKDModel", "HintonKDLoss", "build_kd"]
+__all__ = ["kd", "HintonKDModel", "HintonKDLoss", "build_kd"]
 
 
 
 def _logits(out: Any, who: str) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TypeError(
-            f"kdwrap kd: the {who} returned {what}; KD needs classifiers that return logits of shape (B, C) "
-            f"(wrap a {who} whose forward returns the logits tensor)"
-        )
-    return out
+    hint = f"; KD needs classifiers that return them (wrap a {who} whose forward returns the logits tensor)"
+    return check_logits(out, "kd", f"the {who} returned", hint)
 
 
 def _declared_classes(net: nn.Module) -> int | None:
@@ -122,11 +119,16 @@ class HintonKDModel(KDModel):
         self.teacher._apply(fn, recurse)
         return self
 
+    @property
+    def user_network(self) -> nn.Module:
+        """The student: the network the user wrapped."""
+        return self.student
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The student's logits. Training: the teacher's logits on the same input are captured for the loss."""
         z = select_logits(self.student(x, *args, **kwargs), self.output, "kd", "the student")
         if not self.training:
-            self._put_capture(EVAL_CAPTURE)
+            self.put_capture(EVAL_CAPTURE)
             return z
         _logits(z, "student")
         with torch.no_grad():
@@ -134,7 +136,7 @@ class HintonKDModel(KDModel):
             t = _logits(select_logits(t, self.teacher_output, "kd", "the teacher", "teacher_output"), "teacher")
         if t.shape[-1] != z.shape[-1]:
             raise _class_mismatch(t.shape[-1], z.shape[-1])
-        self._put_capture(t)
+        self.put_capture(t)
         return z
 
     def export(self, copy_model: bool = True, **kwargs: Any) -> nn.Module:
@@ -146,12 +148,7 @@ class HintonKDModel(KDModel):
                 f"KD export() got unexpected options {sorted(kwargs)}: KD deploys the student, so there is no "
                 "branch or peer to choose; valid options: copy_model"
             )
-        if not copy_model:
-            return self.student
-        net = copy.deepcopy(self.student)
-        for p in net.parameters():
-            p.grad = None
-        return net
+        return deployable_copy(self.student) if copy_model else self.student
 
     def summary(self, **kwargs: Any) -> str:
         """A description of the wrapper (options such as ``input_size`` are accepted and ignored: KD adds no
@@ -242,3 +239,21 @@ def build_kd(student: nn.Module, teacher: nn.Module, **options: Any) -> tuple[Hi
     loss_fn = HintonKDLoss(model, **loss_options)
     model.loss_options = loss_fn.config()
     return model, loss_fn
+
+
+@entry_point("kd", check=False)
+def kd(student: nn.Module, teacher: nn.Module | None = None, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``student`` for KD (Hinton et al.) from a trained, frozen ``teacher``. Returns ``(model, loss_fn)``.
+
+    Options (``temperature``, ``alpha``, ``output``, ...): see :class:`kdwrap.methods.kd.HintonKDLoss` and
+    :class:`kdwrap.methods.kd.HintonKDModel`; an unknown one raises :class:`OptionError` listing the valid ones.
+    The teacher is not in ``model.parameters()`` nor in ``model.state_dict()``: to resume, rebuild the wrapper
+    with the same teacher, then load the checkpoint.
+    """
+    if teacher is None:
+        raise TypeError(
+            "kdwrap kd needs a trained teacher: kdwrap.kd(student, teacher) or kdwrap.wrap(student, method='kd', "
+            "teacher=teacher), the teacher loaded from its checkpoint"
+        )
+    check_net(student)
+    return build_kd(student, teacher, **kwargs)

@@ -16,18 +16,26 @@ __all__ = ["softened_kl", "check_temperature", "check_fraction", "check_ramp_opt
            "ramp_weight", "RampedLoss"]
 
 
-def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+def softened_kl(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, *, scaled: bool = True,
+    cross_entropy: bool = False,
+) -> torch.Tensor:
     """``T^2 * mean_b sum_c p_T(teacher)_c (log p_T(teacher)_c - log p_T(student)_c)`` with ``p_T = softmax(z / T)``.
 
     ``student`` and ``teacher`` are logits ``(..., B, C)`` that broadcast against each other; the result has their
     broadcast leading shape (a scalar for two ``B x C`` tensors). The teacher is used as given: detach it first
     where it must not learn. The ``T^2`` factor keeps the gradient's scale independent of ``T`` (Hinton et al.).
+
+    ``scaled=False`` leaves the ``T^2`` factor out (ONE applies it with its ramp weight and logs the KL without it).
+    ``cross_entropy=True`` leaves the teacher's entropy out: ``-T^2 mean_b sum_c p_T(teacher)_c log p_T(student)_c``,
+    the soft cross-entropy BYOT's reference minimises and logs (the same gradients, a larger value).
     """
     T = float(temperature)
     log_t = F.log_softmax(teacher / T, dim=-1)
+    log_s = F.log_softmax(student / T, dim=-1)
     # From log-probabilities: a class whose teacher probability underflows to 0 contributes 0, never 0 * inf.
-    kl = (log_t.exp() * (log_t - F.log_softmax(student / T, dim=-1))).sum(-1).mean(-1)
-    return (T * T) * kl
+    kl = (log_t.exp() * (-log_s if cross_entropy else log_t - log_s)).sum(-1).mean(-1)
+    return (T * T) * kl if scaled else kl
 
 
 def check_temperature(method: str, value: Any) -> float:

@@ -19,24 +19,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..base import EVAL_CAPTURE, KeepReachable, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, check_logits, count_parameters, route_options
 from ..errors import SplitError
-from ..fused.planner import PlannedExecution, check_execution
-from ..graph import Piece, classifier_input, classifier_name, count_parameters, describe_split, graph_with_outputs
+from ..fused.planner import check_execution
+from ..graph import classifier_name, describe_split, with_classifier_input
 from .branched import BranchedModel
 from .losses import RampedLoss, cross_entropy_rows, softened_kl
 from .pooling import global_pool
+from .registry import entry_point
 
-__all__ = ["PeerAttention", "OKDDipModel", "OKDDipLoss", "build_okddip", "with_classifier_input"]
-
-
-def with_classifier_input(piece: Piece, classifier: str) -> Piece:
-    """``piece`` (same submodules, so the same tensors and ``state_dict`` keys) returning ``(logits, h)``, ``h``
-    the input of module ``classifier``."""
-    graphs = [graph_with_outputs(g, [classifier_input(g, classifier)]) for g in (piece.train_graph, piece.eval_graph)]
-    out = Piece(piece, *graphs, class_name="Branch")
-    out.train(piece.training)
-    return out
+__all__ = ["okddip", "PeerAttention", "OKDDipModel", "OKDDipLoss", "build_okddip"]
 
 
 class PeerAttention(nn.Module):
@@ -57,7 +49,7 @@ class PeerAttention(nn.Module):
         return torch.einsum("bij,jbc->ibc", a.to(z.dtype), z), a
 
 
-class OKDDipModel(PlannedExecution, BranchedModel):
+class OKDDipModel(BranchedModel):
     """Trunk, ``m - 1`` peers and the group leader (branch ``m - 1``), and the peers' attention. ``forward``
     returns the leader's logits.
 
@@ -115,7 +107,7 @@ class OKDDipModel(PlannedExecution, BranchedModel):
         self.attention = PeerAttention(features, reduction)
         self.leader = self.num_branches - 1
         self._follow_mode(net)
-        self._plan_execution(execution)
+        self.plan_execution(execution)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture the logits and the peers' targets, return the leader's logits.
@@ -124,17 +116,14 @@ class OKDDipModel(PlannedExecution, BranchedModel):
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
-            self._put_capture(EVAL_CAPTURE)
+            self.put_capture(EVAL_CAPTURE)
             return self.branches[self.leader](*self._branch_inputs(f), **extra)[0]
         outs = self._run_branches(f, extra)
         logits = [z for z, _ in outs]
-        if not isinstance(logits[0], torch.Tensor) or logits[0].dim() != 2:
-            raise TypeError(
-                "kdwrap okddip: the tail returned no (B, C) logits tensor; name the logits with output=<index or key>"
-            )
+        check_logits(logits[0], "okddip")
         h = torch.stack([global_pool(feat, -1) for _, feat in outs[:-1]])  # P x B x d
         targets, attention = self.attention(h, torch.stack(logits[:-1]))
-        self._put_capture((logits, targets, attention.detach()))
+        self.put_capture((logits, targets, attention.detach()))
         return KeepReachable.apply(logits[self.leader], targets, *logits[:-1])
 
     def export(self, branch: int | None = None) -> nn.Module:
@@ -147,14 +136,14 @@ class OKDDipModel(PlannedExecution, BranchedModel):
         and ignored)."""
         trunk_p, branch_p = count_parameters([self.trunk]), count_parameters([self.branches[0]])
         return "\n".join([
-            f"kdwrap OKDDip: {type(self._original).__name__} split at '{self.split}', {self.num_branches - 1} peers "
+            f"kdwrap OKDDip: {type(self.user_network).__name__} split at '{self.split}', {self.num_branches - 1} peers "
             f"+ the group leader (branch {self.leader}, what forward returns and export keeps); attention over the "
             f"input of '{self.classifier}' ({self.attention.query.in_features} -> {self.attention.query.out_features})",
             f"  parameters: trunk {trunk_p:,} | one branch {branch_p:,} | attention "
             f"{count_parameters([self.attention]):,} | wrapper {count_parameters([self]):,} | deployed "
             f"{trunk_p + branch_p:,}",
-            *describe_split(self, input_size),
-            "  execution: " + self._describe_execution(),
+            *describe_split(self.split_record, input_size, self.first_input_size),
+            "  execution: " + self.branch_execution.describe(),
         ])
 
     def extra_repr(self) -> str:
@@ -216,3 +205,16 @@ def build_okddip(net: nn.Module, **options: Any) -> tuple[OKDDipModel, OKDDipLos
     model_options, loss_options = route_options("okddip", options, OKDDipModel, OKDDipLoss)
     model = OKDDipModel(net, **model_options)
     return model, OKDDipLoss(model, **loss_options)
+
+
+@entry_point("okddip")
+def okddip(net: nn.Module, branches: int = 4, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for OKDDip (Online KD with Diverse Peers): ONE's trunk/branch surgery, ``branches - 1`` peers
+    that distil from attention-weighted targets and a group leader (the deployed branch) that distils from the
+    peers' mean. Returns ``(model, loss_fn)``.
+
+    Options (``split``, ``classifier``, ``temperature``, ``rampup_steps``, ...): see
+    :class:`kdwrap.methods.okddip.OKDDipModel` and :class:`kdwrap.methods.okddip.OKDDipLoss`; an unknown one raises
+    :class:`OptionError` listing the valid ones.
+    """
+    return build_okddip(net, branches=branches, **kwargs)

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import EVAL_CAPTURE, KeepReachable, route_options
-from ..fused.planner import PlannedExecution, check_execution, check_logits
-from ..graph import count_parameters, describe_split, example_input, flop_input_size, forward_flops, not_measured_line
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, check_logits, count_parameters, route_options
+from ..fused.planner import check_execution
+from ..graph import describe_split, example_input, flop_input_size, forward_flops, not_measured_line
 from .branched import BranchedModel
-from .losses import RampedLoss, cross_entropy_rows
+from .losses import RampedLoss, cross_entropy_rows, softened_kl
 from .pooling import global_pool
+from .registry import entry_point
 
-__all__ = ["ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one"]
+__all__ = ["one", "ONEGate", "ONEModel", "ONELoss", "ONEEnsemble", "build_one"]
 
 
 class ONEGate(nn.Module):
@@ -50,7 +51,7 @@ class ONEGate(nn.Module):
         return F.softmax(F.relu(self.bn(self.fc(pooled))), dim=1)
 
 
-class ONEModel(PlannedExecution, BranchedModel):
+class ONEModel(BranchedModel):
     """Trunk, ``m`` branches and the gate. ``forward`` returns the logits of branch ``self.branch``.
 
     In training mode every branch runs and the branch logits and gate weights are captured for :class:`ONELoss`;
@@ -108,7 +109,7 @@ class ONEModel(PlannedExecution, BranchedModel):
         self.branch = branch
         self.gate = ONEGate(self.trunk_channels, branches, self.trunk_channels_dim)
         self._follow_mode(net)
-        self._plan_execution(execution)
+        self.plan_execution(execution)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Training: run every branch, capture their logits and the gate for the loss, return branch
@@ -117,12 +118,12 @@ class ONEModel(PlannedExecution, BranchedModel):
         f = self.trunk(x, *args, **kwargs)
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
-            self._put_capture(EVAL_CAPTURE)
+            self.put_capture(EVAL_CAPTURE)
             return self.branches[self.branch](*self._branch_inputs(f), **extra)
         logits = self._run_branches(f, extra)
-        check_logits(logits[0])
+        check_logits(logits[0], "one", dims=None)
         gate = self.gate(self._main(f))
-        self._put_capture((logits, gate))
+        self.put_capture((logits, gate))
         others = [z for i, z in enumerate(logits) if i != self.branch]
         return KeepReachable.apply(logits[self.branch], gate, *others)
 
@@ -152,16 +153,16 @@ class ONEModel(PlannedExecution, BranchedModel):
         branch_p = count_parameters([self.branches[0]])
         gate_p = count_parameters([self.gate])
         lines = [
-            f"kdwrap ONE: {type(self._original).__name__} split at '{self.split}', {self.num_branches} branches "
+            f"kdwrap ONE: {type(self.user_network).__name__} split at '{self.split}', {self.num_branches} branches "
             f"(forward returns branch {self.branch})",
             f"  parameters: trunk {trunk_p:,} | one branch {branch_p:,} | gate {gate_p:,} | "
             f"wrapper {count_parameters([self]):,} | deployed {trunk_p + branch_p:,}",
         ]
         if self._describe_cut():
             lines.append(self._describe_cut())
-        lines += describe_split(self, input_size)
-        lines.append("  execution: " + self._describe_execution())
-        size = flop_input_size(self, input_size)
+        lines += describe_split(self.split_record, input_size, self.first_input_size)
+        lines.append("  execution: " + self.branch_execution.describe())
+        size = flop_input_size(self.split_record, input_size, self.first_input_size)
         if size is None:
             return "\n".join(lines + [not_measured_line("FLOPs")])
         try:
@@ -179,7 +180,7 @@ class ONEModel(PlannedExecution, BranchedModel):
         return "\n".join(lines)
 
     def _flops(self, input_size: Sequence[int]) -> tuple[int, int, int, tuple[int, ...]]:
-        x = example_input(self._original, input_size)
+        x = example_input(self.user_network, input_size)
         modes = [m.training for m in (self.trunk, self.branches[0], self.gate)]
         for m in (self.trunk, self.branches[0], self.gate):
             m.eval()
@@ -256,10 +257,8 @@ class ONELoss(RampedLoss):
         # so the loss's op count must not grow with m.
         T = self.temperature
         ce_all = cross_entropy_rows(torch.cat([z, ensemble.unsqueeze(0)]).log_softmax(-1), target)  # m + 1
-        teacher = F.softmax(ensemble.detach() / T, dim=-1)
-        # KL(teacher || branch_i), summed over classes, averaged over the batch: F.kl_div's "batchmean" per branch.
-        cross = (teacher * F.log_softmax(z / T, dim=-1)).sum(-1)  # m x B
-        kl = (torch.xlogy(teacher, teacher).sum(-1) - cross).mean(-1)
+        # KL(teacher || branch_i) per branch, without T^2: it is logged so, and the loss applies T^2 with the ramp.
+        kl = softened_kl(z, ensemble.detach(), T, scaled=False)  # m
         weight = self.ramp()
         loss = ce_all.sum() + (weight * T * T) * kl.sum()  # sum_i CE(z_i, y) + CE(z_e, y) + w T^2 sum_i KL_i
         self.step += 1
@@ -283,3 +282,13 @@ def build_one(net: nn.Module, **options: Any) -> tuple[ONEModel, ONELoss]:
     model_options, loss_options = route_options("one", options, ONEModel, ONELoss)
     model = ONEModel(net, **model_options)
     return model, ONELoss(model, **loss_options)
+
+
+@entry_point("one")
+def one(net: nn.Module, branches: int = 3, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for ONE (On-the-fly Native Ensemble). Returns ``(model, loss_fn)``.
+
+    Options (``split``, ``temperature``, ``rampup_steps``, ...): see :class:`kdwrap.methods.one.ONEModel` and
+    :class:`kdwrap.methods.one.ONELoss`; an unknown one raises :class:`OptionError` listing the valid ones.
+    """
+    return build_one(net, branches=branches, **kwargs)

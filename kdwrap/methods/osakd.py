@@ -8,7 +8,6 @@ detached outputs plus the current batch (never the sample itself). See docs/osak
 """
 from __future__ import annotations
 
-import copy
 import numbers
 from typing import Any, Callable
 
@@ -16,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._deploy import deployable_copy
 from .._timing import median_ms, timing_may_decide
 from ..base import EVAL_CAPTURE, KDLoss, KDModel, check_output_option, check_target, route_options, select_logits
 from ..knn import BACKENDS, DISTANCES, faiss_available, knn_soft_labels, resolve_backend
 from ..memory_bank import MemoryBank
+from .registry import entry_point
 
-__all__ = ["DEFAULT_ALPHA", "DISTILL", "OSAKDModel", "OSAKDLoss", "build_osakd", "distill_gradient_ratio",
+__all__ = ["osakd", "DEFAULT_ALPHA", "DISTILL", "OSAKDModel", "OSAKDLoss", "build_osakd", "distill_gradient_ratio",
            "soft_label_diagnostics"]
 
 DISTILL = ("mse", "kl")
@@ -54,10 +55,15 @@ class OSAKDModel(KDModel):
         self.loss_options: dict[str, Any] = {}
         self._follow_mode(net)
 
+    @property
+    def user_network(self) -> nn.Module:
+        """The network the user wrapped, unchanged."""
+        return self.model
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Exactly what the wrapped net returns; it also records a capture for the loss."""
         out = self.model(*args, **kwargs)
-        self._put_capture(tuple(select_logits(out, self.output, "osakd").shape) if self.training else EVAL_CAPTURE)
+        self.put_capture(tuple(select_logits(out, self.output, "osakd").shape) if self.training else EVAL_CAPTURE)
         return out
 
     def export(self, copy_model: bool = True, **kwargs: Any) -> nn.Module:
@@ -68,12 +74,7 @@ class OSAKDModel(KDModel):
                 f"OSAKD export() got unexpected options {sorted(kwargs)}: OSAKD keeps one unchanged model, "
                 "so there is no branch or ensemble to choose; valid options: copy_model"
             )
-        if not copy_model:
-            return self.model
-        net = copy.deepcopy(self.model)
-        for p in net.parameters():
-            p.grad = None
-        return net
+        return deployable_copy(self.model) if copy_model else self.model
 
     def summary(self, **kwargs: Any) -> str:
         """A description of the wrapper (options such as ``input_size`` are accepted and ignored: OSAKD adds no
@@ -223,7 +224,7 @@ class OSAKDLoss(KDLoss):
             )
         b, c = logits.shape
         ce_target, labels = check_target(target, b, c, "osakd")
-        shape = model._take_capture()
+        shape = model.take_capture()
         if shape is EVAL_CAPTURE:
             ce = self._eval_cross_entropy(logits, ce_target)
             self.parts.update(ce=self.parts["loss"], bank_fill=torch.tensor(len(self.bank)))
@@ -339,3 +340,13 @@ def build_osakd(net: nn.Module, **options: Any) -> tuple[OSAKDModel, OSAKDLoss]:
     loss_fn = OSAKDLoss(model, **loss_options)
     model.loss_options = loss_fn.config()
     return model, loss_fn
+
+
+@entry_point("osakd")
+def osakd(net: nn.Module, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for OSAKD (Online Self-Acquired KD). Returns ``(model, loss_fn)``.
+
+    Options (``k``, ``alpha``, ``bank_size``, ``backend``, ...): see :class:`kdwrap.methods.osakd.OSAKDLoss`; an
+    unknown one raises :class:`OptionError` listing the valid ones.
+    """
+    return build_osakd(net, **kwargs)

@@ -24,19 +24,21 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..base import EVAL_CAPTURE, KeepReachable, route_options
+from ..base import EVAL_CAPTURE, KDLoss, KDModel, KeepReachable, check_logits, count_parameters, route_options
 from ..errors import SplitError
-from ..fused.planner import PlannedExecution, check_execution
-from ..graph import classifier_name, count_parameters, describe_split, found_classifier, run_trunk, trial_mode
+from ..fused.planner import check_execution
+from ..graph import (
+    classifier_name, describe_split, found_classifier, run_trunk, trial_mode, with_classifier_input,
+)
 from .._deploy import rebuild_original
 from .branched import BranchedModel
 from .losses import RampedLoss, cross_entropy_rows, softened_kl
-from .okddip import with_classifier_input
 from .peer_views import check_augment, describe_views, peer_views
 from .pooling import global_pool
+from .registry import entry_point
 from .temporal_mean import mean_copy, parameter_names, update_means
 
-__all__ = ["ENSEMBLE_INPUTS", "PCLModel", "PCLLoss", "build_pcl"]
+__all__ = ["pcl", "ENSEMBLE_INPUTS", "PCLModel", "PCLLoss", "build_pcl"]
 
 # What the peer ensemble classifier reads of each peer, by what the tail's classifier is: a peer's tail output ->
 # (its logits, its part of the ensemble classifier's input).
@@ -50,7 +52,7 @@ ENSEMBLE_INPUTS: dict[str, Callable[[Any], tuple[Any, torch.Tensor]]] = {
 }
 
 
-class PCLModel(PlannedExecution, BranchedModel):
+class PCLModel(BranchedModel):
     """Trunk, ``m`` peers, the peer ensemble classifier, and the temporal means of the trunk and of every peer.
 
     Training-mode ``forward``: first the temporal means take the current weights in (one update per optimizer step,
@@ -84,7 +86,6 @@ class PCLModel(PlannedExecution, BranchedModel):
     """
 
     method = "pcl"
-    companions = ("mean_branches",)
     why_min_branches = "peers need other peers to learn from"
 
     def __init__(
@@ -151,7 +152,8 @@ class PCLModel(PlannedExecution, BranchedModel):
         self.register_buffer("mean_forwards", torch.zeros((), dtype=torch.int64))
         self.register_buffer("mean_updates", torch.zeros((), dtype=torch.int64))
         self._follow_mode(net)
-        self._plan_execution(execution)
+        # The mean teachers' tails run as the peers do, each peer on its own view when there are views.
+        self.plan_execution(execution, per_branch_input=self.per_branch_input, companions=("mean_branches",))
 
     @property
     def per_branch_input(self) -> bool:
@@ -166,11 +168,7 @@ class PCLModel(PlannedExecution, BranchedModel):
         tail = self.branches[0]
         with trial_mode(tail):
             z = tail(*self._branch_inputs(f))
-        if not isinstance(z, torch.Tensor) or z.dim() != 2:
-            raise TypeError(
-                "kdwrap pcl: the tail returned no (B, C) logits tensor; name the logits with output=<index or key>"
-            )
-        return int(z.shape[-1])
+        return int(check_logits(z, "pcl").shape[-1])
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -180,7 +178,7 @@ class PCLModel(PlannedExecution, BranchedModel):
         extra = self._tail_kwargs(args, kwargs)
         if not self.training:
             self._note_input(x)
-            self._put_capture(EVAL_CAPTURE)
+            self.put_capture(EVAL_CAPTURE)
             f = self.mean_trunk(x, *args, **kwargs)
             out = self.mean_branches[self.branch](*self._branch_inputs(f), **extra)
             # The deployed mean has no gradient. A loop that trains a wrapper left in eval mode then gets the
@@ -211,15 +209,12 @@ class PCLModel(PlannedExecution, BranchedModel):
         self._note_input(x if views is None or self.augment != "views" else x[:, 0])
         outs = [read(out) for out in self._run_branches(trunk_outputs, extra)]
         logits = [z for z, _ in outs]
-        if not isinstance(logits[0], torch.Tensor) or logits[0].dim() != 2:
-            raise TypeError(
-                "kdwrap pcl: the tail returned no (B, C) logits tensor; name the logits with output=<index or key>"
-            )
+        check_logits(logits[0], "pcl")
         ensemble = self.ensemble(torch.cat([h for _, h in outs], dim=-1))
         with torch.no_grad():
             mean_logits = torch.stack(self._run_branches(
                 self._trunk_outputs(self.mean_trunk, x, args, kwargs, views), extra, "mean_branches"))
-        self._put_capture((logits, ensemble, mean_logits))
+        self.put_capture((logits, ensemble, mean_logits))
         others = [z for i, z in enumerate(logits) if i != self.branch]
         return KeepReachable.apply(logits[self.branch], ensemble, *others)
 
@@ -255,7 +250,7 @@ class PCLModel(PlannedExecution, BranchedModel):
             raise ValueError(f"kdwrap pcl: branch must be an int in [0, {self.num_branches}), got {branch!r}")
         if not mean:
             return self._export_branch(branch)
-        net = rebuild_original(self._original, [self.mean_trunk, self.mean_branches[branch]])
+        net = rebuild_original(self.user_network, [self.mean_trunk, self.mean_branches[branch]])
         device = next((t.device for t in self.mean_trunk.buffers()), None)
         return (net.to(device) if device is not None else net).train(self.training)
 
@@ -268,7 +263,7 @@ class PCLModel(PlannedExecution, BranchedModel):
         mean_t = sum(t.numel() for t in [*self.mean_trunk.buffers(), *self.mean_branches.buffers()])
         trunk_passes = "1 trunk pass" if self.augment is None else f"the trunk on {m} views ({m} x the trunk's work)"
         return "\n".join([
-            f"kdwrap PCL: {type(self._original).__name__} split at '{self.split}', {m} peers; deployed: the temporal "
+            f"kdwrap PCL: {type(self.user_network).__name__} split at '{self.split}', {m} peers; deployed: the temporal "
             f"mean of peer {self.branch} (what eval-mode forward returns and export keeps)",
             f"  peer ensemble teacher: {self._describe_ensemble()}",
             f"  peer mean teachers: the temporal means of the trunk and of each peer, decay {self.mean_decay:g}, "
@@ -277,10 +272,10 @@ class PCLModel(PlannedExecution, BranchedModel):
             f"  parameters: trunk {trunk_p:,} | one peer {branch_p:,} | ensemble classifier "
             f"{count_parameters([self.ensemble]):,} | wrapper {count_parameters([self]):,} | deployed "
             f"{trunk_p + branch_p:,}; temporal means {mean_t:,} tensor elements (buffers, no gradient)",
-            *describe_split(self, input_size),
+            *describe_split(self.split_record, input_size, self.first_input_size),
             f"  work per training step: {trunk_passes} and {m} tails with gradients, the same again without "
             "gradients for the mean teachers",
-            "  execution: " + self._describe_execution(),
+            "  execution: " + self.branch_execution.describe(),
         ])
 
     def _describe_ensemble(self) -> str:
@@ -290,7 +285,7 @@ class PCLModel(PlannedExecution, BranchedModel):
             return f"a Linear over the {m} peers' inputs of '{self.classifier}' {sizes}"
         classes = self.ensemble.out_features
         return (f"ensemble classifier over the peers' logits, a Linear ({m} x {classes} -> {classes}): the "
-                f"classifier input of {type(self._original).__name__} is not a flat feature vector "
+                f"classifier input of {type(self.user_network).__name__} is not a flat feature vector "
                 f"({self.ensemble_why})")
 
     def extra_repr(self) -> str:
@@ -360,3 +355,17 @@ def build_pcl(net: nn.Module, **options: Any) -> tuple[PCLModel, PCLLoss]:
     model_options, loss_options = route_options("pcl", options, PCLModel, PCLLoss)
     model = PCLModel(net, **model_options)
     return model, PCLLoss(model, **loss_options)
+
+
+@entry_point("pcl")
+def pcl(net: nn.Module, branches: int = 3, **kwargs: Any) -> tuple[KDModel, KDLoss]:
+    """Wrap ``net`` for PCL (Peer Collaborative Learning): ONE's trunk/branch surgery, ``branches`` peers each
+    trained on its own random view of the batch, a peer ensemble teacher (a classifier over the peers' concatenated
+    features) and the peers' temporal means, which teach the other peers; the temporal mean of peer 0 is the
+    deployed model. Returns ``(model, loss_fn)``.
+
+    Options (``augment``, ``mean_decay``, ``split``, ``temperature``, ``rampup_steps``, ...): see
+    :class:`kdwrap.methods.pcl.PCLModel` and :class:`kdwrap.methods.pcl.PCLLoss`; an unknown one raises
+    :class:`OptionError` listing the valid ones.
+    """
+    return build_pcl(net, branches=branches, **kwargs)
