@@ -22,7 +22,8 @@ from .errors import CheckpointError, FusionError, KDWrapError, OptionError, Spli
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "KDLoss", "KDModel", "byot", "dml", "export", "kd", "okddip", "one", "osakd", "pcl", "register_method", "summary", "wrap",
+    "METHODS", "KDLoss", "KDModel", "byot", "dml", "export", "kd", "okddip", "one", "osakd", "pcl", "register_method",
+    "summary", "wrap",
     "__version__",
     "KDWrapError", "SplitError", "TraceError", "FusionError", "OptionError", "CheckpointError",
 ]

@@ -44,8 +44,8 @@ def export(model: nn.Module, **kwargs: Any) -> nn.Module:
 
     ONE: ``branch=i`` picks the branch kept (default: the one ``model(x)`` returns); ``ensemble=True`` returns the
     gated ensemble (ONE-E) as a module with a plain Tensor output. OSAKD: the original model, with no hook. KD: the
-    student (never the teacher). DML: ``peer=i`` picks the peer kept (default: the one ``model(x)`` returns). OKDDip: the group leader (or
-    ``branch=i``). BYOT: the network without its exits, or ``exits=True`` for a multi-exit model returning every
+    student (never the teacher). DML: ``peer=i`` picks the peer kept (default: the one ``model(x)`` returns).
+    OKDDip: the group leader (or ``branch=i``). BYOT: the network without its exits, or ``exits=True`` for a multi-exit model returning every
     exit's logits. PCL: the temporal mean of peer 0 (or ``branch=i``; ``mean=False`` for the live peer).
     """
     return _kd_model(model).export(**kwargs)
