@@ -4,6 +4,7 @@
     python benchmarks/zoo.py --methods one --models timm/pit_ti_224 tv/mnasnet0_5
     python benchmarks/zoo.py --make-list                  # rewrite zoo_models.txt from the installed timm/torchvision
     python benchmarks/zoo.py --record-splits before.json  # where kdwrap cuts each model, no training
+    python benchmarks/zoo.py --compare-splits before.json after.json  # the same after a change?
     python benchmarks/zoo.py --methods pcl --wrap-options '{"augment": null}'   # options besides the defaults
 
 The list (in the repository, so a sweep is repeatable) holds one model per timm family (timm's modules; the smallest
@@ -20,8 +21,8 @@ benchmarks/results/zoo_<device>_<date>.json.
 
 --record-splits FILE trains nothing: per model (in its own process, as above) it records where kdwrap cuts it (ONE's
 split with its rule, the cuts it considered and its summary, OKDDip's split, BYOT's exits and summary), or the error
-when a wrapper cannot be built. Two recordings made before and after a change to kdwrap.graph must be equal; an
-existing FILE is completed, not overwritten.
+when a wrapper cannot be built. Two recordings made before and after a change to kdwrap.graph must be equal
+(--compare-splits BEFORE AFTER says where they differ); an existing FILE is completed, not overwritten.
 """
 from __future__ import annotations
 
@@ -247,6 +248,24 @@ def run_isolated(name: str, method: str, timeout: float, options: str | None = N
     return row
 
 
+def compare_splits(before: Path, after: Path) -> int:
+    """Print how two --record-splits recordings differ, per model recorded in both (``seconds`` aside); 1 if any."""
+    old, new = (json.loads(path.read_text()) for path in (before, after))
+    both = [name for name in old if name in new]
+    differ = 0
+    for name in both:
+        a, b = ({k: v for k, v in row.items() if k != "seconds"} for row in (old[name], new[name]))
+        if a != b:
+            differ += 1
+            fields = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            print(f"{name}: differs in {', '.join(fields)}")
+    only = sorted(set(old) ^ set(new))
+    print(f"{len(both)} models recorded in both: {len(both) - differ} equal, {differ} different"
+          + (f"; {len(only)} recorded in one only ({', '.join(only[:5])}{' ...' if len(only) > 5 else ''})"
+             if only else ""))
+    return 1 if differ else 0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=None, help="default: every model of zoo_models.txt")
@@ -260,6 +279,9 @@ def main() -> None:
     p.add_argument("--make-list", action="store_true", help="rewrite zoo_models.txt and exit")
     p.add_argument("--record-splits", type=Path, default=None, metavar="FILE",
                    help="record where kdwrap cuts each model (JSON, no training) and exit")
+    p.add_argument("--compare-splits", type=Path, nargs=2, default=None, metavar=("BEFORE", "AFTER"),
+                   help="compare two --record-splits recordings field by field (time taken aside) and exit 1 if a "
+                        "model recorded in both differs")
     p.add_argument("--check", default=None, help=argparse.SUPPRESS)  # one model, in this process (a worker)
     p.add_argument("--record-one", default=None, help=argparse.SUPPRESS)  # the same for --record-splits
     p.add_argument("--wrap-options", default=None, metavar="JSON",
@@ -274,6 +296,8 @@ def main() -> None:
             raise ValueError("not an object")
     except ValueError as err:
         p.error(f"--wrap-options must be a JSON object of option names and values, e.g. '{{\"augment\": null}}': {err}")
+    if args.compare_splits:
+        sys.exit(compare_splits(*args.compare_splits))
     if args.check:
         print(json.dumps(check_one(args.check, args.methods[0], json.loads(args.wrap_options or "{}"), args.size)))
         return
