@@ -20,23 +20,6 @@ from kdwrap.base import (
 from kdwrap.errors import OptionError
 
 
-# The wrapper's protocol names, in one place (the capture's were private before: _put_capture, _take_capture).
-def put(model: KDModel, value) -> None:
-    model.put_capture(value)
-
-
-def take(model: KDModel):
-    return model.take_capture()
-
-
-def pending(model: KDModel):
-    return model.pending_capture
-
-
-def user_network(model: KDModel) -> nn.Module:
-    return model.user_network
-
-
 class Toy(KDModel):
     method = "toy"
 
@@ -52,13 +35,13 @@ def batch(b: int = 4):
 
 def test_a_capture_is_taken_exactly_once():
     model = Toy()
-    assert pending(model) is None
-    put(model, ("what", "the loss needs"))
-    assert pending(model) == ("what", "the loss needs")  # looking does not take it
-    assert take(model) == ("what", "the loss needs")
-    assert pending(model) is None
+    assert model.pending_capture is None
+    model.put_capture(("what", "the loss needs"))
+    assert model.pending_capture == ("what", "the loss needs")  # looking does not take it
+    assert model.take_capture() == ("what", "the loss needs")
+    assert model.pending_capture is None
     with pytest.raises(RuntimeError, match="kdwrap toy: loss_fn was called without a preceding forward"):
-        take(model)
+        model.take_capture()
 
 
 def test_the_loss_takes_the_forwards_capture_once():
@@ -67,14 +50,14 @@ def test_the_loss_takes_the_forwards_capture_once():
     with pytest.raises(RuntimeError, match="without a preceding forward"):
         loss_fn(torch.randn(4, 5), y)
     out = model(x)
-    assert pending(model) is not None
+    assert model.pending_capture is not None
     loss_fn(out, y)
-    assert pending(model) is None
+    assert model.pending_capture is None
     with pytest.raises(RuntimeError, match="twice for one forward"):
         loss_fn(out, y)
     model.eval()
     model(x)
-    assert pending(model) is EVAL_CAPTURE  # eval mode: the loss will be plain cross-entropy
+    assert model.pending_capture is EVAL_CAPTURE  # eval mode: the loss will be plain cross-entropy
 
 
 def test_bad_labels_or_logits_fail_before_the_capture_is_taken():
@@ -263,9 +246,9 @@ def test_count_parameters_counts_each_tensor_once():
 def test_the_user_network_and_the_loss_base():
     net = TinyNet()
     model, loss_fn = one(net)
-    assert user_network(model) is net
+    assert model.user_network is net
     assert isinstance(model, KDModel) and isinstance(loss_fn, KDLoss)
     osakd_net = TinyNet()
     osakd_model, osakd_loss = kdwrap.osakd(osakd_net)
-    assert user_network(osakd_model) is osakd_net
+    assert osakd_model.user_network is osakd_net
     assert isinstance(osakd_model, KDModel) and isinstance(osakd_loss, KDLoss)

@@ -12,17 +12,9 @@ from kdwrap.errors import SplitError
 from kdwrap.graph.outputs import (
     classifier_input, classifier_name, found_classifier, graph_with_outputs, select_output, stage_end, stage_input,
 )
+from kdwrap.graph.outputs import with_classifier_input
 from kdwrap.graph.split import split_model
 from kdwrap.graph.tracing import trace
-
-
-def with_classifier_input_fn():
-    """``with_classifier_input``, wherever it lives (it moves from kdwrap.methods.okddip to kdwrap.graph.outputs)."""
-    try:
-        from kdwrap.graph.outputs import with_classifier_input
-    except ImportError:
-        from kdwrap.methods.okddip import with_classifier_input
-    return with_classifier_input
 
 
 def features(net: TinyNet, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +144,7 @@ def test_the_classifier_is_the_last_linear_and_its_input_the_feature_vector():
 def test_a_tail_that_also_returns_its_classifier_input(training):
     net = TinyNet().train(training)
     tail = split_model(net, "stage2", input_size=(3, 16, 16)).tail
-    piece = with_classifier_input_fn()(tail, "fc")
+    piece = with_classifier_input(tail, "fc")
     assert piece.training is training
     assert piece.state_dict().keys() == tail.state_dict().keys()
     assert dict(piece.named_parameters())["fc.weight"] is net.fc.weight  # the same tensors, not copies
