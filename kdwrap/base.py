@@ -67,8 +67,9 @@ class KDModel(nn.Module):
     @property
     def user_network(self) -> nn.Module:
         """The network the user wrapped, as given (its tensors are the wrapper's own): what ``export()`` rebuilds
-        and what integrations name in their records."""
-        raise NotImplementedError  # pragma: no cover - every method defines it
+        and what integrations name in their records. kdwrap's methods define it; a method registered from outside
+        that does not raises ``NotImplementedError``, which integrations read as "unknown"."""
+        raise NotImplementedError(f"kdwrap {self.method}: this wrapper does not name the network it wraps")
 
     def take_capture(self) -> Any:
         """The capture of the preceding forward, taken once; a clear error when there is none."""

@@ -224,3 +224,37 @@ def record_conv_input_layouts(model: nn.Module) -> tuple[dict[str, bool], list]:
         for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
     ]
     return seen, handles
+
+
+def train_channels_last_beside_contiguous(make: Callable, batch: Callable, steps: int,
+                                          check: Callable | None = None) -> tuple[tuple, tuple]:
+    """Two runs of ``make()`` (a ``(model, loss_fn)``): one moved to channels_last and fed channels_last batches, one
+    contiguous, trained in lockstep (:func:`train_in_lockstep`, the channels_last run leading). After each step the
+    losses, the models' and the losses' states agree at float tolerance, and ``check(step, loss_fn)`` (if given)
+    looks at the leading run. Returns ``(model, loss_fn, seen)`` of the channels_last run, then of the contiguous
+    one, ``seen`` being the layouts each conv module's input had (:func:`record_conv_input_layouts`)."""
+    runs = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model, loss_fn = make()
+        model = model.to(memory_format=fmt)
+        seen, handles = record_conv_input_layouts(model)
+
+        def fmt_batch(step, fmt=fmt):
+            x, y = batch(step)
+            return x.contiguous(memory_format=fmt), y
+
+        runs[fmt] = model, loss_fn, fmt_batch, seen, handles
+    model, loss_fn, cl_batch, seen, handles = runs[torch.channels_last]
+    plain, plain_loss_fn, plain_batch, plain_seen, plain_handles = runs[torch.contiguous_format]
+
+    def compare(step, loss, plain_loss):
+        torch.testing.assert_close(plain_loss, loss, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+        assert_states_close(plain.state_dict(), model.state_dict(), f"step {step}: model")  # BN statistics too
+        assert_states_close(plain_loss_fn.state_dict(), loss_fn.state_dict(), f"step {step}: loss")
+        if check is not None:
+            check(step, loss_fn)
+
+    train_in_lockstep((model, loss_fn, cl_batch), (plain, plain_loss_fn, plain_batch), steps, compare)
+    for h in handles + plain_handles:
+        h.remove()
+    return (model, loss_fn, seen), (plain, plain_loss_fn, plain_seen)

@@ -35,7 +35,7 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
     )
 
 from ..api import export
-from ..base import KDLoss, select_logits, unwrap
+from ..base import KDLoss, KDModel, select_logits, unwrap
 from ..errors import CheckpointError
 
 __all__ = ["KDTrainer", "LOSS_STATE_FILE", "RUN_FILE", "DEPLOYED_FILE"]
@@ -123,7 +123,8 @@ class KDTrainer(Trainer):
         # With remove_unused_columns (the default) the Trainer keeps only the columns the model's forward names;
         # the wrapper's forward names none of the batch's, so keep the images, the labels, and the net's keywords.
         if self._signature_columns is None:
-            names = list(inspect.signature(self.kd_loss.model.user_network.forward).parameters)
+            net = _user_network(self.kd_loss.model)
+            names = list(inspect.signature(net.forward).parameters) if net is not None else []
             self._signature_columns = [self.input_key, "label", "label_ids", *self.label_names, *names]
 
     def compute_loss(
@@ -220,9 +221,18 @@ class KDTrainer(Trainer):
         return deployed
 
 
+def _user_network(model: KDModel) -> nn.Module | None:
+    """The wrapped network, or None for a method registered from outside that does not name it."""
+    try:
+        return model.user_network
+    except NotImplementedError:
+        return None
+
+
 def _describe(kd_loss: KDLoss) -> dict[str, str]:
     """What a checkpoint of this wrapper holds, as :data:`RUN_FILE` records it."""
-    return {"method": kd_loss.model.method, "network": type(kd_loss.model.user_network).__name__,
+    net = _user_network(kd_loss.model)
+    return {"method": kd_loss.model.method, "network": type(net).__name__ if net is not None else "unknown",
             "loss": type(kd_loss).__name__}
 
 

@@ -257,3 +257,17 @@ def test_label_smoothing_is_refused_rather_than_ignored(tmp_path):
     model, loss_fn = WRAPPERS["timm lenet5, osakd"]()
     with pytest.raises(ValueError, match="label_smoothing_factor is not applied.*soft targets"):
         KDTrainer(model=model, kd_loss=loss_fn, args=training_args(tmp_path, label_smoothing_factor=0.1))
+
+
+def test_a_method_registered_from_outside_without_a_user_network_is_recorded_as_unknown():
+    """kdwrap's methods name the network they wrap; a KDModel of the user's own need not, and the run record says
+    "unknown" instead of failing."""
+    from kdwrap.integrations.hf import _describe
+
+    class OwnModel(kdwrap.KDModel):
+        method = "own"
+
+    model = OwnModel()
+    with pytest.raises(NotImplementedError, match="kdwrap own: this wrapper does not name the network it wraps"):
+        model.user_network
+    assert _describe(kdwrap.KDLoss(model)) == {"method": "own", "network": "unknown", "loss": "KDLoss"}

@@ -8,8 +8,8 @@ from kdwrap.fused import planner
 from conftest import TinyNet
 from dist_utils import run_two_ranks
 from loop_utils import (
-    assert_resume_is_bit_exact, assert_states_close, is_channels_last, lockstep_rank_states, record_conv_input_layouts,
-    reference_states, train_in_lockstep,
+    assert_resume_is_bit_exact, assert_states_close, is_channels_last, lockstep_rank_states, reference_states,
+    train_channels_last_beside_contiguous,
 )
 
 STEPS, BATCH = 3, 8
@@ -107,7 +107,7 @@ class _LayoutRecorder(torch.fx.Interpreter):
 
 
 @pytest.mark.parametrize("execution", ["sequential", "fused", "auto"])
-def testis_channels_last(execution, monkeypatch):
+def test_channels_last(execution, monkeypatch):
     """``model.to(memory_format=torch.channels_last)`` (examples/train_cifar.py --channels-last) reaches the trunk
     and every branch; the trunk, the branches (sequential or fused) and the export run NHWC throughout; training
     and the exported model match the contiguous run; ``execution="auto"`` times channels_last inputs apart.
@@ -117,28 +117,8 @@ def testis_channels_last(execution, monkeypatch):
     steps that rounding grows, by how much depending on the CPU's kernels). The channels_last run itself trains
     uninterrupted: its weights and gradients are checked for NHWC after its own optimizer steps."""
     monkeypatch.setattr(planner, "MEASURE_DEVICES", ("cpu",))  # auto times on the CPU too
-    runs = {}
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        model, loss_fn = _make("train", execution=execution)
-        model.to(memory_format=fmt)
-        seen, handles = record_conv_input_layouts(model)
-
-        def batch(step, fmt=fmt):
-            x, y = _batch(step)
-            return x.contiguous(memory_format=fmt), y
-
-        runs[fmt] = model, loss_fn, batch, seen, handles
-    model, loss_fn, batch, seen, handles = runs[torch.channels_last]
-    plain, plain_loss_fn, plain_batch, plain_seen, plain_handles = runs[torch.contiguous_format]
-
-    def check(step, loss, plain_loss):
-        torch.testing.assert_close(plain_loss, loss, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
-        assert_states_close(plain.state_dict(), model.state_dict(), f"step {step}: model")  # BN statistics too
-        assert_states_close(plain_loss_fn.state_dict(), loss_fn.state_dict(), f"step {step}: loss")
-
-    train_in_lockstep((model, loss_fn, batch), (plain, plain_loss_fn, plain_batch), STEPS, check)
-    for h in handles + plain_handles:
-        h.remove()
+    (model, loss_fn, seen), (plain, _, plain_seen) = train_channels_last_beside_contiguous(
+        lambda: _make("train", execution=execution), _batch, STEPS)
     convs = {n: p for n, p in model.named_parameters() if p.ndim == 4}
     assert {n.split(".")[1] for n in convs if n.startswith("branches.")} == {"0", "1", "2"}  # every branch's convs
     assert [n for n, p in convs.items() if not is_channels_last(p)] == []  # after optimizer steps too

@@ -7,8 +7,8 @@ import kdwrap
 from conftest import TinyNet
 from dist_utils import run_two_ranks
 from loop_utils import (
-    assert_compiles_without_graph_break, assert_resume_is_bit_exact, assert_states_close, is_channels_last,
-    record_conv_input_layouts, train_in_lockstep, train_steps,
+    assert_compiles_without_graph_break, assert_resume_is_bit_exact, is_channels_last,
+    train_channels_last_beside_contiguous, train_steps,
 )
 
 STEPS, BATCH, BANK = 3, 8, 64
@@ -74,7 +74,7 @@ def test_autocast_bf16_computes_the_loss_in_float32_and_fills_the_bank_in_float3
     loss.backward()
 
 
-def testis_channels_last():
+def test_channels_last():
     """OSAKD leaves the net unchanged: after ``.to(memory_format=torch.channels_last)`` every conv runs NHWC, the
     weights stay NHWC through optimizer steps and export, and losses, weights and bank match the contiguous run.
 
@@ -83,29 +83,11 @@ def testis_channels_last():
     order, and over n free-running steps that rounding grows, by how much depending on the CPU's kernels). The
     channels_last run itself trains uninterrupted: its weights and gradients are checked for NHWC after its own
     optimizer steps, its bank holds every step's batch."""
-    runs = {}
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        model, loss_fn = _make()
-        model = model.to(memory_format=fmt)
-        seen, handles = record_conv_input_layouts(model)
-
-        def batch(step, fmt=fmt):
-            x, y = _batch(step)
-            return x.contiguous(memory_format=fmt), y
-
-        runs[fmt] = model, loss_fn, batch, seen, handles
-    model, loss_fn, batch, seen, handles = runs[torch.channels_last]
-    plain, plain_loss_fn, plain_batch, plain_seen, plain_handles = runs[torch.contiguous_format]
-
-    def check(step, loss, plain_loss):
-        torch.testing.assert_close(plain_loss, loss, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
-        assert_states_close(plain.state_dict(), model.state_dict(), f"step {step}: model")
-        assert_states_close(plain_loss_fn.state_dict(), loss_fn.state_dict(), f"step {step}: loss")  # the bank
+    def bank_holds_every_batch(step, loss_fn):
         assert len(loss_fn.bank) == (step + 1) * BATCH
 
-    train_in_lockstep((model, loss_fn, batch), (plain, plain_loss_fn, plain_batch), STEPS, check)
-    for h in handles + plain_handles:
-        h.remove()
+    (model, loss_fn, seen), (plain, _, plain_seen) = train_channels_last_beside_contiguous(
+        _make, _batch, STEPS, bank_holds_every_batch)
     convs = {n: p for n, p in model.named_parameters() if p.ndim == 4}
     assert len(convs) == 3
     assert [n for n, p in convs.items() if not is_channels_last(p) or not is_channels_last(p.grad)] == []
